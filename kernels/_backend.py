@@ -1,0 +1,51 @@
+"""Backend selection shared by every op: "reference" (pure PyTorch), "triton" or "auto"."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def interpreting() -> bool:
+    """True when Triton runs on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install on an odd platform
+        return False
+    return True
+
+
+def backend_for(backend: str, *tensors: torch.Tensor | None) -> str:
+    """Resolve ``backend`` to "reference" or "triton" for these tensors.
+
+    "auto" picks Triton when the tensors are on CUDA and Triton imports, else the reference
+    (so CPU work stays fast even under TRITON_INTERPRET=1). "triton" on CPU tensors runs the
+    interpreter when TRITON_INTERPRET=1 (how the kernels are tested without a GPU); elsewhere it
+    is an error, never a silent fallback.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    present = [t for t in tensors if t is not None]
+    on_cuda = bool(present) and all(t.is_cuda for t in present)
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        if on_cuda and triton_available():
+            return "triton"
+        return "reference"
+    if not triton_available():
+        raise RuntimeError("backend='triton' requested but triton is not importable; use backend='reference'")
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU)"
+        )
+    return "triton"
