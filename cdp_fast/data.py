@@ -1,0 +1,832 @@
+"""Real datasets, synthetic npz shards, device-side augmentation and real + synthetic mixing.
+
+Conventions: datasets are held as uint8 NCHW tensors (``ImageData``); classifiers see float [0, 1]
+NCHW (``to_float``). Synthetic files are ``.npz`` with ``image`` (uint8 N x H x W x C) and ``label``
+(int64), or the authors' ``arr_0``/``arr_1``; they are read with ``allow_pickle=False``. CIFAR-10's
+python batches are pickles: they go through ``read_cifar_batch``, a restricted unpickler that can
+only build dicts/lists/bytes/numbers and numpy arrays.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import io
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DATASETS", "ImageData", "load_dataset", "dataset_defaults", "canonical_name", "balanced_subset",
+    "read_idx", "write_idx", "read_cifar_batch", "load_synthetic", "save_synthetic",
+    "to_float", "to_uint8", "random_crop", "random_flip", "augment_batch", "DeviceLoader",
+]
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "gtsrb")
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
+            "cifar-10": "cifar10", "cifar_10": "cifar10", "sklearn-digits": "digits"}
+
+# Per-dataset defaults read by the trainer / generator. eps etc. from SPEC §5 (TRADES MNIST:
+# eps 0.3, alpha 0.01, 40 steps, beta 1; CIFAR: 8/255, 2/255, 10 steps, beta 6). digits is the tiny
+# offline stand-in for MNIST: same eps, 10 steps of 2.5 * eps / 10 to keep CPU runs short.
+# augment: "crop-flip" for CIFAR-like data, "crop" where a flip changes the class (digits, signs),
+# "none" for MNIST/Fashion-MNIST (as TRADES). padding: crop padding (4 px at 32 px, 1 px at 8 px).
+_DEFAULTS = {
+    "digits": dict(eps=0.3, step_size=0.075, attack_steps=10, beta=1.0, model="small-cnn",
+                   channels=1, size=8, num_classes=10, augment="crop", padding=1),
+    "mnist": dict(eps=0.3, step_size=0.01, attack_steps=40, beta=1.0, model="small-cnn",
+                  channels=1, size=28, num_classes=10, augment="none", padding=0),
+    "fashion-mnist": dict(eps=0.1, step_size=0.01, attack_steps=40, beta=1.0, model="small-cnn",
+                          channels=1, size=28, num_classes=10, augment="none", padding=0),
+    "cifar10": dict(eps=8 / 255, step_size=2 / 255, attack_steps=10, beta=6.0, model="wrn-28-10-swish",
+                    channels=3, size=32, num_classes=10, augment="crop-flip", padding=4),
+    "gtsrb": dict(eps=8 / 255, step_size=2 / 255, attack_steps=10, beta=6.0, model="preact-resnet18",
+                  channels=3, size=32, num_classes=43, augment="crop", padding=4),
+}
+
+
+def canonical_name(name: str) -> str:
+    """Normalise a dataset name ("CIFAR-10" -> "cifar10"); ValueError for unknown names."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return key
+
+
+def dataset_defaults(name: str) -> dict:
+    """Defaults for a dataset: eps, step_size, attack_steps, beta, model, channels, size,
+    num_classes, augment, padding (a fresh dict; safe to modify)."""
+    return dict(_DEFAULTS[canonical_name(name)])
+
+
+# ---------------------------------------------------------------------------------------------
+# container
+@dataclass
+class ImageData:
+    """A labelled image dataset. All tensors on CPU unless ``.to(device)`` is called."""
+
+    name: str
+    x_train: torch.Tensor  # uint8 [N, C, H, W]
+    y_train: torch.Tensor  # int64 [N]
+    x_test: torch.Tensor  # uint8 [M, C, H, W]
+    y_test: torch.Tensor  # int64 [M]
+    num_classes: int
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.dtype != torch.uint8 or x.dim() != 4:
+                raise ValueError(f"{self.name}: x_{split} must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
+            if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+                raise ValueError(f"{self.name}: y_{split} must be int64 [{len(x)}], got {y.dtype} {tuple(y.shape)}")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(f"{self.name}: train images {tuple(self.x_train.shape[1:])} and test images "
+                             f"{tuple(self.x_test.shape[1:])} differ in shape")
+
+    def to(self, device) -> "ImageData":
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
+    @property
+    def channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def size(self) -> int:
+        return int(self.x_train.shape[2])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(int(s) for s in self.x_train.shape[1:])
+
+    def __repr__(self) -> str:
+        return (f"ImageData({self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
+                f"num_classes={self.num_classes}, device={self.x_train.device})")
+
+
+def _make(name, xtr, ytr, xte, yte, num_classes) -> ImageData:
+    t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    for y, split in ((ytr, "train"), (yte, "test")):
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name}: {split} labels must lie in [0, {num_classes}), found "
+                             f"[{int(y.min())}, {int(y.max())}]")
+    return ImageData(name, t(xtr, torch.uint8), t(ytr, torch.int64), t(xte, torch.uint8), t(yte, torch.int64),
+                     int(num_classes))
+
+
+def balanced_subset(labels, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` examples, as class-balanced as the data allows, deterministic in ``seed``.
+
+    Classes are visited round-robin (in a seeded random class order), each class's examples in a
+    seeded random order; classes that run out are skipped. Returned sorted."""
+    y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"real_limit must be a positive int, got {n!r}")
+    if n > len(y):
+        raise ValueError(f"real_limit={n} exceeds the {len(y)} training images")
+    rng = np.random.RandomState(seed % 2**32)
+    classes = np.unique(y)
+    class_pos = np.empty(classes.max() + 1, np.int64)
+    class_pos[classes] = rng.permutation(len(classes))
+    rank = np.empty(len(y), np.int64)
+    for c in classes:
+        idx = np.flatnonzero(y == c)
+        rank[idx[rng.permutation(len(idx))]] = np.arange(len(idx))
+    key = rank * len(classes) + class_pos[y]
+    return np.sort(np.argsort(key, kind="stable")[:n])
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+def _default_dir(data_dir) -> Path:
+    return Path(data_dir if data_dir is not None else os.environ.get("CDP_FAST_DATA_DIR", "data")).expanduser()
+
+
+def _torchvision():
+    try:
+        import torchvision.datasets as tvd
+        return tvd
+    except ImportError:
+        return None
+
+
+def _want_download(download) -> bool:
+    if download is None:
+        download = os.environ.get("CDP_FAST_NO_DOWNLOAD", "0") != "1"
+    return bool(download) and _torchvision() is not None
+
+
+def load_dataset(name: str, data_dir=None, *, real_limit: int | None = None, seed: int = 0,
+                 download: bool | None = None) -> ImageData:
+    """Load a dataset by name as uint8 NCHW tensors (on CPU).
+
+    * ``digits``: scikit-learn's bundled 8x8 digits (offline), pixels 0..16 scaled to 0..255, a fixed
+      stratified split of 1437 train / 360 test (independent of ``seed``).
+    * ``mnist`` / ``fashion-mnist``: IDX files (``.gz`` or raw) in ``data_dir`` (or the torchvision
+      layout ``data_dir/MNIST/raw``, ``data_dir/FashionMNIST/raw``).
+    * ``cifar10``: ``data_dir/cifar-10-batches-py/{data_batch_1..5,test_batch}``.
+    * ``gtsrb``: ``data_dir/{train,test}/<class>/*.ppm|png|jpg`` (also the torchvision and Kaggle
+      layouts with a CSV for the flat test folder), resized to 32x32 (PIL).
+
+    ``data_dir`` defaults to ``$CDP_FAST_DATA_DIR`` or ``./data``. Missing files are downloaded via
+    torchvision when it is installed (``download=None`` -> unless ``CDP_FAST_NO_DOWNLOAD=1``);
+    otherwise FileNotFoundError lists the expected files. ``real_limit=N`` keeps N training images,
+    class-balanced and deterministic in ``seed`` (the test split is untouched).
+    """
+    key = canonical_name(name)
+    if key == "digits":
+        data = _load_digits()
+    elif key in ("mnist", "fashion-mnist"):
+        data = _load_idx_dataset(key, _default_dir(data_dir), download)
+    elif key == "cifar10":
+        data = _load_cifar10(_default_dir(data_dir), download)
+    else:
+        data = _load_gtsrb(_default_dir(data_dir), download)
+    if real_limit is not None:
+        keep = torch.from_numpy(balanced_subset(data.y_train, real_limit, seed))
+        data = replace(data, x_train=data.x_train[keep].contiguous(), y_train=data.y_train[keep].contiguous())
+    return data
+
+
+def _load_digits() -> ImageData:
+    xtr, ytr, xte, yte = (a.copy() for a in _digits_arrays())  # copies: callers may edit in place
+    return _make("digits", xtr, ytr, xte, yte, 10)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    # Fixed stratified split (our own, so it cannot drift with scikit-learn versions): per class,
+    # a RandomState(0) permutation; 360 test images shared out by largest remainder.
+    rng = np.random.RandomState(0)
+    classes, counts = np.unique(y, return_counts=True)
+    share = counts * 360 / len(y)
+    n_test = np.floor(share).astype(int)
+    n_test[np.argsort(-(share - n_test), kind="stable")[: 360 - n_test.sum()]] += 1
+    test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, n_test)])
+    is_test = np.zeros(len(y), bool)
+    is_test[test] = True
+    return x[~is_test], y[~is_test], x[is_test], y[is_test]
+
+
+# --- IDX (MNIST family) ----------------------------------------------------------------------
+_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot read (corrupt or truncated gzip?): {e}") from None
+
+
+def read_idx(path) -> np.ndarray:
+    """Read an IDX file (raw or ``.gz``), checking the magic number and the size."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    ndim, dt = raw[3], _IDX_TYPES[raw[2]]
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise ValueError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:head])
+    want = head + int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    if len(raw) != want:
+        raise ValueError(f"{path}: IDX size mismatch: header says {dims} ({want} bytes), file has {len(raw)} "
+                         f"bytes (truncated or corrupt)")
+    return np.frombuffer(raw, dt, offset=head).reshape(dims).astype(dt.newbyteorder("="))
+
+
+def write_idx(path, array) -> Path:
+    """Write an IDX file (gzip-compressed when the name ends in ``.gz``); for tests and tooling."""
+    a = np.asarray(array)
+    codes = {v.newbyteorder("=") if v.itemsize > 1 else v: k for k, v in _IDX_TYPES.items()}
+    code = next((k for dt, k in codes.items() if a.dtype == dt), None)
+    if code is None:
+        raise ValueError(f"IDX cannot store dtype {a.dtype}")
+    be = _IDX_TYPES[code]
+    payload = bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(be).tobytes()
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload)
+    from .utils import atomic_write_bytes
+    return atomic_write_bytes(path, payload)
+
+
+_IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+              "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+
+
+def _find_idx(root: Path, key: str) -> dict:
+    sub = {"mnist": ("MNIST/raw", "MNIST", "mnist"),
+           "fashion-mnist": ("FashionMNIST/raw", "FashionMNIST", "fashion-mnist", "fashion_mnist")}[key]
+    dirs = [root] + [root / s for s in sub]
+    found = {}
+    for k, base in _IDX_FILES.items():
+        for d in dirs:
+            for fn in (base, base + ".gz", base.replace("-idx", ".idx")):
+                if (d / fn).is_file():
+                    found.setdefault(k, d / fn)
+    return found
+
+
+def _load_idx_dataset(key: str, root: Path, download) -> ImageData:
+    found = _find_idx(root, key)
+    if len(found) < 4 and _want_download(download):
+        tvd = _torchvision()
+        cls = tvd.MNIST if key == "mnist" else tvd.FashionMNIST
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+        found = _find_idx(root, key)
+    if len(found) < 4:
+        missing = [b for k, b in _IDX_FILES.items() if k not in found]
+        raise FileNotFoundError(
+            f"{key}: missing IDX files {missing} (raw or .gz) in {root} (also looked in its "
+            f"{'MNIST' if key == 'mnist' else 'FashionMNIST'}/raw); pass --data-dir, or install torchvision "
+            f"to download them")
+    arr = {k: read_idx(p) for k, p in found.items()}
+    for split in ("train", "test"):
+        x, y = arr[f"x_{split}"], arr[f"y_{split}"]
+        if x.ndim != 3 or x.dtype != np.uint8:
+            raise ValueError(f"{found['x_' + split]}: expected uint8 images N x H x W, got {x.dtype} {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"{found['y_' + split]}: expected {len(x)} labels, got shape {y.shape}")
+    if arr["x_train"].shape[1:] != arr["x_test"].shape[1:]:
+        raise ValueError(f"{key}: train/test image sizes differ")
+    return _make(key, arr["x_train"][:, None], arr["y_train"].astype(np.int64),
+                 arr["x_test"][:, None], arr["y_test"].astype(np.int64), 10)
+
+
+# --- CIFAR-10 python batches -------------------------------------------------------------------
+def _allowed_globals() -> dict:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    import _codecs
+
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        # Python 3 writes bytes at protocol <= 2 as _codecs.encode(str, "latin1"): harmless.
+        ("_codecs", "encode"): _codecs.encode,
+    }
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Builds only plain containers/bytes/numbers and numpy arrays; refuses any other global."""
+
+    def find_class(self, module, name):
+        obj = _allowed_globals().get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: only numpy arrays and "
+                                         f"plain data are allowed in a CIFAR batch")
+        return obj
+
+
+def read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR-10 python batch with a restricted unpickler -> (uint8 [N,3,32,32], int64 [N])."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            d = _RestrictedUnpickler(fh, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, struct.error) as e:
+        raise ValueError(f"{path}: corrupt or truncated CIFAR batch: {type(e).__name__}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a dict in the CIFAR batch, got {type(d).__name__}")
+    d = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+    if "data" not in d or ("labels" not in d and "fine_labels" not in d):
+        raise ValueError(f"{path}: CIFAR batch lacks 'data'/'labels' (keys: {sorted(map(str, d))})")
+    x = np.asarray(d["data"])
+    y = np.asarray(d.get("labels", d.get("fine_labels")))
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 [N, 3072], got {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{path}: 'labels' must be {len(x)} integers, got {y.dtype} {y.shape}")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
+_CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _cifar_dir(root: Path) -> Path | None:
+    for d in (root / "cifar-10-batches-py", root):
+        if all((d / f).is_file() for f in _CIFAR_FILES):
+            return d
+    return None
+
+
+def _load_cifar10(root: Path, download) -> ImageData:
+    d = _cifar_dir(root)
+    if d is None and _want_download(download):
+        # Download + md5 check only; torchvision's CIFAR10 class would unpickle the batches itself.
+        from torchvision.datasets.utils import download_and_extract_archive
+        c = _torchvision().CIFAR10
+        download_and_extract_archive(c.url, str(root), filename=c.filename, md5=c.tgz_md5)
+        d = _cifar_dir(root)
+    if d is None:
+        raise FileNotFoundError(f"cifar10: expected {', '.join(_CIFAR_FILES)} in {root / 'cifar-10-batches-py'} "
+                                f"(the python version of CIFAR-10); pass --data-dir, or install torchvision "
+                                f"to download it")
+    parts = [read_cifar_batch(d / f) for f in _CIFAR_FILES]
+    xtr = np.concatenate([p[0] for p in parts[:5]])
+    ytr = np.concatenate([p[1] for p in parts[:5]])
+    return _make("cifar10", xtr, ytr, parts[5][0], parts[5][1], 10)
+
+
+# --- GTSRB -------------------------------------------------------------------------------------
+_IMG_EXT = {".ppm", ".png", ".jpg", ".jpeg", ".bmp"}
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("gtsrb needs Pillow to read and resize images: pip install pillow") from None
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image: {e}") from None
+
+
+def _class_dirs(d: Path) -> list[Path]:
+    return sorted([p for p in d.iterdir() if p.is_dir()], key=lambda p: (not p.name.isdigit(),
+                                                                        int(p.name) if p.name.isdigit() else 0,
+                                                                        p.name))
+
+
+def _label_map(dirs: list[Path]) -> dict:
+    names = [p.name for p in dirs]
+    if all(n.isdigit() for n in names):
+        return {n: int(n) for n in names}
+    return {n: i for i, n in enumerate(sorted(names))}
+
+
+def _read_class_folders(d: Path, size: int, labels: dict | None = None):
+    dirs = _class_dirs(d)
+    labels = labels or _label_map(dirs)
+    xs, ys = [], []
+    for cd in dirs:
+        if cd.name not in labels:
+            raise ValueError(f"{cd}: class folder {cd.name!r} is not among the training classes")
+        for f in sorted(cd.iterdir()):
+            if f.suffix.lower() in _IMG_EXT:
+                xs.append(_read_image(f, size))
+                ys.append(labels[cd.name])
+    if not xs:
+        raise ValueError(f"{d}: no images ({', '.join(sorted(_IMG_EXT))}) in its class subfolders")
+    return np.stack(xs), np.asarray(ys, np.int64), labels
+
+
+def _read_csv_folder(d: Path, csv_path: Path, size: int):
+    text = csv_path.read_text()
+    dialect = csv.Sniffer().sniff(text.splitlines()[0], delimiters=";,")
+    rows = list(csv.DictReader(io.StringIO(text), dialect=dialect))
+    if not rows or "ClassId" not in rows[0]:
+        raise ValueError(f"{csv_path}: expected a CSV with a ClassId column")
+    fcol = "Filename" if "Filename" in rows[0] else "Path"
+    xs, ys = [], []
+    for r in rows:
+        f = d / Path(r[fcol]).name
+        if not f.is_file():
+            raise FileNotFoundError(f"{csv_path} lists {r[fcol]} but {f} does not exist")
+        xs.append(_read_image(f, size))
+        ys.append(int(r["ClassId"]))
+    return np.stack(xs), np.asarray(ys, np.int64)
+
+
+def _gtsrb_layout(root: Path):
+    train = next((d for d in (root / "train", root / "Train", root / "gtsrb/GTSRB/Training",
+                              root / "GTSRB/Training", root / "GTSRB/Final_Training/Images") if d.is_dir()), None)
+    test = next((d for d in (root / "test", root / "Test", root / "gtsrb/GTSRB/Final_Test/Images",
+                             root / "GTSRB/Final_Test/Images") if d.is_dir()), None)
+    return train, test
+
+
+def _load_gtsrb(root: Path, download, size: int = 32) -> ImageData:
+    cache = root / f"gtsrb-{size}x{size}.npz"
+    if cache.is_file():  # our own cache (no pickles), written after the first decode
+        with np.load(cache, allow_pickle=False) as z:
+            return _make("gtsrb", z["x_train"], z["y_train"], z["x_test"], z["y_test"], int(z["num_classes"]))
+    train, test = _gtsrb_layout(root)
+    if (train is None or test is None) and _want_download(download):
+        for split in ("train", "test"):
+            _torchvision().GTSRB(str(root), split=split, download=True)
+        train, test = _gtsrb_layout(root)
+    if train is None or test is None:
+        raise FileNotFoundError(
+            f"gtsrb: expected {root}/train/<class>/*.ppm|png|jpg and {root}/test/<class>/... (or the "
+            f"torchvision layout {root}/gtsrb/GTSRB/Training + Final_Test/Images with GT-final_test.csv); "
+            f"pass --data-dir, or install torchvision to download it")
+    xtr, ytr, labels = _read_class_folders(train, size)
+    if _class_dirs(test):
+        xte, yte, _ = _read_class_folders(test, size, labels)
+    else:
+        csvs = [p for d in (test, test.parent, test.parent.parent, root, root / "gtsrb") if d.is_dir()
+                for p in sorted(d.glob("*.csv")) if "test" in p.name.lower()]
+        if not csvs:
+            raise FileNotFoundError(f"gtsrb: {test} has no class subfolders and no test CSV "
+                                    f"(GT-final_test.csv / Test.csv) was found beside it")
+        xte, yte = _read_csv_folder(test, csvs[0], size)
+    # numeric folder names are the class ids (00000..00042); otherwise sorted names -> 0..K-1
+    num_classes = max(labels.values()) + 1
+    data = _make("gtsrb", xtr, ytr, xte, yte, num_classes)
+    try:
+        _atomic_savez(cache, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte,
+                      num_classes=np.asarray(num_classes))
+    except OSError:
+        pass  # read-only data dir: just no cache
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic npz shards
+def _atomic_savez(path: Path, **arrays) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _as_numpy(a, what: str) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    if isinstance(a, np.ndarray):
+        return a
+    raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(a).__name__}")
+
+
+def _to_nhwc(img: np.ndarray, layout: str, where: str) -> np.ndarray:
+    if img.ndim == 3:
+        return img[..., None]
+    if img.ndim != 4:
+        raise ValueError(f"{where}: images must be 4-D (N,C,H,W or N,H,W,C) or 3-D (N,H,W), got {img.shape}")
+    if layout == "auto":
+        nchw, nhwc = img.shape[1] in (1, 3, 4), img.shape[3] in (1, 3, 4)
+        if nchw and nhwc:  # ambiguous (e.g. 3x3 images): the torch convention wins
+            layout = "NCHW"
+        elif nchw or nhwc:
+            layout = "NCHW" if nchw else "NHWC"
+        else:
+            raise ValueError(f"{where}: cannot tell NCHW from NHWC for shape {img.shape} "
+                             f"(no axis of 1, 3 or 4 channels); pass layout=")
+    if layout == "NCHW":
+        return img.transpose(0, 2, 3, 1)
+    if layout == "NHWC":
+        return img
+    raise ValueError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
+
+
+def save_synthetic(path, images, labels, *, layout: str = "auto", **extra_arrays) -> Path:
+    """Write a synthetic shard ``path`` (.npz) atomically (temp file + rename).
+
+    ``images``: torch tensor or numpy array, NCHW or NHWC (``layout="auto"`` guesses from the
+    channel axis; NCHW when ambiguous), either uint8 0..255 or float in [0, 1] (rounded with
+    ``to_uint8``). ``labels``: N integers. Extra per-image arrays (e.g. ``confidence`` from
+    pseudo-labelling) are stored under their names. Stored: ``image`` uint8 N x H x W x C,
+    ``label`` int64 N. Returns the path (".npz" appended when missing)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    img = _as_numpy(images, "images")
+    if img.dtype != np.uint8:
+        if not np.issubdtype(img.dtype, np.floating):
+            raise TypeError(f"images must be uint8 or float in [0, 1], got {img.dtype}")
+        img = to_uint8(torch.from_numpy(np.ascontiguousarray(img, np.float32))).numpy()
+    img = np.ascontiguousarray(_to_nhwc(img, layout, "save_synthetic"))
+    lab = _as_numpy(labels, "labels")
+    if lab.ndim != 1 or len(lab) != len(img):
+        raise ValueError(f"labels must have shape [{len(img)}], got {lab.shape}")
+    if lab.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers, got {lab.dtype}")
+    if len(lab) and lab.min() < 0:
+        raise ValueError(f"labels must be >= 0, found {int(lab.min())}")
+    extra = {}
+    for k, v in extra_arrays.items():
+        if k in ("image", "label"):
+            raise ValueError(f"extra array name {k!r} is reserved")
+        v = _as_numpy(v, k)
+        if len(v) != len(img):
+            raise ValueError(f"extra array {k!r} has {len(v)} rows, images have {len(img)}")
+        extra[k] = v
+    return _atomic_savez(path, image=img, label=lab.astype(np.int64), **extra)
+
+
+def _read_npz(path: Path, like: ImageData | None):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.files)
+            if "image" in keys and "label" in keys:
+                ik, lk = "image", "label"
+            elif "arr_0" in keys and "arr_1" in keys:
+                ik, lk = "arr_0", "arr_1"
+            else:
+                raise KeyError(f"expected arrays 'image' + 'label' (or 'arr_0' + 'arr_1'), found {keys}")
+            img, lab = z[ik], z[lk]
+            extra = {k: z[k] for k in keys if k not in (ik, lk)}
+    except KeyError as e:
+        raise ValueError(f"{path}: {e.args[0]}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt or truncated npz (or it holds pickled objects, which are "
+                         f"refused): {e}") from None
+    if img.dtype != np.uint8:
+        raise ValueError(f"{path}: images must be uint8 (0..255), got {img.dtype}")
+    if like is not None and img.ndim == 4:
+        c, h, w = like.shape
+        if img.shape[1:] == (h, w, c):
+            img = img
+        elif img.shape[1:] == (c, h, w):
+            img = img.transpose(0, 2, 3, 1)
+        else:
+            raise ValueError(f"{path}: images have shape {img.shape}, expected N x {h} x {w} x {c} "
+                             f"(N x H x W x C) to match {like.name}")
+    else:
+        img = _to_nhwc(img, "auto", str(path))
+    if lab.ndim == 2 and lab.shape[1] == 1:
+        lab = lab[:, 0]
+    if lab.ndim != 1 or len(lab) != len(img):
+        raise ValueError(f"{path}: expected {len(img)} labels (one per image), got shape {lab.shape}")
+    if lab.dtype.kind == "f" and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
+        lab = lab.astype(np.int64)
+    if lab.dtype.kind not in "iu":
+        raise ValueError(f"{path}: labels must be integers, got {lab.dtype}")
+    lab = lab.astype(np.int64)
+    if len(lab):
+        hi = like.num_classes if like is not None else None
+        if lab.min() < 0 or (hi is not None and lab.max() >= hi):
+            bad = int(lab.min()) if lab.min() < 0 else int(lab.max())
+            raise ValueError(f"{path}: label {bad} out of range [0, {hi if hi is not None else 'inf'})"
+                             + (f" for {like.name}" if like is not None else ""))
+    if like is not None and img.shape[1:] != (like.size, like.size, like.channels):
+        c, h, w = like.shape
+        raise ValueError(f"{path}: images have shape {img.shape}, expected N x {h} x {w} x {c} for {like.name}")
+    extra = {k: v for k, v in extra.items() if v.ndim >= 1 and len(v) == len(img)}
+    return img, lab, extra
+
+
+def load_synthetic(path, *, like: ImageData | None = None, with_extra: bool = False):
+    """Load synthetic images from an npz file or a folder of ``*.npz`` shards (sorted by name).
+
+    Returns ``(images uint8 [N, C, H, W] torch, labels int64 [N] torch)``, plus a dict of extra
+    per-image arrays present in every shard (e.g. ``confidence``) when ``with_extra=True``.
+    With ``like`` (the real dataset) the image shape and the label range are checked against it.
+    Files are read with ``allow_pickle=False``; corrupt files raise ValueError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.npz shards in this folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"synthetic data {path} does not exist (an .npz file or a folder of shards)")
+    imgs, labs, extras = [], [], []
+    for f in files:
+        img, lab, extra = _read_npz(f, like)
+        if imgs and img.shape[1:] != imgs[0].shape[1:]:
+            raise ValueError(f"{f}: image shape {img.shape[1:]} differs from {files[0]} ({imgs[0].shape[1:]})")
+        imgs.append(img), labs.append(lab), extras.append(extra)
+    img = imgs[0] if len(imgs) == 1 else np.concatenate(imgs)
+    lab = labs[0] if len(labs) == 1 else np.concatenate(labs)
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(lab)
+    if not with_extra:
+        return x, y
+    common = set.intersection(*(set(e) for e in extras))
+    ex = {k: torch.from_numpy(np.concatenate([e[k] for e in extras])) for k in sorted(common)}
+    return x, y, ex
+
+
+# ---------------------------------------------------------------------------------------------
+# conversions and device-side augmentation
+def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 0..255 -> float in [0, 1]."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"to_float expects uint8 images, got {x.dtype}")
+    return x.to(dtype).div_(255.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float in [0, 1] -> uint8 (round to nearest, values outside [0, 1] clamped; NaN is an error)."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not x.is_floating_point():
+        raise TypeError(f"to_uint8 expects float images in [0, 1], got {x.dtype}")
+    if torch.isnan(x).any():
+        raise ValueError("to_uint8: images contain NaN")
+    return (x.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched random crop with zero padding (torchvision RandomCrop(size, padding)), any dtype.
+
+    One offset pair per image, drawn on x's device; two gathers, no per-image Python."""
+    if padding <= 0:
+        return x
+    b, c, h, w = x.shape
+    dev = x.device
+    xp = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(b, c, h, w + 2 * padding)
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(b, c, h, w)
+    return xp.gather(2, rows).gather(3, cols)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2 (batched)."""
+    m = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(m[:, None, None, None], x.flip(3), x)
+
+
+_AUGMENTS = ("none", "crop", "flip", "crop-flip")
+
+
+def augment_batch(x: torch.Tensor, augment: str, padding: int, generator=None) -> torch.Tensor:
+    if augment not in _AUGMENTS:
+        raise ValueError(f"augment must be one of {_AUGMENTS}, got {augment!r}")
+    if "crop" in augment:
+        x = random_crop(x, padding, generator)
+    if "flip" in augment:
+        x = random_flip(x, generator)
+    return x
+
+
+class DeviceLoader:
+    """Batches from uint8 tensors kept on the device; augmentation and mixing on the device.
+
+    Each iteration (``for x, y in loader``) is one epoch = one pass over the real images (without
+    replacement, reshuffled every epoch when ``shuffle``). With ``synthetic=(xs, ys)`` every batch
+    holds exactly ``n_synthetic = round(batch_size * synthetic_fraction)`` synthetic images drawn
+    with replacement and ``n_real = batch_size - n_synthetic`` real ones; the batch is the real
+    images first, then the synthetic. Yields ``(x float [B, C, H, W] in [0, 1], y int64 [B])``.
+    Deterministic given ``generator`` (a torch.Generator on the data's device) or ``seed``.
+
+    ``augment``: "none" | "crop" | "flip" | "crop-flip" (see ``dataset_defaults(name)["augment"]``).
+    ``drop_last`` (default) keeps every batch the same size (static shapes for CUDA graphs); with
+    ``drop_last=False`` the last batch is smaller and its synthetic count is scaled in proportion.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, synthetic=None,
+                 synthetic_fraction: float | None = None, augment: str = "none", padding: int = 4,
+                 shuffle: bool = True, drop_last: bool = True, device=None,
+                 generator: torch.Generator | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        dev = torch.device(device) if device is not None else x.device
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            raise ValueError(f"x must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
+        if y.dim() != 1 or len(y) != len(x):
+            raise ValueError(f"y must be [N={len(x)}] labels, got {tuple(y.shape)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if augment not in _AUGMENTS:
+            raise ValueError(f"augment must be one of {_AUGMENTS}, got {augment!r}")
+        if synthetic_fraction is None:
+            synthetic_fraction = 0.7 if synthetic is not None else 0.0
+        if not 0.0 <= synthetic_fraction <= 1.0:
+            raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
+        self.x, self.y = x.to(dev), y.to(device=dev, dtype=torch.int64)
+        self.n_synthetic = int(round(batch_size * synthetic_fraction))
+        if synthetic is not None:
+            xs, ys = synthetic
+            if xs.dtype != torch.uint8 or xs.shape[1:] != x.shape[1:]:
+                raise ValueError(f"synthetic images must be uint8 {tuple(x.shape[1:])} like the real ones, "
+                                 f"got {xs.dtype} {tuple(xs.shape[1:])}")
+            if ys.dim() != 1 or len(ys) != len(xs) or len(xs) == 0:
+                raise ValueError(f"synthetic labels must be [N={len(xs)}] (N > 0), got {tuple(ys.shape)}")
+            self.xs, self.ys = xs.to(dev), ys.to(device=dev, dtype=torch.int64)
+        else:
+            if self.n_synthetic:
+                raise ValueError(f"synthetic_fraction={synthetic_fraction} but no synthetic data given")
+            self.xs = self.ys = None
+        self.batch_size = batch_size
+        self.n_real = batch_size - self.n_synthetic
+        if self.n_real and drop_last and len(x) < self.n_real:
+            raise ValueError(f"each batch takes {self.n_real} real images but there are only {len(x)}; "
+                             f"lower batch_size or use drop_last=False")
+        self.augment, self.padding = augment, int(padding)
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.dtype, self.channels_last, self.device = dtype, channels_last, dev
+        if generator is None:
+            generator = torch.Generator(device=dev).manual_seed(seed)
+        elif generator.device.type != dev.type:
+            raise ValueError(f"generator is on {generator.device}, data on {dev}")
+        self.generator = generator
+
+    @classmethod
+    def from_data(cls, data: ImageData, batch_size: int, *, train: bool = True, **kw) -> "DeviceLoader":
+        """Training (augmented per ``dataset_defaults``, shuffled) or test (plain, ordered) loader."""
+        if train:
+            d = _DEFAULTS.get(data.name, {})
+            kw.setdefault("augment", d.get("augment", "none"))
+            kw.setdefault("padding", d.get("padding", max(1, data.size // 8)))
+            return cls(data.x_train, data.y_train, batch_size, **kw)
+        kw.setdefault("shuffle", False)
+        kw.setdefault("drop_last", False)
+        return cls(data.x_test, data.y_test, batch_size, **kw)
+
+    def __len__(self) -> int:
+        n, per = len(self.x), (self.n_real or self.batch_size)  # all-synthetic: as many images as real
+        return n // per if self.drop_last else -(-n // per)
+
+    def _finish(self, xb: torch.Tensor) -> torch.Tensor:
+        if self.augment != "none":
+            xb = augment_batch(xb, self.augment, self.padding, self.generator)
+        xb = to_float(xb, self.dtype)
+        return xb.contiguous(memory_format=torch.channels_last) if self.channels_last else xb
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, g, dev = len(self.x), self.generator, self.device
+        nr = self.n_real
+        order = torch.randperm(n, generator=g, device=dev) if self.shuffle else torch.arange(n, device=dev)
+        for i in range(len(self)):
+            if nr:
+                idx = order[i * nr:(i + 1) * nr]
+                xb, yb = self.x[idx], self.y[idx]
+                ns = self.n_synthetic if len(idx) == nr else int(round(len(idx) * self.n_synthetic / nr))
+            else:
+                xb = yb = None
+                ns = self.n_synthetic if (i + 1) * self.batch_size <= n else n - i * self.batch_size
+            if ns:
+                sidx = torch.randint(len(self.xs), (ns,), generator=g, device=dev)
+                xs, ys = self.xs[sidx], self.ys[sidx]
+                xb = xs if xb is None else torch.cat([xb, xs])
+                yb = ys if yb is None else torch.cat([yb, ys])
+            yield self._finish(xb), yb

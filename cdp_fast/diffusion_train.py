@@ -1,0 +1,340 @@
+"""``cdp-fast train-diffusion``: train an epsilon-prediction UNet on the allowed real data.
+
+Objective (DDPM): x0 in [-1, 1], t ~ U{0..T-1}, eps ~ N(0, I),
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss = mean ||eps_theta(x_t, t[, y]) - eps||^2.
+AdamW, linear LR warm-up then constant, gradient clipping (1.0), EMA of the weights with the
+warm-up decay min(ema_decay, (1 + n) / (10 + n)) so that short runs (digits, minutes on a CPU)
+are not averaged with their random initialisation. bf16 autocast on CUDA (fp32 loss).
+Horizontal flips only for CIFAR-10 (flipping traffic signs / digits changes what they mean).
+
+No-leakage rule (the paper's MNIST study): with ``--real-limit N`` the diffusion model is trained
+on exactly the N real images that ``load_dataset(..., real_limit=N, seed)`` keeps — the same ones
+the classifiers get — and on nothing else.
+
+Checkpoint folder (``--out``): ``model.safetensors`` (the EMA weights), ``config.json`` (UNet
+arguments, schedule, dataset, image shape, classes, iterations, final loss — what
+``load_diffusion`` needs), ``train_config.json`` (the resolved command config, reusable with
+``--config``) and ``metrics.json`` (the loss log). Every file is written atomically; config.json
+is written last, so its presence marks a complete checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import config as _config
+from .config import field
+from .schedules import NoiseSchedule
+from .utils import atomic_write_bytes, progress, resolve_device, seed_everything, write_json
+
+__all__ = ["TrainDiffusionConfig", "run", "train_diffusion", "load_diffusion", "resolve_settings",
+           "DATASET_DEFAULTS", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "cdp-fast-diffusion"
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "gtsrb")
+
+# Per-dataset "auto" values. Schedules follow the authors (linear for CIFAR-10, cosine for
+# MNIST/GTSRB; cosine for digits too). iters for digits is sized for ~1-2 minutes on 2 CPU cores;
+# the CIFAR-10 value is DDPM's 800k.
+DATASET_DEFAULTS: dict[str, dict] = {
+    "digits": dict(preset="tiny", schedule="cosine", iters=1500),
+    "mnist": dict(preset="small", schedule="cosine", iters=50_000),
+    "fashion-mnist": dict(preset="small", schedule="cosine", iters=50_000),
+    "cifar10": dict(preset="ddpm-cifar10", schedule="linear", iters=800_000),
+    "gtsrb": dict(preset="ddpm-cifar10", schedule="cosine", iters=200_000),
+}
+PRESET_LR = {"tiny": 2e-3, "small": 2e-4, "ddpm-cifar10": 2e-4}
+FLIP_DATASETS = ("cifar10",)
+
+
+@dataclass
+class TrainDiffusionConfig:
+    data: str = field("digits", help="dataset name", choices=DATASETS)
+    data_dir: str | None = field(None, help="folder with the dataset files (not needed for digits)")
+    real_limit: int | None = field(
+        None, help="train on only these N real images (the same N the classifiers see; no leakage)")
+    iters: int | None = field(None, help="training iterations (None: per-dataset default, "
+                                         "digits 1500, MNIST 50k, CIFAR-10 800k)")
+    batch_size: int = field(128, help="batch size")
+    lr: float | None = field(None, help="AdamW learning rate (None: 2e-3 tiny, 2e-4 otherwise)")
+    warmup: int | None = field(None, help="linear LR warm-up steps (None: min(5000, iters/20))")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    grad_clip: float = field(1.0, help="gradient-norm clip (0 disables)")
+    preset: str = field("auto", help="UNet size (auto: tiny for digits, small for (fashion-)mnist, "
+                                     "ddpm-cifar10 for cifar10/gtsrb)",
+                        choices=("auto", "tiny", "small", "ddpm-cifar10"))
+    schedule: str = field("auto", help="noise schedule (auto: linear for cifar10, cosine otherwise)",
+                          choices=("auto", "linear", "cosine"))
+    num_train_timesteps: int = field(1000, help="diffusion steps T")
+    class_conditional: bool = field(False, help="condition the UNet on the class label")
+    ema_decay: float = field(0.999, help="EMA decay (with warm-up min(decay, (1+n)/(10+n)))")
+    precision: str = field("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU",
+                           choices=("auto", "bf16", "fp32"))
+    channels_last: bool | None = field(None, help="channels_last memory format (None: on CUDA)")
+    compile: bool = field(False, help="torch.compile the training forward pass")
+    save_every: int = field(0, help="also checkpoint every K iterations (0: only at the end)")
+    out: str = field("runs/train-diffusion", help="checkpoint folder")
+    seed: int = field(0, help="random seed")
+    device: str = field("auto", help="auto | cpu | cuda[:i]")
+    log_every: int = field(50, help="progress-bar / loss-log interval (iterations)")
+
+
+def resolve_settings(cfg: TrainDiffusionConfig, dataset: str | None = None) -> dict:
+    """Fill every "auto"/None setting for ``dataset`` (default cfg.data); validates the values."""
+    name = dataset or cfg.data
+    if name not in DATASET_DEFAULTS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {list(DATASET_DEFAULTS)}")
+    d = DATASET_DEFAULTS[name]
+    preset = d["preset"] if cfg.preset == "auto" else cfg.preset
+    schedule = d["schedule"] if cfg.schedule == "auto" else cfg.schedule
+    iters = d["iters"] if cfg.iters is None else int(cfg.iters)
+    lr = PRESET_LR.get(preset, 2e-4) if cfg.lr is None else float(cfg.lr)
+    warmup = min(5000, iters // 20) if cfg.warmup is None else int(cfg.warmup)
+    checks = [(iters >= 1, f"iters must be >= 1, got {iters}"),
+              (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+              (lr > 0 and math.isfinite(lr), f"lr must be positive, got {lr}"),
+              (warmup >= 0, f"warmup must be >= 0, got {warmup}"),
+              (0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}"),
+              (cfg.grad_clip >= 0, f"grad_clip must be >= 0, got {cfg.grad_clip}"),
+              (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
+              (cfg.save_every >= 0, f"save_every must be >= 0, got {cfg.save_every}"),
+              (cfg.real_limit is None or cfg.real_limit >= 1,
+               f"real_limit must be >= 1 (or unset), got {cfg.real_limit}"),
+              (schedule in ("linear", "cosine"), f"unknown schedule {schedule!r}"),
+              (cfg.precision in ("auto", "bf16", "fp32"), f"unknown precision {cfg.precision!r}")]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"train-diffusion: {msg}")
+    return dict(preset=preset, schedule=schedule, iters=iters, lr=lr, warmup=warmup)
+
+
+def _ema_decay(decay: float, n: int) -> float:
+    return min(decay, (1.0 + n) / (10.0 + n))
+
+
+def _save_checkpoint(folder: Path, ema: torch.nn.Module, meta: dict, losses: list) -> None:
+    from safetensors.torch import save as st_save
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in ema.state_dict().items()}
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise ValueError("train-diffusion: refusing to save non-finite weights (loss diverged?)")
+    atomic_write_bytes(folder / "model.safetensors", st_save(state, metadata={"format": CHECKPOINT_FORMAT}))
+    write_json(folder / "metrics.json", {"loss_log": losses})
+    write_json(folder / "config.json", meta)  # last: marks the checkpoint complete
+
+
+def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
+    """Train and write the checkpoint folder ``cfg.out``; returns it.
+
+    ``data``: an already loaded ``ImageData`` (the pipeline passes the same real_limit-ed data
+    its classifiers use); otherwise ``load_dataset(cfg.data, cfg.data_dir, real_limit, seed)``.
+    """
+    from .models.unet import UNet, unet_kwargs
+
+    if data is None:
+        from .data import load_dataset
+
+        data = load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
+    name = getattr(data, "name", cfg.data)
+    s = resolve_settings(cfg, name)
+    x_all, y_all = data.x_train, data.y_train
+    if x_all.dtype != torch.uint8 or x_all.ndim != 4:
+        raise ValueError(f"train-diffusion: expected uint8 [N, C, H, W] training images, got "
+                         f"{x_all.dtype} {tuple(x_all.shape)}")
+    N, C, H, W = x_all.shape
+    if H != W:
+        raise ValueError(f"train-diffusion: square images expected, got {H}x{W}")
+    if cfg.real_limit is not None and N > cfg.real_limit:
+        raise ValueError(f"train-diffusion: real_limit={cfg.real_limit} but the given data holds {N} "
+                         f"training images; pass load_dataset(..., real_limit={cfg.real_limit}) data so "
+                         f"only the allowed real images train the model")
+    num_classes = int(data.num_classes)
+
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+
+    ukw = unet_kwargs(s["preset"], in_channels=C, image_size=H,
+                      num_classes=num_classes if cfg.class_conditional else None)
+    model = UNet(**ukw).to(device=device, memory_format=mf)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    fwd = torch.compile(model) if cfg.compile else model
+
+    sched = NoiseSchedule.from_name(s["schedule"], cfg.num_train_timesteps)
+    abar = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
+    sqrt_ab, sqrt_1mab = abar.sqrt(), (1 - abar).sqrt()
+    T = cfg.num_train_timesteps
+
+    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=cfg.weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    warm = s["warmup"]
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+
+    x_dev = x_all.to(device)  # uint8 on the device: batches are gathered there, no host loop
+    y_dev = data.y_train.to(device=device, dtype=torch.long)
+    flip = name in FLIP_DATASETS
+    B = cfg.batch_size
+    folder = Path(cfg.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "train_config.json", _config.to_dict(cfg))
+
+    meta = {
+        "format": CHECKPOINT_FORMAT, "version": 1,
+        "unet": ukw, "preset": s["preset"],
+        "schedule": {"name": s["schedule"], "num_train_timesteps": T, "params": {}},
+        "prediction": "epsilon", "data_range": [-1.0, 1.0],
+        "dataset": name, "image_shape": [C, H, W], "num_classes": num_classes,
+        "class_conditional": bool(cfg.class_conditional), "real_images": N,
+        "real_limit": cfg.real_limit, "seed": cfg.seed,
+        "num_params": sum(p.numel() for p in params),
+        "lr": s["lr"], "warmup": warm, "batch_size": B, "ema_decay": cfg.ema_decay,
+        "precision": "bf16" if bf16 else "fp32", "device": str(device),
+    }
+
+    def save(step: int, final_loss: float | None, wall: float) -> None:
+        _save_checkpoint(folder, ema, dict(meta, iters=step, final_loss=final_loss, wall_s=round(wall, 2),
+                                           train_config=_config.to_dict(cfg)), losses)
+
+    losses: list[list] = []  # [step, mean loss over the window ending there]
+    loss_sum = torch.zeros((), device=device)
+    window = 0
+    last_loss = None
+    model.train()
+    t0 = time.perf_counter()
+    bar = progress(range(1, s["iters"] + 1), desc="train-diffusion")
+    for step in bar:
+        idx = torch.randint(0, N, (B,), device=device, generator=gen)
+        x0 = x_dev[idx].to(torch.float32).div_(127.5).sub_(1.0)
+        if flip:
+            m = torch.rand(B, device=device, generator=gen) < 0.5
+            x0 = torch.where(m[:, None, None, None], x0.flip(3), x0)
+        x0 = x0.contiguous(memory_format=mf)
+        t = torch.randint(0, T, (B,), device=device, generator=gen)
+        noise = torch.randn(x0.shape, device=device, generator=gen).contiguous(memory_format=mf)
+        xt = sqrt_ab[t].view(B, 1, 1, 1) * x0 + sqrt_1mab[t].view(B, 1, 1, 1) * noise
+        y = y_dev[idx] if cfg.class_conditional else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = fwd(xt, t, y)
+        loss = (pred.float() - noise).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        lr_sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - _ema_decay(cfg.ema_decay, step - 1))
+        loss_sum += loss.detach()
+        window += 1
+        if step % cfg.log_every == 0 or step == s["iters"]:
+            last_loss = (loss_sum / window).item()  # the only host sync, once per window
+            if not math.isfinite(last_loss):
+                raise ValueError(f"train-diffusion: loss became {last_loss} by step {step} "
+                                 f"(last good checkpoint, if any, kept in {folder}); lower --lr?")
+            losses.append([step, round(last_loss, 6)])
+            loss_sum.zero_()
+            window = 0
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step != s["iters"]:
+            save(step, last_loss, time.perf_counter() - t0)
+    bar.close()
+    save(s["iters"], last_loss, time.perf_counter() - t0)
+    return folder
+
+
+def run(cfg: TrainDiffusionConfig) -> dict:
+    folder = train_diffusion(cfg)
+    meta = json.loads((folder / "config.json").read_text())
+    keys = ("dataset", "preset", "schedule", "iters", "final_loss", "wall_s", "num_params",
+            "real_images", "class_conditional", "precision", "device")
+    out = {k: meta[k] for k in keys}
+    out["schedule"] = meta["schedule"]["name"]
+    out["checkpoint"] = str(folder)
+    return out
+
+
+def _read_meta(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a diffusion checkpoint "
+                                f"(or training did not finish)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt (not valid JSON): {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} is not a cdp-fast diffusion checkpoint config (format={got!r}); "
+                         f"was training interrupted, or is this another kind of checkpoint?")
+    for key in ("unet", "schedule", "image_shape"):
+        if key not in meta:
+            raise ValueError(f"{path} lacks the {key!r} entry")
+    return meta
+
+
+def load_diffusion(folder, device="cpu"):
+    """Load a ``train-diffusion`` checkpoint -> (model in eval mode, NoiseSchedule, meta dict).
+
+    The model maps (x in [-1, 1], t[, y]) to eps. Weights are read with safetensors only.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models.unet import UNet
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"diffusion checkpoint folder not found: {folder}")
+    meta = _read_meta(folder)
+    wpath = folder / "model.safetensors"
+    if not wpath.is_file():
+        raise FileNotFoundError(f"{folder} has no model.safetensors")
+    ukw = meta["unet"]
+    C, H, W = meta["image_shape"]
+    if not isinstance(ukw, dict) or ukw.get("in_channels") != C or ukw.get("image_size") != H:
+        raise ValueError(f"{folder}/config.json: unet settings {ukw} do not match image_shape "
+                         f"{meta['image_shape']}")
+    try:
+        with torch.device("meta"):  # no random init: the weights come from the file
+            model = UNet(**ukw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{folder}/config.json: invalid unet settings {ukw}: {e}") from e
+    try:
+        state = load_file(str(wpath), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{wpath} is corrupt or not a safetensors file: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {ks[:4]}{' ...' if len(ks) > 4 else ''}" for what, ks in
+                           (("missing", missing), ("unexpected", unexpected),
+                            ("shape mismatch", [f"{k} {got[k]} != {expected[k]}" for k in wrong]))
+                           if ks)
+        raise ValueError(f"{wpath} does not match the UNet described by config.json ({detail})")
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(resolve_device(device) if isinstance(device, str) else device).eval()
+    sch = meta["schedule"]
+    try:
+        sched = NoiseSchedule.from_name(sch["name"], int(sch["num_train_timesteps"]),
+                                        **sch.get("params", {}))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/config.json: invalid schedule entry {sch}: {e}") from e
+    return model, sched, meta
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run(TrainDiffusionConfig())

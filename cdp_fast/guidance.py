@@ -1,0 +1,417 @@
+"""Contrastive guidance (the paper's Algorithm 1, SPEC §2/§3), passed to DDIMSampler as ``guidance=``.
+
+At a guided step the sampler adds ``scale * grad_{x_t} L`` to the predicted noise, where
+
+    L = loss(emb(x_t), emb(positive))          emb(x) = head(f(to_features(x)))  (or f, or pixels)
+
+Losses: "hnm" (SPEC §3.1, hard estimator, T 10, tau_plus 0.1, beta 1), "hnm-easy" (easy
+estimator), "infonce" (SPEC §3.2, T 0.1). With labels (``conditional``, auto = labels given to
+``sample``) a row's negatives are only other classes. Pair strategies (``pair=``):
+"previous" (default: the same sample's previous, noisier state x_{t+1}), "real-positive" (real
+images of the anchor's class; one real image per anchor, drawn from the seed at the start of a run,
+so its features are computed once), "real-negative" (previous-state positives plus all real images
+as an extra bank of negatives; bank features computed once).
+
+Groups: the batch is split into independent groups of ``group_size`` anchors (default: the
+authors' 512, the whole batch when smaller; for a larger batch that 512 does not divide, the largest
+divisor of the batch below 512). The guidance loss is the SUM of per-group means, so every sample
+receives the gradient it would get in the authors' own batch of G, at any sampling batch size.
+
+When: ``t_min <= t < t_max`` and, with ``skip_first``, never the first step (CIFAR default:
+t_min=400, t_max=None; MNIST's 50 < t < 150 is t_min=51, t_max=150); or a callable
+``when(t, step_index) -> bool``. The "previous" and "real-negative" pairs are never guided at step 0
+(there is no previous state yet).
+
+Fast path, with exactly the authors' gradient w.r.t. x_t: f is frozen (its parameters get
+requires_grad False for the run and no weight gradients; eval mode), f(x_{t+1}) is the previous
+step's f(x_t) kept in a static cache (detached) instead of being recomputed, and the backward goes
+through the anchor branch of f only. The optional online head (Linear-ReLU-Linear-L2 normalise,
+Adam lr 1e-2, one step per guided step on the same loss) gets its gradient from both branches, and
+the gradient for x is taken BEFORE its Adam step, as the authors do. Pixel space (features=None,
+no head, no normalisation) with an HNM loss uses ``kernels.hnm_guided_ddim_update`` (gradient
+fused into the DDIM update) when ``fused=True``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ContrastiveGuidance", "EmbeddingHead", "LOSSES", "PAIRS", "default_group_size"]
+
+LOSSES = ("hnm", "hnm-easy", "infonce")
+PAIRS = ("previous", "real-positive", "real-negative")
+DEFAULT_TEMPERATURE = {"hnm": 10.0, "hnm-easy": 10.0, "infonce": 0.1}
+AUTHORS_GROUP = 512
+
+
+class EmbeddingHead(nn.Module):
+    """Linear(in, hidden) - ReLU - Linear(hidden, out) - L2 normalise (the authors' projection)."""
+
+    def __init__(self, in_dim: int, hidden: int = 128, out_dim: int = 128,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+        if generator is not None:  # nn.Linear's default init, but from our own generator
+            for lin in (self.fc1, self.fc2):
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=generator)
+                bound = 1.0 / math.sqrt(lin.in_features)
+                with torch.no_grad():
+                    lin.bias.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fc2(F.relu(self.fc1(h))), dim=1)
+
+
+def default_group_size(n: int, authors: int = AUTHORS_GROUP) -> int:
+    """n if n <= 512, else the largest divisor of n that is <= 512."""
+    if n <= authors:
+        return n
+    return max(d for d in range(1, authors + 1) if n % d == 0)
+
+
+def _scaled01(x: torch.Tensor) -> torch.Tensor:
+    return (x + 1.0) * 0.5
+
+
+def _num(name, v, *, lo=None, lo_open=False, hi=None, hi_open=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v!r}")
+    return float(v)
+
+
+class ContrastiveGuidance:
+    """Configuration of the contrastive guidance; see the module doc for every option.
+
+    ``features``: frozen ``nn.Module`` (any callable works; only modules are frozen) mapping
+    ``to_features(x)`` to [B, ...] features, or None for pixel space. ``to_features``: "auto"
+    ((x+1)/2 for a features module, identity for pixels), None (identity) or a callable.
+    ``head``: None/False (no head), True (EmbeddingHead(in_dim, *head_dims), initialised from the
+    run's seed), or an ``nn.Module`` (deep-copied at every run, so every run starts from the same
+    weights and the caller's module is never trained). ``normalize`` (no head only): L2-normalise
+    the embeddings; None = True for a features module, False in pixel space.
+    """
+
+    def __init__(self, loss: str = "hnm", features: Optional[Callable] = None, *,
+                 head: Union[None, bool, nn.Module] = None, scale: float = 1e5,
+                 t_min: Optional[int] = 400, t_max: Optional[int] = None, skip_first: bool = True,
+                 when: Optional[Callable[[int, int], bool]] = None,
+                 temperature: Optional[float] = None, tau_plus: float = 0.1, beta: float = 1.0,
+                 pair: str = "previous", real_images: Optional[torch.Tensor] = None,
+                 real_labels: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
+                 conditional: Optional[bool] = None, to_features: Union[str, None, Callable] = "auto",
+                 normalize: Optional[bool] = None, head_dims: tuple = (128, 128),
+                 head_in_dim: Optional[int] = None, head_lr: float = 1e-2, fused: bool = True,
+                 backend: str = "auto"):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if pair not in PAIRS:
+            raise ValueError(f"pair must be one of {PAIRS}, got {pair!r}")
+        if features is not None and not callable(features):
+            raise TypeError(f"features must be an nn.Module / callable or None, got {type(features).__name__}")
+        self.loss, self.features, self.pair = loss, features, pair
+        self.scale = _num("scale", scale)
+        self.temperature = _num("temperature", DEFAULT_TEMPERATURE[loss] if temperature is None else temperature,
+                                lo=0.0, lo_open=True)
+        self.tau_plus = _num("tau_plus", tau_plus, lo=0.0, hi=1.0, hi_open=True)
+        self.beta = _num("beta", beta, lo=0.0)
+        for name, v in (("t_min", t_min), ("t_max", t_max)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"{name} must be an int or None, got {v!r}")
+        if when is not None and not callable(when):
+            raise TypeError("when must be a callable (t, step_index) -> bool")
+        self.t_min, self.t_max, self.skip_first, self.when = t_min, t_max, bool(skip_first), when
+        if group_size is not None:
+            if isinstance(group_size, bool) or not isinstance(group_size, int):
+                raise TypeError(f"group_size must be an int or None, got {group_size!r}")
+            if group_size < 2:
+                raise ValueError(f"group_size must be >= 2 (a row needs negatives), got {group_size}")
+        self.group_size = group_size
+        if pair != "previous":
+            if not isinstance(real_images, torch.Tensor) or real_images.ndim < 2 or real_images.shape[0] < 1:
+                raise ValueError(f"pair={pair!r} needs real_images, a tensor [M, ...] in model space")
+        if real_labels is not None:
+            if real_images is None:
+                raise ValueError("real_labels given without real_images")
+            if not isinstance(real_labels, torch.Tensor) or real_labels.is_floating_point() \
+                    or real_labels.shape != (real_images.shape[0],):
+                raise ValueError(f"real_labels must be an integer tensor [M]=[{real_images.shape[0]}]")
+        self.real_images, self.real_labels = real_images, real_labels
+        if conditional is not None and not isinstance(conditional, bool):
+            raise TypeError("conditional must be None (auto), True or False")
+        self.conditional = conditional
+        if to_features == "auto":
+            to_features = _scaled01 if features is not None else None
+        if to_features is not None and not callable(to_features):
+            raise TypeError("to_features must be 'auto', None or a callable")
+        self.to_features = to_features
+        if head is not None and not isinstance(head, (bool, nn.Module)):
+            raise TypeError(f"head must be None, a bool or an nn.Module, got {type(head).__name__}")
+        self.head = head if head is not False else None
+        self.head_dims = tuple(int(d) for d in head_dims)
+        if len(self.head_dims) != 2 or min(self.head_dims) < 1:
+            raise ValueError(f"head_dims must be (hidden, out) positive ints, got {head_dims!r}")
+        self.head_in_dim = head_in_dim
+        self.head_lr = _num("head_lr", head_lr, lo=0.0)
+        self.normalize = (features is not None) if normalize is None else bool(normalize)
+        self.fused, self.backend = bool(fused), backend
+
+    # --------------------------------------------------------------------------------------------
+    @property
+    def needs_previous(self) -> bool:
+        """True when the positive (or part of it) is the previous state x_{t+1}."""
+        return self.pair in ("previous", "real-negative")
+
+    def guided(self, t: int, index: int) -> bool:
+        """Host-side decision: is the step at training timestep t (step ``index``) guided?"""
+        if index == 0 and self.needs_previous:
+            return False
+        if self.when is not None:
+            return bool(self.when(int(t), int(index)))
+        if index == 0 and self.skip_first:
+            return False
+        if self.t_min is not None and t < self.t_min:
+            return False
+        if self.t_max is not None and t >= self.t_max:
+            return False
+        return True
+
+    def resolve_group_size(self, n: int) -> int:
+        G = default_group_size(n) if self.group_size is None else self.group_size
+        if n % G != 0:
+            raise ValueError(f"guidance group_size={G} does not divide the batch size n={n}")
+        if G < 2 and not (self.loss == "infonce" and self.pair == "real-negative"):
+            raise ValueError(f"the contrastive loss needs groups of >= 2 samples; batch n={n} gives "
+                             f"group size {G} (pass an explicit group_size that divides n)")
+        return G
+
+    def start(self, n: int, shape: tuple, *, labels=None, device=torch.device("cpu"),
+              dtype=torch.float32, seed: int = 0, bf16: bool = False, capturable: bool = False,
+              channels_last: bool = False, backend: Optional[str] = None, ddpm: bool = False,
+              clip_x0=None) -> "_GuidanceRun":
+        """Per-run state (static buffers, head, optimiser); called by the sampler."""
+        return _GuidanceRun(self, n, tuple(shape), labels, torch.device(device), dtype, seed, bf16,
+                            capturable, channels_last, backend or self.backend, ddpm, clip_x0)
+
+
+class _GuidanceRun:
+    def __init__(self, g: ContrastiveGuidance, n, shape, labels, device, dtype, seed, bf16,
+                 capturable, channels_last, backend, ddpm, clip_x0):
+        self.g, self.n, self.shape, self.device, self.dtype = g, n, shape, device, dtype
+        self.bf16, self.backend = bf16, backend
+        self.channels_last = channels_last and len(shape) == 3
+        cond = (labels is not None) if g.conditional is None else g.conditional
+        if cond and labels is None:
+            raise ValueError("the guidance loss is conditional (conditional=True) but sample() got no labels")
+        self.labels = labels if cond else None
+        self.G = g.resolve_group_size(n)
+        self.ngroups = n // self.G
+
+        # freeze f for the run (restored by finish) -------------------------------------------------
+        self._restore = []
+        f = g.features
+        if isinstance(f, nn.Module):
+            self._restore = [(p, p.requires_grad) for p in f.parameters()]
+            self._was_training = f.training
+            for p in f.parameters():
+                p.requires_grad_(False)
+            f.eval()
+
+        # fused pixel-space path? ---------------------------------------------------------------------
+        self.fused_ok = False
+        if (g.fused and f is None and g.head is None and not g.normalize and g.to_features is None
+                and g.loss in ("hnm", "hnm-easy") and g.pair in ("previous", "real-negative")
+                and not (ddpm and clip_x0 is not None)):
+            try:
+                from .kernels import hnm_guided_ddim_update  # noqa: F401
+                self.fused_ok = True
+            except (ImportError, AttributeError):
+                self.fused_ok = False
+
+        # real-image features (f is frozen: computed once) ---------------------------------------------
+        self.bank = self.bank_labels = self.pos_feats = None
+        real_feats = None
+        if g.real_images is not None and g.pair != "previous":
+            real = g.real_images.to(device=device, dtype=dtype)
+            if tuple(real.shape[1:]) != shape:
+                raise ValueError(f"real_images have sample shape {tuple(real.shape[1:])}, the sampler draws {shape}")
+            real_labels = None if g.real_labels is None else g.real_labels.to(device=device, dtype=torch.long)
+            with torch.no_grad():
+                real_feats = real if self.fused_ok else self._features(real)
+            if g.pair == "real-negative":
+                self.bank = real_feats.flatten(1) if self.fused_ok else real_feats
+                self.bank_labels = real_labels if (self.labels is not None and real_labels is not None) else None
+            else:  # real-positive: one real image per anchor, of the anchor's class when known
+                gen = torch.Generator().manual_seed(seed + 0xC0DE)
+                M = real.shape[0]
+                if self.labels is not None and real_labels is not None:
+                    lab_cpu, rl_cpu = labels.cpu(), real_labels.cpu()
+                    idx = torch.empty(n, dtype=torch.long)
+                    for c in lab_cpu.unique().tolist():
+                        rows = (lab_cpu == c).nonzero().view(-1)
+                        pool = (rl_cpu == c).nonzero().view(-1)
+                        if pool.numel() == 0:
+                            raise ValueError(f"pair='real-positive': no real image of class {c}")
+                        idx[rows] = pool[torch.randint(pool.numel(), (rows.numel(),), generator=gen)]
+                else:
+                    idx = torch.randint(M, (n,), generator=gen)
+                self.pos_feats = real_feats[idx.to(device)].contiguous()
+
+        # static buffers: feature cache (positives = previous state's features) ----------------------
+        if self.fused_ok:
+            self.cache = torch.zeros((n,) + shape, device=device, dtype=dtype)
+            fdim = math.prod(shape)
+        else:
+            with torch.no_grad():
+                probe = self._features(torch.zeros((min(n, 2),) + shape, device=device, dtype=dtype))
+            fdim = probe.shape[1]
+            self.cache = torch.zeros(n, fdim, device=device, dtype=torch.float32) if g.needs_previous else None
+
+        # online embedding head --------------------------------------------------------------------------
+        self.head, self.opt, self.params = None, None, []
+        if g.head is not None:
+            if isinstance(g.head, nn.Module):
+                head = copy.deepcopy(g.head)
+            else:
+                in_dim = g.head_in_dim or getattr(f, "feature_dim", None) or fdim
+                head = EmbeddingHead(int(in_dim), *g.head_dims,
+                                     generator=torch.Generator().manual_seed(seed + 0x4EAD))
+            self.head = head.to(device=device, dtype=torch.float32).train()
+            self.params = [p for p in self.head.parameters() if p.requires_grad]
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+            use_cap = bool(capturable and device.type == "cuda")
+            self.opt = torch.optim.Adam(self.params, lr=g.head_lr, capturable=use_cap)
+
+    # features / embeddings ------------------------------------------------------------------------
+    def _autocast(self):
+        import contextlib
+
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.g
+        h = x if g.to_features is None else g.to_features(x)
+        if g.features is not None:
+            if self.channels_last and h.ndim == 4:
+                h = h.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                h = g.features(h)
+        return h.flatten(1).float()
+
+    def _embed(self, h: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return self.head(h).float()
+        return F.normalize(h, dim=1) if self.g.normalize else h
+
+    def _loss(self, za, zp, bank):
+        g = self.g
+        if g.loss in ("hnm", "hnm-easy"):
+            from .kernels import hnm_loss
+
+            loss = hnm_loss(za, zp, temperature=g.temperature, tau_plus=g.tau_plus, beta=g.beta,
+                            estimator="hard" if g.loss == "hnm" else "easy", labels=self.labels,
+                            bank=bank, bank_labels=self.bank_labels if bank is not None else None,
+                            group_size=self.G if self.G < self.n else None, backend=self.backend)
+            return loss * self.ngroups  # hnm_loss averages over all groups' rows: sum of group means
+        total = za.new_zeros(())
+        for k in range(self.ngroups):  # static host loop: graph-safe
+            sl = slice(k * self.G, (k + 1) * self.G)
+            if self.labels is None:
+                from .kernels import infonce_loss
+
+                total = total + infonce_loss(za[sl], zp[sl], temperature=g.temperature, negatives=bank,
+                                             backend=self.backend)
+            else:
+                total = total + _infonce_conditional(za[sl], zp[sl], self.labels[sl], g.temperature,
+                                                     bank, self.bank_labels)
+        return total
+
+    # the calls the sampler makes ---------------------------------------------------------------------
+    def _positive_feats(self):
+        return self.pos_feats if self.g.pair == "real-positive" else self.cache
+
+    def prime(self, x: torch.Tensor) -> None:
+        """Cache the features of x: it is the positive (x_{t+1}) of the next, guided step."""
+        if self.cache is None:
+            return
+        with torch.no_grad():
+            self.cache.copy_(x if self.fused_ok else self._features(x))
+
+    def gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """grad_x L at the current state (fp32, x's shape); one head Adam step after it."""
+        xa = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            fa = self._features(xa)
+            za = self._embed(fa)
+            zp = self._embed(self._positive_feats())
+            bank = None if self.bank is None else self._embed(self.bank)
+            loss = self._loss(za, zp, bank)
+            if self.head is not None:
+                grads = torch.autograd.grad(loss, [xa] + self.params)
+                gx = grads[0]
+                for p, gp in zip(self.params, grads[1:]):
+                    p.grad.copy_(gp)
+            else:
+                (gx,) = torch.autograd.grad(loss, [xa])
+        if self.opt is not None:
+            self.opt.step()  # after the x gradient, as the authors do
+        if self.cache is not None:
+            self.cache.copy_(fa.detach())  # f(x_t) is the next step's f(x_{t+1})
+        return gx.float()
+
+    def fused_update(self, x, e, a_t, a_next, *, eta, clip_x0, rng_state=None, noise=None):
+        """Pixel-space HNM gradient fused into the DDIM update (kernels.hnm_guided_ddim_update)."""
+        from .kernels import hnm_guided_ddim_update
+
+        g = self.g
+        kw = dict(scale=g.scale * self.ngroups, temperature=g.temperature, tau_plus=g.tau_plus,
+                  beta=g.beta, estimator="hard" if g.loss == "hnm" else "easy", labels=self.labels,
+                  bank=self.bank, bank_labels=self.bank_labels,
+                  group_size=self.G if self.G < self.n else None, eta=eta, clip_x0=clip_x0)
+        if eta > 0.0:
+            if noise is not None:
+                kw["noise"] = noise
+            else:
+                kw["rng_state"] = rng_state
+        out = hnm_guided_ddim_update(x, e, a_t, a_next, self.cache, **kw)
+        self.cache.copy_(x)  # x_t is the next step's positive
+        return out
+
+    def finish(self) -> None:
+        for p, flag in self._restore:
+            p.requires_grad_(flag)
+        if self._restore and isinstance(self.g.features, nn.Module):
+            self.g.features.train(self._was_training)
+        self._restore = []
+
+
+def _infonce_conditional(q, k, labels, temperature, bank=None, bank_labels=None):
+    """InfoNCE whose negatives exclude same-class columns (the pair's own column always stays)."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    B = q.shape[0]
+    eye = torch.eye(B, dtype=torch.bool, device=q.device)
+    if bank is None:
+        logits = q @ k.t() / temperature
+        same = (labels[:, None] == labels[None, :]) & ~eye
+        logits = logits.masked_fill(same, float("-inf"))
+        target = torch.arange(B, device=q.device)
+    else:
+        n = F.normalize(bank.float(), dim=1)
+        neg = q @ n.t() / temperature
+        if bank_labels is not None:
+            neg = neg.masked_fill(labels[:, None] == bank_labels[None, :], float("-inf"))
+        logits = torch.cat([(q * k).sum(1, keepdim=True) / temperature, neg], dim=1)
+        target = torch.zeros(B, dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target)

@@ -1,0 +1,282 @@
+"""`cdp-fast pipeline`: the paper's experiment end to end, on a built-in default that runs on a CPU.
+
+1. load + split the real data; train the intermediate classifier (pseudo-labels, guidance features)
+2. train the diffusion model on the real training subset only (no leakage)
+3. sample two synthetic sets from the same initial noise: plain DDIM and Contrastive-DP
+4. pseudo-label them with the intermediate classifier
+5. TRADES-train robust classifiers on real only, real + DDIM, real + Contrastive-DP (same budget,
+   same seeds)
+6. evaluate clean and PGD robust accuracy on the held-out test split
+
+Every stage lives in its own folder under ``--out`` with a ``stage.json`` holding the settings it
+was made with; a rerun reuses every stage whose settings are unchanged (and redoes the rest).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import field, to_dict
+from .utils import resolve_device, seed_everything, write_json
+
+ARMS = ("real", "ddim", "contrastive-dp")
+
+
+@dataclass
+class PipelineConfig:
+    data: str = field("digits", help="dataset: digits (built in), mnist, fashion-mnist, cifar10, gtsrb")
+    data_dir: str | None = field(None, help="folder with the dataset files (not needed for digits)")
+    real_limit: int | None = field(None, help="real training images allowed (they alone train the "
+                                               "diffusion model and the classifiers)")
+    out: str = field("runs/pipeline", help="output folder (stages cached here)")
+    device: str = field("auto", help="auto | cpu | cuda[:i]")
+    seed: int = field(0, help="base seed")
+    seeds: int = field(1, help="robust-training seeds per arm (mean and std are reported)")
+    # 1. intermediate classifier
+    classifier: str | None = field(None, help="intermediate classifier (default: the dataset's model)")
+    classifier_epochs: int = field(15, help="intermediate classifier epochs")
+    # 2. diffusion
+    diffusion_iters: int | None = field(None, help="diffusion training iterations (None: dataset default)")
+    diffusion_preset: str = field("auto", help="UNet size (auto: by dataset)")
+    # 3. sampling
+    n_synthetic: int = field(2000, help="synthetic images per set")
+    sample_batch: int = field(500, help="sampling batch (= shard size)")
+    sample_steps: int = field(50, help="DDIM steps")
+    guidance: str = field("hnm", help="contrastive loss of Contrastive-DP",
+                          choices=("hnm", "hnm-easy", "infonce"))
+    scale: float = field(3e3, help="guidance scale lambda")
+    t_min: int | None = field(400, help="guide steps with t >= t_min (the authors' CIFAR window)")
+    t_max: int | None = field(None, help="guide steps with t < t_max")
+    group_size: int | None = field(None, help="contrastive group (None: min(512, batch))")
+    head: bool = field(True, help="online embedding head on the classifier features")
+    # 5. robust training
+    robust_model: str | None = field(None, help="robust classifier (default: the dataset's model)")
+    robust_epochs: int = field(12, help="TRADES epochs per arm (passes over the real data)")
+    batch_size: int = field(128, help="TRADES batch size")
+    lr: float = field(0.05, help="TRADES peak learning rate")
+    synthetic_fraction: float = field(0.5, help="synthetic fraction of each batch in the synthetic arms")
+    eps: float | None = field(None, help="Linf radius (default: the dataset's; digits 0.3)")
+    attack_steps: int | None = field(None, help="TRADES attack steps (default: the dataset's)")
+    eval_attack_steps: int = field(20, help="PGD steps of the final evaluation")
+    embedding: str = field("pca", help="2-D embedding of the feature figure", choices=("pca", "tsne"))
+    force: bool = field(False, help="recompute every stage")
+
+
+def _key(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Stage:
+    """A cached stage folder: ``fresh`` when its stage.json matches the settings it depends on."""
+
+    def __init__(self, root: Path, name: str, settings: dict, force: bool):
+        self.dir, self.settings = root / name, settings
+        marker = self.dir / "stage.json"
+        ok = False
+        if marker.is_file() and not force:
+            try:
+                ok = json.loads(marker.read_text()).get("key") == _key(settings)
+            except (json.JSONDecodeError, OSError):
+                ok = False
+        self.fresh = ok
+        if not ok and self.dir.exists():
+            shutil.rmtree(self.dir)  # settings changed: results in there are stale
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, **info) -> None:
+        write_json(self.dir / "stage.json", {"key": _key(self.settings), "settings": self.settings, **info})
+
+
+def run(cfg: PipelineConfig) -> dict:
+    from . import data as data_mod
+    from . import models
+    from .diffusion_train import TrainDiffusionConfig, load_diffusion, train_diffusion
+    from .figures import accuracy_bars, embedding_scatter, markdown_table, sample_grids
+    from .generate import GenerateConfig, generate
+    from .pseudolabel import train_classifier
+    from .trades import TrainRobustConfig, train_robust
+
+    if cfg.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {cfg.seeds}")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    base = {"data": cfg.data, "data_dir": cfg.data_dir, "real_limit": cfg.real_limit, "seed": cfg.seed}
+    data = data_mod.load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
+    defaults = data_mod.dataset_defaults(data.name)
+    print(f"[pipeline] {data!r} on {device}")
+
+    # 1. intermediate classifier ------------------------------------------------------------------
+    t0 = time.perf_counter()
+    clf_name = cfg.classifier or defaults["model"]
+    st = _Stage(out, "classifier", {**base, "model": clf_name, "epochs": cfg.classifier_epochs}, cfg.force)
+    if not st.fresh:
+        print("[pipeline] 1/6 training the intermediate classifier")
+        clf = train_classifier(data, clf_name, epochs=cfg.classifier_epochs, seed=cfg.seed, device=device)
+        models.save(clf, st.dir, name=clf_name, data=data.name, role="intermediate classifier")
+        st.done()
+    clf = models.load(st.dir, device=device)
+    with torch.no_grad():
+        xt = data_mod.to_float(data.x_test.to(device))
+        clf_acc = float((clf(xt).argmax(1).cpu() == data.y_test).float().mean())
+    timings["classifier"] = time.perf_counter() - t0
+    print(f"[pipeline] intermediate classifier test accuracy {clf_acc:.3f}")
+
+    # 2. diffusion model (real training subset only) -----------------------------------------------
+    t0 = time.perf_counter()
+    dcfg = TrainDiffusionConfig(data=cfg.data, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+                                iters=cfg.diffusion_iters, preset=cfg.diffusion_preset,
+                                out=str(out / "diffusion"), seed=cfg.seed, device=cfg.device)
+    st = _Stage(out, "diffusion", {**base, **to_dict(dcfg)}, cfg.force)
+    if not st.fresh:
+        print("[pipeline] 2/6 training the diffusion model on the real training subset")
+        train_diffusion(dcfg, data=data)
+        st.done()
+    unet, schedule, meta = load_diffusion(st.dir, device=device)
+    timings["diffusion"] = time.perf_counter() - t0
+
+    # 3 + 4. synthetic sets from the same noise, pseudo-labelled ----------------------------------
+    synth: dict[str, tuple] = {}
+    gen_info: dict[str, dict] = {}
+    for arm, guidance in (("ddim", "none"), ("contrastive-dp", cfg.guidance)):
+        t0 = time.perf_counter()
+        gcfg = GenerateConfig(checkpoint=str(out / "diffusion"), out=str(out / "synthetic" / arm),
+                              n=cfg.n_synthetic, batch_size=cfg.sample_batch, steps=cfg.sample_steps,
+                              guidance=guidance, scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max,
+                              group_size=cfg.group_size, head=cfg.head, seed=cfg.seed + 1000,
+                              device=cfg.device)
+        dep = {**base, "diffusion": _key(to_dict(dcfg)), "classifier": clf_name,
+               "classifier_epochs": cfg.classifier_epochs, **to_dict(gcfg)}
+        st = _Stage(out / "synthetic", arm, dep, cfg.force)
+        if not st.fresh:
+            print(f"[pipeline] 3/6 sampling {cfg.n_synthetic} images: {arm}")
+            gen_info[arm] = generate(gcfg, model=unet, schedule=schedule, meta=meta,
+                                     features_model=clf.features, labeler=clf)
+            st.done(**gen_info[arm])
+        else:
+            gen_info[arm] = json.loads((st.dir / "summary.json").read_text())
+        imgs, labels, extra = data_mod.load_synthetic(st.dir, like=data, with_extra=True)
+        synth[arm] = (imgs, labels, extra.get("confidence"))
+        timings[f"sample_{arm}"] = time.perf_counter() - t0
+
+    # 5 + 6. TRADES per arm and seed, evaluated on the test split ---------------------------------
+    per_arm: dict[str, list[dict]] = {a: [] for a in ARMS}
+    for s in range(cfg.seeds):
+        for arm in ARMS:
+            t0 = time.perf_counter()
+            rcfg = TrainRobustConfig(data=cfg.data, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+                                     synthetic_fraction=cfg.synthetic_fraction, model=cfg.robust_model,
+                                     epochs=cfg.robust_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                     eps=cfg.eps, attack_steps=cfg.attack_steps,
+                                     eval_attack_steps=cfg.eval_attack_steps,
+                                     out=str(out / "robust" / f"{arm}-seed{s}"), seed=cfg.seed + s,
+                                     device=cfg.device)
+            dep = {**base, **to_dict(rcfg), "arm": arm,
+                   "synthetic": None if arm == "real" else json.loads(
+                       (out / "synthetic" / arm / "stage.json").read_text())["key"]}
+            st = _Stage(out / "robust", f"{arm}-seed{s}", dep, cfg.force)
+            if not st.fresh:
+                print(f"[pipeline] 5/6 TRADES on {arm} (seed {cfg.seed + s})")
+                syn = None if arm == "real" else synth[arm][:2]
+                res = train_robust(rcfg, data=data, synthetic=syn)
+                st.done()
+            else:
+                res = json.loads((st.dir / "results.json").read_text())
+            per_arm[arm].append(res)
+            timings[f"robust_{arm}_seed{s}"] = time.perf_counter() - t0
+
+    arms = {}
+    for arm, rs in per_arm.items():
+        c = np.array([r["clean_acc"] for r in rs])
+        r_ = np.array([r["robust_acc"] for r in rs])
+        arms[arm] = {"clean_acc": float(c.mean()), "robust_acc": float(r_.mean()),
+                     "clean_acc_std": float(c.std()), "robust_acc_std": float(r_.std()),
+                     "seeds": len(rs), "eps": rs[0]["eps"], "n_synthetic": rs[0]["n_synthetic"]}
+
+    # synthetic-set statistics + figures -----------------------------------------------------------
+    feats, labs, syn_stats = {}, {}, {}
+    with torch.no_grad():
+        for arm, (imgs, labels, conf) in synth.items():
+            f = clf.features(data_mod.to_float(imgs.to(device))).float().cpu()
+            feats[arm], labs[arm] = f.numpy(), labels.numpy()
+            syn_stats[arm] = _set_stats(f, labels, conf, data.num_classes)
+    figs = {
+        "samples": sample_grids({a: synth[a][0][:100].numpy() for a in synth}, out / "samples.png",
+                                title="same initial noise: DDIM vs Contrastive-DP"),
+        "accuracy": accuracy_bars({a: arms[a] for a in ARMS}, out / "accuracy.png",
+                                  errors={a: {"clean_acc": arms[a]["clean_acc_std"],
+                                              "robust_acc": arms[a]["robust_acc_std"]} for a in ARMS}
+                                  if cfg.seeds > 1 else None,
+                                  title=f"{data.name}: TRADES, eps={arms['real']['eps']:.3g}"),
+        "embedding": embedding_scatter(feats, labs, out / "embedding.png", method=cfg.embedding,
+                                       title=f"classifier features ({cfg.embedding.upper()})"),
+    }
+    timings["total"] = time.perf_counter() - t_start
+    results = {
+        "arms": arms,
+        "data": data.name, "n_real_train": int(data.x_train.shape[0]), "n_test": int(data.x_test.shape[0]),
+        "intermediate_classifier_acc": clf_acc,
+        "synthetic": {a: {**syn_stats[a], "images_per_s": gen_info[a].get("images_per_s")} for a in synth},
+        "per_seed": per_arm, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "device": str(device), "figures": {k: str(v) for k, v in figs.items()},
+        "config": to_dict(cfg),
+    }
+    write_json(out / "results.json", results)
+    (out / "report.md").write_text(_report(cfg, results, markdown_table))
+    print(f"[pipeline] done in {timings['total']:.0f}s: {out / 'report.md'}")
+    return results
+
+
+def _set_stats(f: torch.Tensor, labels: torch.Tensor, conf, num_classes: int) -> dict:
+    """Diversity/separability of a synthetic set in the classifier's feature space."""
+    fn = torch.nn.functional.normalize(f, dim=1)
+    sim = fn @ fn.T
+    n = len(fn)
+    mean_cos = float((sim.sum() - n) / (n * (n - 1)))
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    p = counts / counts.sum()
+    label_entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / np.log(num_classes))
+    return {"n": n, "mean_pairwise_cosine": round(mean_cos, 4),
+            "label_entropy_normalised": round(label_entropy, 4),
+            "mean_confidence": None if conf is None else round(float(np.mean(conf)), 4),
+            "label_counts": counts.long().tolist()}
+
+
+def _report(cfg: PipelineConfig, r: dict, markdown_table) -> str:
+    rows = []
+    for arm, a in r["arms"].items():
+        pm = (lambda k: f"{100 * a[k]:.2f} ± {100 * a[k + '_std']:.2f}") if a["seeds"] > 1 else \
+            (lambda k: f"{100 * a[k]:.2f}")
+        rows.append([arm, a["n_synthetic"], pm("clean_acc"), pm("robust_acc")])
+    syn = [[a, s["n"], s["mean_pairwise_cosine"], s["label_entropy_normalised"], s["mean_confidence"],
+            s["images_per_s"]] for a, s in r["synthetic"].items()]
+    tim = [[k, v] for k, v in r["timings_s"].items()]
+    eps = r["arms"]["real"]["eps"]
+    return "\n\n".join([
+        f"# cdp-fast pipeline: {r['data']}",
+        f"Real training images: {r['n_real_train']}; test images: {r['n_test']}; device: {r['device']}; "
+        f"seeds: {cfg.seeds}. Intermediate classifier test accuracy: {100 * r['intermediate_classifier_acc']:.2f}%.",
+        "## Robust accuracy (TRADES, test split)",
+        f"Linf eps = {eps:.4g}; robust = PGD-{cfg.eval_attack_steps} accuracy (%).",
+        markdown_table(rows, ["arm", "synthetic images", "clean acc", "robust acc"]),
+        "![accuracy](accuracy.png)",
+        "## Synthetic sets",
+        "Mean pairwise cosine of the classifier features (lower = more diverse), normalised entropy "
+        "of the pseudo-label distribution, mean pseudo-label confidence, sampling throughput.",
+        markdown_table(syn, ["set", "n", "mean cos", "label entropy", "confidence", "images/s"]),
+        "![samples](samples.png)\n\n![embedding](embedding.png)",
+        "## Settings",
+        "```json\n" + json.dumps(r["config"], indent=2) + "\n```",
+        "## Wall time (s)",
+        markdown_table(tim, ["stage", "seconds"]),
+    ]) + "\n"

@@ -1,0 +1,530 @@
+"""``cdp-fast simulate``: the paper's Gaussian theory (SPEC §7), runnable in under a minute on a CPU.
+
+Three parts, all written to ``<out>/results.json`` (schema below) plus two PNG figures:
+
+1. closed forms: err_standard / err_robust of theta = mu, each next to a Monte-Carlo estimate
+   (sample x, apply the worst Linf shift, count mistakes) as a sanity check;
+2. Lemma 3 (Monte Carlo, ``theory.lemma3_experiment``): E[err] of theta_final for synthetic means
+   c*mu, c*(mu - eps), orthogonal to mu / to mu - eps, and several synthetic stds, in the
+   Theorem's scaling (||mu||^2 = d, sigma = (n d)^(1/4)); and the Theorem: its sample-size bound,
+   its preconditions and the simulated robust error at (and below) that many synthetic points;
+3. Figure 1: a 2-D two-class Gaussian mixture sampled with plain DDIM and with conditional HNM
+   guidance (features = identity, positive = previous state, the fused
+   ``hnm_guided_ddim_update`` step), exact score (``GaussianMixtureEps``), same initial noise.
+   Per class: mean alignment c = <class mean, y mu> / ||mu||^2 and variances; downstream errors of
+   theta_final trained on pseudo-labelled (and on label-conditioned) samples of each set.
+
+results.json::
+
+    {"closed_form": [{"setting", "d", "sigma", "eps", "standard_error", "standard_error_mc",
+                      "robust_error", "robust_error_mc", "mc_samples"}],
+     "lemma3": {"rows": [{"name", "family", "c", "std", "std_factor", "standard_error", "..._se",
+                          "robust_error", "..._se", "pseudo_label_acc", "norm_mu_syn", "cos_mu",
+                          "cos_mu_minus_eps"}], "theta_int", "optimal", "settings", "checks"},
+     "theorem": {"n", "d", "eps", "c", "sigma", "n_syn_bound", "n_syn_bound_eps2_numerator",
+                 "preconditions", "simulated": [{"n_syn", "robust_error", "robust_error_se",
+                 "standard_error"}], "target": 1e-3},
+     "figure1": {"mu", "sigma", "eps", "steps", "scale", "guided_timesteps", "n_samples",
+                 "arms": {"true"|"ddim"|"contrastive-dp": {"c", "var", "per_class": [...],
+                          "downstream": {"pseudo_label": {"m=..."|"all": {...}}, "true_label": ...},
+                          "pseudo_label_acc"}}},
+     "figures": {...paths}, "config": {...}, "wall_s": float, plus top-level scalar summaries}
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import theory
+from .config import field
+from .utils import progress, resolve_device, write_json
+
+__all__ = ["SimulateConfig", "run", "sample_figure1", "figure1_stats"]
+
+
+@dataclass
+class SimulateConfig:
+    out: str = field("runs/simulate", help="output folder (results.json, figure1.png, lemma3_errors.png)")
+    seed: int = field(0, help="random seed (every Monte-Carlo draw and the sampler's noise)")
+    device: str = field("auto", help="device for the Figure-1 sampler: auto | cpu | cuda[:i]")
+    quick: bool = field(False, help="tiny sizes everywhere (seconds; for smoke tests)")
+    # Lemma 3 ----------------------------------------------------------------------------------
+    d: int = field(100, help="Lemma 3: dimension")
+    n: int = field(10, help="Lemma 3: real labelled points behind theta_int (sigma = (n d)^(1/4))")
+    n_syn: int = field(1000, help="Lemma 3: synthetic points per trial")
+    trials: int = field(400, help="Monte-Carlo trials per cell (Lemma 3, Figure-1 downstream)")
+    eps: float = field(0.4, help="Linf radius of the robust error (Lemma 3)")
+    mu_spread: float = field(0.6, help="Lemma 3: mu_i spread evenly in [1-s, 1+s] (then ||mu||^2 = d); "
+                                       "0 gives mu = 1, where mu and mu - eps point the same way")
+    cs: tuple[float, ...] = field((0.25, 0.5, 1.0, 2.0), help="Lemma 3: the scalars c of c*mu and c*(mu-eps)")
+    std_factors: tuple[float, ...] = field((0.25, 0.5, 1.0, 1.5),
+                                           help="Lemma 3: synthetic stds, as multiples of sigma")
+    # Theorem ----------------------------------------------------------------------------------
+    theorem_n: int = field(4, help="Theorem: real points n")
+    theorem_d: int = field(4000, help="Theorem: dimension d (mu = 1, sigma = (n d)^(1/4))")
+    theorem_eps: float = field(0.25, help="Theorem: eps (< 1/2)")
+    theorem_c: float = field(1.0, help="Theorem: synthetic mean c*mu")
+    theorem_trials: int = field(40, help="Theorem: Monte-Carlo trials per synthetic size")
+    theorem_max_syn: int = field(1_000_000, help="Theorem: cap on simulated synthetic points")
+    # Figure 1 ---------------------------------------------------------------------------------
+    fig_mu: tuple[float, ...] = field((2.0, 1.0), help="Figure 1: class means +-mu (2-D)")
+    fig_sigma: float = field(1.0, help="Figure 1: class std")
+    fig_eps: float = field(0.5, help="Figure 1: Linf radius of the downstream robust error")
+    fig_n_real: int = field(4, help="Figure 1: real points behind the pseudo-labelling theta_int")
+    fig_subsets: tuple[int, ...] = field((8, 32), help="Figure 1: downstream synthetic-set sizes "
+                                                       "(random subsets; the full set is always added)")
+    n_samples: int = field(1000, help="Figure 1: samples per set (half per class)")
+    steps: int = field(50, help="Figure 1: DDIM steps (linear beta schedule, T = 1000)")
+    scale: float = field(300.0, help="Figure 1: guidance scale lambda (e = eps + lambda grad)")
+    guide_t_min: int = field(400, help="Figure 1: guide the steps with t >= this (never the first)")
+    guide_t_max: int = field(1000, help="Figure 1: ... and t <= this")
+    temperature: float = field(10.0, help="HNM temperature T")
+    tau_plus: float = field(0.1, help="HNM tau_plus")
+    beta: float = field(1.0, help="HNM beta (hardness)")
+    backend: str = field("auto", help="kernel backend", choices=("auto", "reference", "triton"))
+
+
+_QUICK = dict(d=20, n=5, n_syn=100, trials=40, cs=(0.5, 1.0, 2.0), std_factors=(0.5, 1.0),
+              theorem_d=400, theorem_trials=8, theorem_max_syn=20_000, n_samples=64, steps=12,
+              fig_subsets=(8,))
+
+
+def _check(cfg: SimulateConfig) -> None:
+    for name in ("d", "n", "n_syn", "trials", "theorem_n", "theorem_d", "theorem_trials",
+                 "theorem_max_syn", "n_samples", "steps", "fig_n_real"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if cfg.d < 2:
+        raise ValueError("d must be >= 2 (Lemma 3 needs orthogonal means)")
+    if cfg.n_samples < 4 or cfg.n_samples % 2:
+        raise ValueError(f"n_samples must be even and >= 4 (two classes), got {cfg.n_samples}")
+    if cfg.steps > 1000:
+        raise ValueError(f"steps must be <= 1000 (T), got {cfg.steps}")
+    for name in ("eps", "theorem_eps", "fig_eps"):
+        if not (getattr(cfg, name) >= 0):
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.mu_spread < 1:
+        raise ValueError(f"mu_spread must be in [0, 1), got {cfg.mu_spread!r}")
+    if not cfg.cs or any(c <= 0 for c in cfg.cs):
+        raise ValueError(f"cs must be non-empty and positive, got {cfg.cs!r}")
+    if not cfg.std_factors or any(s <= 0 for s in cfg.std_factors):
+        raise ValueError(f"std_factors must be non-empty and positive, got {cfg.std_factors!r}")
+    if len(cfg.fig_mu) != 2 or not any(cfg.fig_mu):
+        raise ValueError(f"fig_mu must be a non-zero 2-D vector, got {cfg.fig_mu!r}")
+    if cfg.fig_sigma <= 0 or cfg.theorem_c <= 0 or cfg.temperature <= 0:
+        raise ValueError("fig_sigma, theorem_c and temperature must be > 0")
+    if any(m < 2 for m in cfg.fig_subsets):
+        raise ValueError(f"fig_subsets must be >= 2, got {cfg.fig_subsets!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. closed forms next to Monte Carlo
+def _closed_form_check(mu: np.ndarray, sigma: float, eps: float, setting: str, gen: torch.Generator,
+                       n_mc: int) -> dict:
+    m = torch.as_tensor(mu, dtype=torch.float64)
+    theta = m
+    y = torch.where(torch.rand(n_mc, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    x = y[:, None] * m + sigma * torch.randn(n_mc, m.numel(), generator=gen, dtype=torch.float64)
+    x_adv = x - eps * y[:, None] * torch.sign(theta)     # the worst Linf shift of a linear rule
+    return {
+        "setting": setting, "theta": "mu", "d": int(m.numel()), "sigma": sigma, "eps": eps,
+        "standard_error": float(theory.standard_error(theta, m, sigma)),
+        "standard_error_mc": float((torch.sign(x @ theta) != y).double().mean()),
+        "robust_error": float(theory.robust_error(theta, m, sigma, eps)),
+        "robust_error_mc": float((torch.sign(x_adv @ theta) != y).double().mean()),
+        "mc_samples": n_mc,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Lemma 3 and the Theorem
+def lemma3_mu(d: int, spread: float) -> np.ndarray:
+    """mu_i evenly spread in [1 - spread, 1 + spread], rescaled so ||mu||^2 = d."""
+    mu = np.linspace(1 - spread, 1 + spread, d) if d > 1 else np.ones(1)
+    return mu * math.sqrt(d) / np.linalg.norm(mu)
+
+
+def _lemma3(cfg: SimulateConfig) -> dict:
+    mu = lemma3_mu(cfg.d, cfg.mu_spread)
+    sigma = theory.theorem_sigma(cfg.n, cfg.d)
+    means = theory.lemma3_means(mu, cfg.eps, cs=cfg.cs, seed=cfg.seed)
+    stds = [f * sigma for f in cfg.std_factors]
+    res = theory.lemma3_experiment(cfg.d, cfg.n, cfg.n_syn, mu, sigma, cfg.eps, means, stds,
+                                   trials=cfg.trials, seed=cfg.seed, progress=_bar)
+    for row in res["rows"]:
+        name = row["name"]
+        if name.startswith("c*mu"):
+            row["family"], row["c"] = "c*mu", float(name.split("c=")[1].rstrip(")"))
+        elif name.startswith("c*(mu-eps)"):
+            row["family"], row["c"] = "c*(mu-eps)", float(name.split("c=")[1].rstrip(")"))
+        else:
+            row["family"], row["c"] = name, None
+        row["std_factor"] = row["std"] / sigma
+    res["settings"]["mu_spread"] = cfg.mu_spread
+    res["checks"] = _lemma3_checks(res["rows"], cfg)
+    return res
+
+
+def _lemma3_checks(rows: list[dict], cfg: SimulateConfig) -> dict:
+    """The Lemma's claims, checked on the simulated table (True/False each, no tolerance)."""
+    by = {(r["family"], r["c"], r["std_factor"]): r for r in rows}
+    cs = sorted(cfg.cs)
+    out = {"c*mu_beats_orthogonal_standard": [], "larger_c_better_standard_c*mu": [],
+           "larger_c_better_robust_c*(mu-eps)": [], "c*(mu-eps)_beats_c*mu_robust": [],
+           "orthogonal_to_mu-eps_worst_robust": [], "smaller_std_better_standard_c=1": None}
+    for f in sorted(cfg.std_factors):
+        orth = by[("orthogonal to mu", None, f)]["standard_error"]
+        out["c*mu_beats_orthogonal_standard"].append(all(by[("c*mu", c, f)]["standard_error"] < orth for c in cs))
+        se = [by[("c*mu", c, f)]["standard_error"] for c in cs]
+        out["larger_c_better_standard_c*mu"].append(all(a > b for a, b in zip(se, se[1:])))
+        re_ = [by[("c*(mu-eps)", c, f)]["robust_error"] for c in cs]
+        out["larger_c_better_robust_c*(mu-eps)"].append(all(a > b for a, b in zip(re_, re_[1:])))
+        out["c*(mu-eps)_beats_c*mu_robust"].append(
+            [by[("c*(mu-eps)", c, f)]["robust_error"] < by[("c*mu", c, f)]["robust_error"] for c in cs])
+        worst = by[("orthogonal to mu-eps", None, f)]["robust_error"]
+        out["orthogonal_to_mu-eps_worst_robust"].append(
+            all(r["robust_error"] <= worst for r in rows if r["std_factor"] == f))
+    if 1.0 in cs:
+        v = [by[("c*mu", 1.0, f)]["standard_error"] for f in sorted(cfg.std_factors)]
+        out["smaller_std_better_standard_c=1"] = all(a < b for a, b in zip(v, v[1:]))
+    out["std_factors_order"] = sorted(cfg.std_factors)
+    out["cs_order"] = cs
+    return out
+
+
+def _theorem(cfg: SimulateConfig) -> dict:
+    n, d, eps, c = cfg.theorem_n, cfg.theorem_d, cfg.theorem_eps, cfg.theorem_c
+    sigma = theory.theorem_sigma(n, d)
+    mu = theory.theorem_mu(d)
+    bound = theory.theorem_sample_bound(n, d, eps, c)
+    alt = 288.0 * n * eps * eps / c * math.sqrt(d / n)   # Carmon et al.'s form (eps^2 on top)
+    sizes = sorted({int(math.ceil(v)) for v in (bound, bound / 10, bound / 100, alt, alt / 10)
+                    if 1 <= v <= cfg.theorem_max_syn})
+    if not sizes:
+        sizes = [cfg.theorem_max_syn]
+    sim = []
+    for m in _bar(sizes, total=len(sizes), desc="theorem"):
+        r = theory.lemma3_experiment(d, n, m, mu, sigma, eps, {"c*mu": c * mu}, [sigma],
+                                     trials=cfg.theorem_trials, seed=cfg.seed + 1)
+        row = r["rows"][0]
+        sim.append({"n_syn": m, "robust_error": row["robust_error"],
+                    "robust_error_se": row["robust_error_se"],
+                    "standard_error": row["standard_error"],
+                    "pseudo_label_acc": row["pseudo_label_acc"]})
+    return {
+        "n": n, "d": d, "eps": eps, "c": c, "sigma": sigma, "synthetic_std": sigma,
+        "n_syn_bound": bound, "n_syn_bound_eps2_numerator": alt,
+        "bound_note": "SPEC §7 form 288 n/(c eps^2) sqrt(d/n); the extract is garbled and Carmon et "
+                      "al. (2019) put eps^2 in the numerator, so both are simulated",
+        "bound_simulated": bound <= cfg.theorem_max_syn,
+        "preconditions": theory.theorem_preconditions(n, d, eps, sigma, mu),
+        "optimal_robust_error": float(theory.robust_error(mu, mu, sigma, eps)),
+        "theta_int_robust_error": r["theta_int"]["robust_error"],
+        "simulated": sim, "target": 1e-3,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Figure 1
+def _timesteps(steps: int, T: int = 1000) -> list[int]:
+    stride = T // steps
+    return list(range(0, stride * steps, stride))[::-1]
+
+
+def sample_figure1(mu, sigma: float, n_samples: int, *, steps: int = 50, scale: float = 0.0,
+                   guide_t_min: int = 400, guide_t_max: int = 1000, temperature: float = 10.0,
+                   tau_plus: float = 0.1, beta: float = 1.0, seed: int = 0, device="cpu",
+                   backend: str = "auto", show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Class-conditional DDIM (eta = 0) on the mixture 0.5 N(mu, s^2) + 0.5 N(-mu, s^2), exact eps.
+
+    scale > 0 adds conditional HNM guidance (features = identity; conditional negatives = the other
+    class; positive = the sample's previous, noisier state) on the steps with guide_t_min <= t <=
+    guide_t_max except the first, through the fused ``hnm_guided_ddim_update``. The initial noise
+    depends only on ``seed``, so scale 0 and scale > 0 start from the same x_T.
+    Returns (x0 [n, 2] float32 on CPU, labels [n] (0 -> +mu, 1 -> -mu), guided timesteps).
+    """
+    from .gmm import GaussianMixtureEps
+    from .kernels import ddim_update, hnm_guided_ddim_update
+    from .schedules import NoiseSchedule
+
+    dev = torch.device(device)
+    mu_t = torch.as_tensor(mu, dtype=torch.float64)
+    sched = NoiseSchedule.linear(1000)
+    model = GaussianMixtureEps(torch.stack([mu_t, -mu_t]), [sigma, sigma], [0.5, 0.5], sched).to(dev)
+    abar = sched.alphas_cumprod
+    labels = (torch.arange(n_samples) % 2).to(dev)
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(n_samples, mu_t.numel(), generator=gen, dtype=torch.float32).to(dev)
+    ts = _timesteps(steps)
+    x_prev, guided = None, []
+    it = progress(range(len(ts)), total=len(ts), desc=f"DDIM{' + HNM' if scale else ''}",
+                  disable=None if show_progress else True, leave=False)
+    with torch.no_grad():
+        for i in it:
+            t = ts[i]
+            a_t = float(abar[t])
+            a_next = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0   # set_alpha_to_one
+            e = model(x, torch.full((n_samples,), t, device=dev), labels)
+            if scale and x_prev is not None and guide_t_min <= t <= guide_t_max:
+                x_new = hnm_guided_ddim_update(x, e, a_t, a_next, x_prev, scale=float(scale),
+                                               temperature=temperature, tau_plus=tau_plus, beta=beta,
+                                               labels=labels, backend=backend)
+                guided.append(t)
+            else:
+                x_new = ddim_update(x, e, a_t, a_next, backend=backend)
+            x_prev, x = x, x_new
+    return x.float().cpu(), labels.cpu(), guided
+
+
+def figure1_stats(x: torch.Tensor, labels: torch.Tensor, mu, sigma: float, eps: float, *,
+                  theta_ints: torch.Tensor, subsets=(8, 32), seed: int = 0) -> dict:
+    """Per-class alignment/variance of one sample set and downstream errors of theta_final.
+
+    c_k = <mean of class k, y_k mu> / ||mu||^2 (y_k = +1 for label 0, -1 for label 1): c = 1 is
+    the true mixture. var_parallel / var_orth: variance along / across mu; var = mean per-coordinate
+    variance. Downstream: for each theta_int (one per trial, from real data), pseudo-label a random
+    subset of m samples (or all), theta_final = mean(y~ x~), closed-form errors averaged over trials;
+    "true_label" uses the conditioning labels instead of pseudo-labels.
+    """
+    xs = x.to(torch.float64)
+    m = torch.as_tensor(mu, dtype=torch.float64)
+    u = m / m.norm()
+    per_class = []
+    for k, sgn in ((0, 1.0), (1, -1.0)):
+        xk = xs[labels == k]
+        mean = xk.mean(0)
+        proj = xk @ u
+        resid = xk - proj[:, None] * u
+        per_class.append({
+            "label": k, "sign": sgn, "count": int(xk.shape[0]),
+            "mean": mean.tolist(),
+            "c": float(sgn * (mean @ m) / (m @ m)),
+            "var_parallel": float(proj.var(unbiased=True)),
+            "var_orth": float((resid - resid.mean(0)).pow(2).sum(1).mean() * xk.shape[0] / max(xk.shape[0] - 1, 1)),
+            "var": float(xk.var(0, unbiased=True).mean()),
+        })
+    y_true = torch.where(labels == 0, 1.0, -1.0).to(torch.float64)
+    gen = torch.Generator().manual_seed(int(seed))
+    K, N = theta_ints.shape[0], xs.shape[0]
+    down: dict[str, dict] = {"pseudo_label": {}, "true_label": {}}
+    accs = []
+    for msize in [s for s in subsets if s < N] + [N]:
+        key = "all" if msize == N else f"m={msize}"
+        if msize == N:
+            idx = torch.arange(N).expand(K, N)
+        else:
+            idx = torch.argsort(torch.rand(K, N, generator=gen), dim=1)[:, :msize]
+        xsub = xs[idx]                                           # [K, m, 2]
+        ypl = theory.pseudo_label(theta_ints, xsub)              # [K, m]
+        th_pl = theory.theta_intermediate(xsub, ypl)
+        th_tl = theory.theta_intermediate(xsub, y_true[idx])
+        if msize == N:
+            accs = (ypl == y_true[idx]).double().mean(1)
+        for name, th in (("pseudo_label", th_pl), ("true_label", th_tl)):
+            se = theory.standard_error(th, m, sigma)
+            re_ = theory.robust_error(th, m, sigma, eps)
+            down[name][key] = {"m": msize, "standard_error": float(se.mean()),
+                               "robust_error": float(re_.mean()),
+                               "standard_error_se": float(se.std() / math.sqrt(K)) if K > 1 else 0.0,
+                               "robust_error_se": float(re_.std() / math.sqrt(K)) if K > 1 else 0.0}
+    return {"c": float(np.mean([p["c"] for p in per_class])),
+            "var": float(np.mean([p["var"] for p in per_class])),
+            "var_parallel": float(np.mean([p["var_parallel"] for p in per_class])),
+            "var_orth": float(np.mean([p["var_orth"] for p in per_class])),
+            "per_class": per_class, "downstream": down,
+            "pseudo_label_acc": float(accs.mean())}
+
+
+def _figure1(cfg: SimulateConfig, device: torch.device) -> tuple[dict, dict]:
+    mu = np.asarray(cfg.fig_mu, dtype=np.float64)
+    sig = cfg.fig_sigma
+    kw = dict(steps=cfg.steps, guide_t_min=cfg.guide_t_min, guide_t_max=cfg.guide_t_max,
+              temperature=cfg.temperature, tau_plus=cfg.tau_plus, beta=cfg.beta, seed=cfg.seed,
+              device=device, backend=cfg.backend)
+    x_ddim, lab, _ = sample_figure1(mu, sig, cfg.n_samples, scale=0.0, **kw)
+    x_cdp, lab2, guided = sample_figure1(mu, sig, cfg.n_samples, scale=cfg.scale, **kw)
+    assert torch.equal(lab, lab2)
+    # exact samples of the true class-conditional mixture, for reference
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    mt = torch.as_tensor(mu)
+    sgn = torch.where(lab == 0, 1.0, -1.0).to(torch.float64)
+    x_true = sgn[:, None] * mt + sig * torch.randn(cfg.n_samples, 2, generator=gen, dtype=torch.float64)
+    # real data behind the pseudo-labelling classifier: theta_int = mu + sigma/sqrt(n) g (exact)
+    theta_ints = mt + sig / math.sqrt(cfg.fig_n_real) * torch.randn(cfg.trials, 2, generator=gen, dtype=torch.float64)
+    arms = {}
+    for name, xs in (("true", x_true), ("ddim", x_ddim), ("contrastive-dp", x_cdp)):
+        arms[name] = figure1_stats(xs, lab, mu, sig, cfg.fig_eps, theta_ints=theta_ints,
+                                   subsets=cfg.fig_subsets, seed=cfg.seed + 11)
+    res = {"mu": mu.tolist(), "sigma": sig, "eps": cfg.fig_eps, "steps": cfg.steps,
+           "scale": cfg.scale, "guided_timesteps": guided, "n_samples": cfg.n_samples,
+           "n_real": cfg.fig_n_real, "temperature": cfg.temperature, "tau_plus": cfg.tau_plus,
+           "beta": cfg.beta, "arms": arms,
+           "theta_int": {"standard_error": float(theory.standard_error(theta_ints, mt, sig).mean()),
+                         "robust_error": float(theory.robust_error(theta_ints, mt, sig, cfg.fig_eps).mean())},
+           "optimal": {"standard_error": float(theory.standard_error(mt, mt, sig)),
+                       "robust_error": float(theory.robust_error(mt, mt, sig, cfg.fig_eps))}}
+    return res, {"true": x_true, "ddim": x_ddim, "contrastive-dp": x_cdp, "labels": lab}
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+def _png(fig, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_figure1(res: dict, samples: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    mu = np.asarray(res["mu"])
+    lab = samples["labels"].numpy()
+    allx = torch.cat([samples["ddim"], samples["contrastive-dp"]]).numpy()
+    lo, hi = np.percentile(allx, 0.5, axis=0), np.percentile(allx, 99.5, axis=0)
+    pad = 0.1 * (hi - lo)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharex=True, sharey=True)
+    for ax, (key, title) in zip(axes, (("ddim", "(a) DDIM"),
+                                       ("contrastive-dp", "(b) DDIM + conditional HNM guidance"))):
+        x = samples[key].numpy()
+        st = res["arms"][key]
+        for k, col in ((0, "tab:blue"), (1, "tab:orange")):
+            sel = lab == k
+            ax.scatter(x[sel, 0], x[sel, 1], s=5, alpha=0.5, c=col, label=f"class {'+' if k == 0 else '-'}1")
+        for sgn in (1, -1):
+            ax.plot(*(sgn * mu), "k*", ms=12)
+        ax.plot([-1.5 * mu[0], 1.5 * mu[0]], [-1.5 * mu[1], 1.5 * mu[1]], "k--", lw=0.8, alpha=0.6)
+        ax.set_title(f"{title}\nc = {st['c']:.3f}, var = {st['var']:.3f} "
+                     f"(par {st['var_parallel']:.2f}, orth {st['var_orth']:.2f})", fontsize=9)
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+        ax.set_aspect("equal", adjustable="box")
+        ax.legend(loc="upper left", fontsize=8, markerscale=2)
+    fig.suptitle(f"2-D Gaussian mixture +-mu = +-{tuple(mu)}, sigma = {res['sigma']}; "
+                 f"{res['steps']} DDIM steps, lambda = {res['scale']:g} (stars: true means)", fontsize=10)
+    return _png(fig, path)
+
+
+def _plot_lemma3(lem: dict, thm: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = lem["rows"]
+    factors = sorted({r["std_factor"] for r in rows})
+    f_ref = min(factors, key=lambda f: abs(f - 1.0))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    for ax, key, title in ((axes[0, 0], "standard_error", "standard error vs c"),
+                           (axes[0, 1], "robust_error", "robust error vs c")):
+        for fam, mk in (("c*mu", "o-"), ("c*(mu-eps)", "s-")):
+            pts = sorted((r["c"], r[key], r[key + "_se"]) for r in rows
+                         if r["family"] == fam and r["std_factor"] == f_ref)
+            c, v, se = map(np.asarray, zip(*pts))
+            ax.errorbar(c, v, yerr=2 * se, fmt=mk, capsize=3, label=f"mu~ = {fam}")
+        for fam, ls in (("orthogonal to mu", ":"), ("orthogonal to mu-eps", "-.")):
+            r = next(r for r in rows if r["family"] == fam and r["std_factor"] == f_ref)
+            ax.axhline(r[key], color="gray", ls=ls, label=f"mu~ {fam}")
+        opt = lem["optimal"]["standard_error_theta_mu"] if key == "standard_error" else \
+            lem["optimal"]["robust_error_theta_mu_minus_eps"]
+        ax.axhline(opt, color="k", lw=0.8, label="optimal theta")
+        ax.axhline(lem["theta_int"][key], color="r", lw=0.8, ls="--", label="theta_int (real only)")
+        ax.set_xscale("log")
+        ax.set_xlabel("c")
+        ax.set_ylabel(f"E[{key.replace('_', ' ')}] of theta_final")
+        ax.set_title(f"{title} (synthetic std = {f_ref:g} sigma)", fontsize=10)
+        ax.legend(fontsize=7)
+    ax = axes[1, 0]
+    cs_ = sorted({r["c"] for r in rows if r["family"] == "c*mu"})
+    for c in cs_:
+        pts = sorted((r["std_factor"], r["standard_error"], r["robust_error"]) for r in rows
+                     if r["family"] == "c*mu" and r["c"] == c)
+        f, s, rb = map(np.asarray, zip(*pts))
+        line, = ax.plot(f, s, "o-", label=f"standard, c={c:g}")
+        ax.plot(f, rb, "s--", color=line.get_color(), label=f"robust, c={c:g}")
+    ax.set_xlabel("synthetic std / sigma")
+    ax.set_ylabel("E[error] of theta_final (mu~ = c mu)")
+    ax.set_title("Lemma 2: smaller synthetic variance", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[1, 1]
+    sim = thm["simulated"]
+    ns = np.array([s["n_syn"] for s in sim])
+    rb = np.array([s["robust_error"] for s in sim])
+    se = np.array([s["robust_error_se"] for s in sim])
+    ax.errorbar(ns, rb, yerr=2 * se, fmt="o-", capsize=3, label="simulated E[robust error]")
+    ax.axhline(thm["target"], color="r", ls="--", label="1e-3 target")
+    ax.axhline(thm["optimal_robust_error"], color="k", lw=0.8, label="optimal (theta = mu)")
+    ax.axvline(thm["n_syn_bound"], color="g", ls=":", label="bound 288n/(c eps^2) sqrt(d/n)")
+    ax.axvline(thm["n_syn_bound_eps2_numerator"], color="m", ls=":", label="288n eps^2/c sqrt(d/n)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("synthetic points n~")
+    ax.set_title(f"Theorem: n={thm['n']}, d={thm['d']}, eps={thm['eps']}, c={thm['c']}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Lemma 3 (d={lem['settings']['d']}, n={lem['settings']['n']}, "
+                 f"n~={lem['settings']['n_syn']}, eps={lem['settings']['eps']}, "
+                 f"{lem['settings']['trials']} trials; bars: 2 s.e.)", fontsize=11)
+    fig.tight_layout()
+    return _png(fig, path)
+
+
+def _bar(it, total=None, desc=""):
+    return progress(it, total=total, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------
+def run(cfg: SimulateConfig) -> dict:
+    """Run the whole theory lab; writes results.json, figure1.png, lemma3_errors.png into cfg.out."""
+    if not isinstance(cfg, SimulateConfig):
+        raise TypeError(f"run expects a SimulateConfig, got {type(cfg).__name__}")
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, **_QUICK)
+    _check(cfg)
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_mc = 20_000 if cfg.quick else 200_000
+
+    closed = [
+        _closed_form_check(lemma3_mu(cfg.d, cfg.mu_spread), theory.theorem_sigma(cfg.n, cfg.d),
+                           cfg.eps, "lemma3", gen, n_mc),
+        _closed_form_check(np.asarray(cfg.fig_mu, dtype=np.float64), cfg.fig_sigma, cfg.fig_eps,
+                           "figure1", gen, n_mc),
+    ]
+    lem = _lemma3(cfg)
+    thm = _theorem(cfg)
+    fig1, samples = _figure1(cfg, device)
+    figs = {"figure1": str(_plot_figure1(fig1, samples, out / "figure1.png")),
+            "lemma3_errors": str(_plot_lemma3(lem, thm, out / "lemma3_errors.png"))}
+    a_d, a_c = fig1["arms"]["ddim"], fig1["arms"]["contrastive-dp"]
+    results = {
+        "out": str(out),
+        "figure1_c_ddim": a_d["c"], "figure1_c_contrastive_dp": a_c["c"],
+        "figure1_var_ddim": a_d["var"], "figure1_var_contrastive_dp": a_c["var"],
+        "figure1_robust_error_ddim": a_d["downstream"]["pseudo_label"]["all"]["robust_error"],
+        "figure1_robust_error_contrastive_dp": a_c["downstream"]["pseudo_label"]["all"]["robust_error"],
+        "theorem_n_syn_bound": thm["n_syn_bound"],
+        "closed_form": closed, "lemma3": lem, "theorem": thm, "figure1": fig1, "figures": figs,
+        "config": dataclasses.asdict(cfg), "device": str(device),
+    }
+    results["wall_s"] = time.perf_counter() - t0
+    write_json(out / "results.json", results)
+    return results

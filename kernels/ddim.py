@@ -1,0 +1,382 @@
+"""Fused DDIM update (SPEC §2/§4): one elementwise pass, in-kernel Philox noise.
+
+Public entry: :func:`ddim_update`. The pure-PyTorch oracle is :mod:`.ddim_ref`.
+
+Noise and graph safety
+----------------------
+With ``eta > 0`` and ``noise=None`` the Triton kernel draws z = ``tl.randn(seed, offset + i)``
+(Philox, one counter per element i of the flat tensor), reading ``seed`` and ``offset`` from the
+int64 device tensor ``rng_state = [seed, offset]``. After the launch :func:`ddim_update` advances
+the state *in place, as a device op*: ``rng_state[1] += x.numel()`` (the same as
+:func:`advance_rng`). So a caller creates the state once (:func:`make_rng_state`), passes the same
+tensor every step, and each step — including every replay of a captured CUDA graph, which replays
+the launch and the in-place add — draws fresh, non-overlapping noise. Same state -> same noise.
+With ``rng_state=None`` a fresh state is seeded from torch's default (CPU) generator, so
+``torch.manual_seed`` makes runs reproducible (not graph-capturable: it builds a tensor).
+
+The reference backend cannot reproduce Philox bit-for-bit: with ``rng_state`` it seeds a CPU
+``torch.Generator`` from (seed, offset) (a host read — fine for the oracle) and advances the state
+the same way; without it, it uses ``generator`` or torch's default generator.
+
+Alphas: ``a_t`` / ``a_next`` are Python floats (kernel arguments), 0-d/[1] tensors (read by the
+kernel through a pointer: e.g. ``table[step_counter]`` on the device, no host sync) or per-sample
+[B] tensors (broadcast over the remaining dims). Host-side values are validated; device values are
+never read on the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from ._backend import backend_for
+from .ddim_ref import _TINY, _alpha, compute_dtype, ddim_coefficients, ddim_update_ref
+
+try:  # Triton is optional: the reference backend works without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["ddim_update", "make_rng_state", "advance_rng"]
+
+Alpha = Union[float, torch.Tensor]
+_BLOCK = 1024
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state helpers
+# --------------------------------------------------------------------------------------------
+def make_rng_state(seed: Optional[int] = None, device=None,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """An int64 tensor [seed, offset=0] on ``device``; seed drawn from torch's RNG when None."""
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())  # CPU generator: no device sync
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+
+
+def advance_rng(rng_state: torch.Tensor, n: int) -> torch.Tensor:
+    """rng_state[1] += n in place (a device op: graph-safe). Returns rng_state."""
+    rng_state[1:].add_(int(n))
+    return rng_state
+
+
+def _check_rng_state(rng_state: torch.Tensor) -> None:
+    if not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,):
+        got = (rng_state.dtype, tuple(rng_state.shape)) if isinstance(rng_state, torch.Tensor) else type(rng_state)
+        raise ValueError(f"rng_state must be an int64 tensor of shape [2] = [seed, offset], got {got}")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+# Gradient (a_t, a_next, eta, scale are constants; m = 1 where the x0 clamp does not bind, else 0;
+# sa = sqrt a_t, sb = sqrt(1 - a_t), sn = sqrt a_next; gy, gx0 = incoming grads of x_next, x0):
+#   x0 = clip((x - sb e) / sa),  e = eps + scale * grad
+#   default:  x_next = sn x0 + c1 z + c2 e
+#       G0 = sn gy + gx0;   dx = m G0 / sa;   de = c2 gy - m G0 sb / sa
+#   eps_from_clipped_x0 (e_dir = (x - sa x0) / sb):  x_next = (sn - c2 sa / sb) x0 + (c2 / sb) x + c1 z
+#       G0 = (sn - c2 sa / sb) gy + gx0;   dx = (c2 / sb) gy + m G0 / sa;   de = -m G0 sb / sa
+#   deps = de;  dgrad = scale de;  dnoise = c1 gy.
+# Backward is done with PyTorch elementwise ops (it is off the sampling hot path).
+if triton is not None:
+
+    @triton.jit
+    def _ddim_fwd_kernel(x_ptr, eps_ptr, grad_ptr, noise_ptr, out_ptr, x0_ptr,
+                         at_ptr, an_ptr, rng_ptr,
+                         at_val, an_val, scale, eta, clip, n_elem, inner,
+                         AT_MODE: tl.constexpr, AN_MODE: tl.constexpr, HAS_GRAD: tl.constexpr,
+                         NOISE_MODE: tl.constexpr, CLIP: tl.constexpr, REDERIVE: tl.constexpr,
+                         WRITE_X0: tl.constexpr, BLOCK: tl.constexpr):
+        # AT_MODE/AN_MODE: 0 = scalar argument, 1 = 0-d tensor (pointer), 2 = per-sample [B].
+        # NOISE_MODE: 0 = none, 1 = given tensor, 2 = in-kernel Philox from rng_ptr = [seed, offset].
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < n_elem
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GRAD:
+            e += scale * tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if AT_MODE == 0:
+            a_t = at_val
+        elif AT_MODE == 1:
+            a_t = tl.load(at_ptr).to(tl.float32)
+        else:
+            a_t = tl.load(at_ptr + offs // inner, mask=mask, other=1.0).to(tl.float32)
+        if AN_MODE == 0:
+            a_n = an_val
+        elif AN_MODE == 1:
+            a_n = tl.load(an_ptr).to(tl.float32)
+        else:
+            a_n = tl.load(an_ptr + offs // inner, mask=mask, other=1.0).to(tl.float32)
+
+        one_m_at = 1.0 - a_t
+        sa = tl.sqrt(a_t)
+        sb = tl.sqrt(tl.maximum(one_m_at, 0.0))
+        ratio = tl.maximum(1.0 - a_t / a_n, 0.0) * (1.0 - a_n) / tl.maximum(one_m_at, 1e-30)
+        c1 = eta * tl.sqrt(tl.maximum(ratio, 0.0))
+        c2 = tl.sqrt(tl.maximum(1.0 - a_n - c1 * c1, 0.0))
+
+        x0 = (x - sb * e) / sa
+        if CLIP:
+            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+            if REDERIVE:
+                e = (x - sa * x0) / tl.maximum(sb, 1e-15)
+        out = tl.sqrt(a_n) * x0 + c2 * e
+        if NOISE_MODE == 1:
+            out += c1 * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        elif NOISE_MODE == 2:
+            seed = tl.load(rng_ptr)
+            base = tl.load(rng_ptr + 1)
+            out += c1 * tl.randn(seed, base + offs)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_X0:
+            tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    if t.is_contiguous():
+        return True
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _like_x(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """t with exactly x's strides (x is dense), copying only when the layouts differ."""
+    if t is None or t.stride() == x.stride():
+        return t
+    return torch.empty_like(x, dtype=t.dtype).copy_(t)
+
+
+def _alpha_arg(a: Alpha):
+    """(mode, value, tensor) for the kernel: 0 = float arg, 1 = 0-d pointer, 2 = per-sample pointer."""
+    if not isinstance(a, torch.Tensor):
+        return 0, float(a), None
+    if a.numel() == 1:
+        return 1, 0.0, a.reshape(1)
+    return 2, 0.0, a.contiguous().reshape(-1)
+
+
+def _launch(x, eps, grad, noise, a_t, a_next, *, eta, scale, clip_x0, rederive, write_x0, rng_state):
+    n = x.numel()
+    out = torch.empty_like(x)
+    x0 = torch.empty_like(x) if write_x0 else out
+    if n == 0:
+        return out, (x0 if write_x0 else None)
+    inner = n // x.shape[0] if x.ndim > 0 and x.shape[0] > 0 else 1
+    at_mode, at_val, at_t = _alpha_arg(a_t)
+    an_mode, an_val, an_t = _alpha_arg(a_next)
+    if eta > 0.0 and noise is not None:
+        noise_mode = 1
+    elif eta > 0.0 and rng_state is not None:
+        noise_mode = 2
+    else:
+        noise_mode = 0
+    grid = (triton.cdiv(n, _BLOCK),)
+    _ddim_fwd_kernel[grid](
+        x, eps, grad if grad is not None else x, noise if noise_mode == 1 else x, out, x0,
+        at_t if at_t is not None else x, an_t if an_t is not None else x,
+        rng_state if noise_mode == 2 else x,
+        at_val, an_val, float(scale), float(eta), float(clip_x0 if clip_x0 is not None else 0.0), n, inner,
+        AT_MODE=at_mode, AN_MODE=an_mode, HAS_GRAD=grad is not None, NOISE_MODE=noise_mode,
+        CLIP=clip_x0 is not None, REDERIVE=bool(rederive and clip_x0 is not None),
+        WRITE_X0=bool(write_x0), BLOCK=_BLOCK, num_warps=4,
+    )
+    return out, (x0 if write_x0 else None)
+
+
+class _DDIMUpdateFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps, grad, noise, a_t, a_next, opts):
+        out, x0 = _launch(x, eps, grad, noise, a_t, a_next, **opts)
+        ctx.opts = opts
+        ctx.a = (a_t, a_next)
+        ctx.save_for_backward(x, eps, grad, noise)
+        ctx.set_materialize_grads(False)
+        if x0 is None:
+            return out
+        return out, x0
+
+    @staticmethod
+    def backward(ctx, g_out, g_x0=None):
+        x, eps, grad, noise = ctx.saved_tensors
+        o = ctx.opts
+        a_t, a_next = ctx.a
+        ref = g_out if g_out is not None else g_x0
+        if ref is None:
+            return (None,) * 7
+        dt = torch.float32
+        at, an = _alpha(a_t, x, dt), _alpha(a_next, x, dt)
+        sa, sb, sn, c1, c2 = ddim_coefficients(at, an, float(o["eta"]))
+        gy = g_out.to(dt) if g_out is not None else torch.zeros((), dtype=dt, device=x.device)
+        gx0 = g_x0.to(dt) if g_x0 is not None else torch.zeros((), dtype=dt, device=x.device)
+        clip = o["clip_x0"]
+        if clip is not None:
+            e = eps.to(dt) if grad is None else eps.to(dt) + o["scale"] * grad.to(dt)
+            raw = (x.to(dt) - sb * e) / sa
+            m = ((raw >= -clip) & (raw <= clip)).to(dt)
+        else:
+            m = 1.0
+        if clip is not None and o["rederive"]:
+            sbp = sb.clamp_min(math.sqrt(_TINY))
+            g0 = (sn - c2 * sa / sbp) * gy + gx0
+            dx = (c2 / sbp) * gy + m * g0 / sa
+            de = -m * g0 * sb / sa
+        else:
+            g0 = sn * gy + gx0
+            dx = m * g0 / sa
+            de = c2 * gy - m * g0 * sb / sa
+        dx = dx.expand(x.shape)
+        de = de.expand(x.shape)
+        need = ctx.needs_input_grad
+        d_x = dx.to(x.dtype) if need[0] else None
+        d_eps = de.to(eps.dtype) if need[1] else None
+        d_grad = (o["scale"] * de).to(grad.dtype) if grad is not None and need[2] else None
+        d_noise = None
+        if noise is not None and need[3]:
+            d_noise = (c1 * gy).expand(x.shape).to(noise.dtype) if o["eta"] > 0.0 else torch.zeros_like(noise)
+        return d_x, d_eps, d_grad, d_noise, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# validation and the public function
+# --------------------------------------------------------------------------------------------
+def _check_alpha(name: str, a: Alpha, batch: int) -> None:
+    if isinstance(a, torch.Tensor):
+        if not (a.is_floating_point()):
+            raise TypeError(f"{name} must be a float or a floating tensor, got dtype {a.dtype}")
+        if a.numel() != 1 and not (a.numel() == batch and a.ndim >= 1 and a.shape[0] == batch
+                                   and all(s == 1 for s in a.shape[1:])):
+            raise ValueError(f"{name} must be a float, a 0-d tensor or a per-sample tensor of length "
+                             f"B={batch}; got shape {tuple(a.shape)}")
+        if a.device.type != "cpu":  # never read device values on the host (no sync)
+            return
+        bad = ~torch.isfinite(a) | (a <= 0) | (a > 1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be finite and in (0, 1]; got {a.flatten()[bad.flatten()][:4].tolist()}")
+        return
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(a).__name__}")
+    a = float(a)
+    if not math.isfinite(a) or not (0.0 < a <= 1.0):
+        raise ValueError(f"{name} must be finite and in (0, 1], got {a}")
+
+
+def _check_inputs(x, eps, grad, noise, a_t, a_next, eta, scale, clip_x0):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least one dimension (the batch)")
+    for name, t in (("eps", eps), ("grad", grad), ("noise", noise)):
+        if t is None:
+            if name == "eps":
+                raise TypeError("eps must be a tensor")
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match x shape {tuple(x.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name, v in (("eta", eta), ("scale", scale)):
+        if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite Python number, got {v!r}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if clip_x0 is not None and (isinstance(clip_x0, torch.Tensor) or not float(clip_x0) > 0
+                                or not math.isfinite(float(clip_x0))):
+        raise ValueError(f"clip_x0 must be None or a positive finite float, got {clip_x0!r}")
+    _check_alpha("a_t", a_t, x.shape[0])
+    _check_alpha("a_next", a_next, x.shape[0])
+    for name, a in (("a_t", a_t), ("a_next", a_next)):
+        if isinstance(a, torch.Tensor) and a.device != x.device and a.device.type != "cpu":
+            raise ValueError(f"{name} is on {a.device} but x is on {x.device}")
+
+
+def _reference_noise(x, rng_state, generator):
+    """Noise for the reference backend when ``noise`` is None (see the module doc)."""
+    if rng_state is None:
+        return None  # ddim_update_ref draws from `generator` / the default generator
+    seed, offset = (int(v) for v in rng_state.tolist())  # host read: fine for the oracle
+    g = torch.Generator(device="cpu").manual_seed((seed * 0x9E3779B1 + offset) % (2 ** 63))
+    dt = compute_dtype(x)
+    return torch.randn(x.shape, generator=g, dtype=dt).to(x.device)
+
+
+def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alpha, *,
+                eta: float = 0.0, noise: Optional[torch.Tensor] = None,
+                grad: Optional[torch.Tensor] = None, scale: float = 0.0,
+                clip_x0: Optional[float] = None, rng_state: Optional[torch.Tensor] = None,
+                return_x0: bool = False, eps_from_clipped_x0: bool = False,
+                generator: Optional[torch.Generator] = None, backend: str = "auto"):
+    """One DDIM step x_t -> x_next (SPEC §2/§4); returns x_next, or (x_next, x0) if ``return_x0``.
+
+    e = eps + scale * grad; x0 = (x - sqrt(1-a_t) e) / sqrt(a_t), clamped to [-clip_x0, clip_x0]
+    if given; x_next = sqrt(a_next) x0 + c1 z + c2 e with c1, c2 of SPEC §2. The direction term
+    uses the unclipped e, as diffusers' DDIMScheduler does by default; ``eps_from_clipped_x0=True``
+    re-derives it from the clipped x0 (diffusers' ``use_clipped_model_output=True``).
+
+    ``noise`` given -> z (used only when eta > 0). ``noise=None`` with eta > 0 -> z from
+    ``rng_state`` (int64 [seed, offset] on x's device, advanced in place by x.numel(); see the
+    module doc), Philox inside the Triton kernel. fp32 math whatever the input dtypes; output has
+    x's dtype. Differentiable w.r.t. x, eps, grad and noise (a_t, a_next are constants on the
+    Triton path). backend: "auto" | "reference" | "triton".
+    """
+    _check_inputs(x, eps, grad, noise, a_t, a_next, eta, scale, clip_x0)
+    if rng_state is not None:
+        _check_rng_state(rng_state)
+    eta, scale = float(eta), float(scale)
+    clip_x0 = float(clip_x0) if clip_x0 is not None else None
+    if grad is not None and scale == 0.0:
+        grad = None  # scale 0: grad does not enter (and needs no gradient)
+    if eta == 0.0:
+        noise_used = None
+    else:
+        noise_used = noise
+    draws = eta > 0.0 and noise is None
+
+    which = backend_for(backend, x, eps, grad, noise)
+    alpha_needs_grad = torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in (a_t, a_next))
+    if which == "triton":
+        # x's dtype is the output dtype; the other inputs may be any float dtype (loaded as fp32)
+        bad = [x.dtype] if x.dtype not in _TRITON_DTYPES else []
+        if bad or alpha_needs_grad:
+            if backend == "triton":
+                if bad:
+                    raise TypeError(f"backend='triton' supports float32/float16/bfloat16 x, got {bad[0]}")
+                raise ValueError("backend='triton' treats a_t/a_next as constants; they require grad "
+                                 "(use backend='reference')")
+            which = "reference"
+
+    if which == "reference":
+        if draws and rng_state is not None:
+            noise_used = _reference_noise(x, rng_state, generator)
+        out = ddim_update_ref(x, eps, a_t, a_next, eta=eta, noise=noise_used, grad=grad, scale=scale,
+                              clip_x0=clip_x0, eps_from_clipped_x0=eps_from_clipped_x0,
+                              return_x0=return_x0, generator=generator)
+        if draws and rng_state is not None:
+            advance_rng(rng_state, x.numel())
+        return out
+
+    # Triton path
+    if draws and rng_state is None:
+        rng_state = make_rng_state(device=x.device, generator=generator)
+    if draws and rng_state.device != x.device:
+        raise ValueError(f"rng_state is on {rng_state.device} but x is on {x.device}")
+    xd = x if _dense(x) else x.contiguous()
+    a_t = a_t.to(xd.device) if isinstance(a_t, torch.Tensor) else a_t
+    a_next = a_next.to(xd.device) if isinstance(a_next, torch.Tensor) else a_next
+    opts = dict(eta=eta, scale=scale, clip_x0=clip_x0, rederive=bool(eps_from_clipped_x0),
+                write_x0=bool(return_x0), rng_state=rng_state if draws else None)
+    res = _DDIMUpdateFn.apply(xd, _like_x(eps, xd), _like_x(grad, xd), _like_x(noise_used, xd),
+                              a_t, a_next, opts)
+    if draws:
+        advance_rng(rng_state, x.numel())
+    return res

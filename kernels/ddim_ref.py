@@ -1,0 +1,85 @@
+"""Pure-PyTorch reference of the DDIM update (SPEC §2/§4): the oracle for the Triton kernel.
+
+    e      = eps + scale * grad                           (grad optional)
+    x0     = (x - sqrt(1 - a_t) e) / sqrt(a_t)            (clamped to [-clip_x0, clip_x0] if given)
+    c1     = eta * sqrt((1 - a_t / a_next) (1 - a_next) / (1 - a_t))
+    c2     = sqrt(max(1 - a_next - c1^2, 0))
+    x_next = sqrt(a_next) x0 + c1 z + c2 e_dir
+
+``e_dir`` is ``e`` itself (diffusers' DDIMScheduler default, ``use_clipped_model_output=False``,
+and the authors' DDIM); with ``eps_from_clipped_x0=True`` it is re-derived from the clipped x0,
+e_dir = (x - sqrt(a_t) x0) / sqrt(1 - a_t) (diffusers' ``use_clipped_model_output=True``, GLIDE).
+Without clipping both are the same. a_next = 1 gives c1 = c2 = 0: the step returns x0.
+
+Math is fp32 (fp64 when any input is fp64, so gradcheck works); the output has x's dtype.
+Everything here is plain differentiable torch, so autograd comes for free.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+Alpha = Union[float, torch.Tensor]
+
+_TINY = 1e-30  # guards 0/0 when a_t = 1 (then the numerators are 0 too)
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _alpha(a: Alpha, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float / 0-d / [1] / [B] alpha as a tensor broadcastable against x (per-sample on dim 0)."""
+    if not isinstance(a, torch.Tensor):
+        return torch.tensor(float(a), dtype=dtype, device=x.device)
+    a = a.to(device=x.device, dtype=dtype)
+    if a.numel() == 1:
+        return a.reshape(())
+    return a.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def ddim_coefficients(a_t: torch.Tensor, a_next: torch.Tensor, eta: float):
+    """(sqrt a_t, sqrt(1-a_t), sqrt a_next, c1, c2) as tensors (same broadcast shape as inputs)."""
+    one_m_at = 1.0 - a_t
+    ratio = (1.0 - a_t / a_next).clamp_min(0.0) * (1.0 - a_next) / one_m_at.clamp_min(_TINY)
+    c1 = eta * ratio.clamp_min(0.0).sqrt()
+    c2 = (1.0 - a_next - c1 * c1).clamp_min(0.0).sqrt()
+    return a_t.sqrt(), one_m_at.clamp_min(0.0).sqrt(), a_next.sqrt(), c1, c2
+
+
+def ddim_update_ref(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alpha, *,
+                    eta: float = 0.0, noise: Optional[torch.Tensor] = None,
+                    grad: Optional[torch.Tensor] = None, scale: float = 0.0,
+                    clip_x0: Optional[float] = None, eps_from_clipped_x0: bool = False,
+                    return_x0: bool = False, generator: Optional[torch.Generator] = None):
+    """Reference DDIM step; arguments as in :func:`cdp_fast.kernels.ddim_update` (unchecked here).
+
+    ``noise=None`` with eta > 0 draws z with ``torch.randn`` (from ``generator`` if given).
+    """
+    dt = compute_dtype(x, eps, grad, noise)
+    xf = x.to(dt)
+    e = eps.to(dt)
+    if grad is not None and scale != 0.0:
+        e = e + scale * grad.to(dt)
+    at = _alpha(a_t, x, dt)
+    an = _alpha(a_next, x, dt)
+    sa, sb, sn, c1, c2 = ddim_coefficients(at, an, float(eta))
+
+    x0 = (xf - sb * e) / sa
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        if eps_from_clipped_x0:
+            e = (xf - sa * x0) / sb.clamp_min(math.sqrt(_TINY))
+    out = sn * x0 + c2 * e
+    if eta > 0.0:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=dt,
+                                device=generator.device if generator is not None else x.device
+                                ).to(x.device)
+        out = out + c1 * noise.to(dt)
+    out = out.to(x.dtype)
+    if return_x0:
+        return out, x0.to(x.dtype)
+    return out

@@ -1,0 +1,518 @@
+"""Fused hard-negative-mining (HNM) contrastive loss, SPEC §3.1 / §3.3, and the fused
+"HNM gradient straight into the DDIM update" for pixel-space guidance.
+
+Public: :func:`hnm_loss`, :func:`hnm_guided_ddim_update`. The pure-PyTorch oracle is ``hnm_ref.py``.
+
+Layout of the Triton path (flash-attention style, nothing of size 2B x 2B is ever stored):
+
+* ``_hnm_fwd_kernel``: one program per block of rows of Z = [A; P] (rows of one group). It streams
+  the group's column tiles and then the bank's, recomputing s = z_r . z_c / T in fp32, and keeps a
+  running max m_r of s' = max(s, ln 1e-4) and running sums l1_r = sum exp((1+b)(s' - m)),
+  l0_r = sum exp(b (s' - m)) (one sum for "easy") plus the negative count N_r. Masks (self,
+  partner, other group, same label, bank label) are built per tile from indices and label ids.
+* Per-row epilogue in PyTorch (O(rows) elementwise): loss rows and three gradient coefficients.
+* ``_hnm_bwd_kernel``: one program per (row block, feature chunk); recomputes the tiles and
+  accumulates dZ_r = (1/T) sum_c (G_rc + G_cr) z_c. G_cr only needs row c's saved statistics,
+  so each program owns its output rows: no atomics, deterministic. With FUSED_DDIM it handles the
+  anchor rows only and writes x_next = DDIM(x, eps + scale * dZ_r) instead of dZ.
+* ``_hnm_bank_bwd_kernel``: one program per block of bank rows, looping over all 2B rows of Z.
+
+Everything accumulates in fp32 (tl.dot with an fp32 accumulator; "ieee" precision for fp32 inputs
+on GPU so fp32 results match the reference to ~1e-5).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._backend import backend_for, interpreting
+from .hnm_ref import (LOG_NEG_CLAMP, RATIO_CLAMP, ddim_coefficients, hnm_guided_ddim_reference,
+                      hnm_loss_reference, validate_hnm_inputs)
+
+try:  # the package and the reference backend must work without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+    tl = None
+
+__all__ = ["hnm_loss", "hnm_guided_ddim_update"]
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _local_to_row(li, g, B, G):
+        # local index in [0, 2G) of group g -> row of Z: anchors g*G.., then their positives B+g*G..
+        return tl.where(li < G, g * G + li, B + g * G + li - G).to(tl.int64)
+
+    @triton.jit
+    def _sim_tile(R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                  IEEE: tl.constexpr):
+        # s[r, c] = <R[rows[r]], C[cols[c]]> * scale, fp32 accumulation over feature chunks
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < D
+            a = tl.load(R_PTR + rows[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(C_PTR + cols[None, :] * D + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, IEEE)
+        return acc * scale
+
+    @triton.jit
+    def _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr):
+        # running max / sums of exp((1+b) s') and exp(b s') with s' = max(s, ln 1e-4); m starts at
+        # ln 1e-4 (the smallest possible s'), so no -inf ever enters the arithmetic
+        sp = tl.where(valid, tl.maximum(s, LOG_EPS), LOG_EPS)
+        m_new = tl.maximum(m, tl.max(sp, axis=1))
+        if HARD:
+            a = 1.0 + beta
+            l1 = l1 * tl.exp(a * (m - m_new)) + tl.sum(tl.where(valid, tl.exp(a * (sp - m_new[:, None])), 0.0), axis=1)
+            l0 = l0 * tl.exp(beta * (m - m_new)) + tl.sum(tl.where(valid, tl.exp(beta * (sp - m_new[:, None])), 0.0), axis=1)
+        else:
+            l1 = l1 * tl.exp(m - m_new) + tl.sum(tl.where(valid, tl.exp(sp - m_new[:, None]), 0.0), axis=1)
+        cnt = cnt + tl.sum(valid.to(tl.float32), axis=1)
+        return m_new, l1, l0, cnt
+
+    @triton.jit
+    def _hnm_fwd_kernel(Z, BANK, LAB, BLAB, LSE1, LSE0, CNT,
+                        B, G, M, D, scale, beta,
+                        HARD: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BANK: tl.constexpr,
+                        BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                        IEEE: tl.constexpr):
+        pid = tl.program_id(0)
+        nrb = tl.cdiv(2 * G, BLOCK_R)
+        g = pid // nrb
+        li = (pid % nrb) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = li < 2 * G
+        rows = _local_to_row(li, g, B, G)
+        lpartner = tl.where(li < G, li + G, li - G)
+        if HAS_LABELS:
+            lab_r = tl.load(LAB + rows, mask=rmask, other=0)
+        m = tl.full((BLOCK_R,), LOG_EPS, tl.float32)
+        l1 = tl.zeros((BLOCK_R,), tl.float32)
+        l0 = tl.zeros((BLOCK_R,), tl.float32)
+        cnt = tl.zeros((BLOCK_R,), tl.float32)
+        for c0 in range(0, 2 * G, BLOCK_C):
+            lj = c0 + tl.arange(0, BLOCK_C)
+            cmask = lj < 2 * G
+            cols = _local_to_row(lj, g, B, G)
+            s = _sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            valid = rmask[:, None] & cmask[None, :] & (lj[None, :] != li[:, None]) & (lj[None, :] != lpartner[:, None])
+            if HAS_LABELS:
+                lab_c = tl.load(LAB + cols, mask=cmask, other=0)
+                valid = valid & (lab_r[:, None] != lab_c[None, :])
+            m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD)
+        if HAS_BANK:
+            for c0 in range(0, M, BLOCK_C):
+                cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+                cmask = cols < M
+                s = _sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+                valid = rmask[:, None] & cmask[None, :]
+                if BANK_COND:
+                    blab = tl.load(BLAB + cols, mask=cmask, other=0)
+                    valid = valid & (lab_r[:, None] != blab[None, :])
+                m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD)
+        # l1, l0 >= 1 for any row with a negative (the max term); guard padding rows from log(0)
+        l1 = tl.where(l1 > 0, l1, 1.0)
+        l0 = tl.where(l0 > 0, l0, 1.0)
+        if HARD:
+            tl.store(LSE1 + rows, (1.0 + beta) * m + tl.log(l1), mask=rmask)
+            tl.store(LSE0 + rows, beta * m + tl.log(l0), mask=rmask)
+        else:
+            tl.store(LSE1 + rows, m + tl.log(l1), mask=rmask)
+        tl.store(CNT + rows, cnt, mask=rmask)
+
+    # Backward. With w1_rc = exp((1+b) s'_rc - LSE1_r), w0_rc = exp(b s'_rc - LSE0_r), the
+    # gradient of the mean loss w.r.t. s_rc (c a negative of r, zero where s_rc < ln 1e-4) is
+    #   hard: G_rc = CA_r w1_rc + CB_r w0_rc,  CA = u R (1+b)/(1-tau), CB = -u R b/(1-tau)
+    #   easy: G_rc = CA_r w1_rc,               CA = u Ng
+    # (R = reweight, u = dmean/dNg, zero where a clamp binds), and w.r.t. the positive logit
+    # s_{r,partner}: CP_r (computed by _row_epilogue). s is symmetric, so
+    #   dZ_r = (1/T) [ sum_c (G_rc + G_cr) z_c + (CP_r + CP_partner) z_partner + sum_m G_rm bank_m ]
+    # where G_cr uses row c's statistics: each program owns its rows, no atomics.
+    @triton.jit
+    def _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr,
+                    ROW_AXIS: tl.constexpr):
+        # ROW_AXIS = 0: statistics belong to the tile's rows; 1: to its columns
+        sp = tl.maximum(s, LOG_EPS)
+        if ROW_AXIS == 0:
+            lse1 = lse1[:, None]
+            lse0 = lse0[:, None]
+            ca = ca[:, None]
+            cb = cb[:, None]
+        else:
+            lse1 = lse1[None, :]
+            lse0 = lse0[None, :]
+            ca = ca[None, :]
+            cb = cb[None, :]
+        if HARD:
+            w1 = tl.exp(tl.where(act, (1.0 + beta) * sp - lse1, float("-inf")))
+            w0 = tl.exp(tl.where(act, beta * sp - lse0, float("-inf")))
+            t = ca * w1 + cb * w0
+        else:
+            t = ca * tl.exp(tl.where(act, sp - lse1, float("-inf")))
+        return tl.where(act, t, 0.0)
+
+    @triton.jit
+    def _hnm_bwd_kernel(Z, BANK, LAB, BLAB, LSE1, LSE0, CA, CB, CP, DZ,
+                        X, EPS, NOISE, KSA, KSB, KSN, KC1, KC2,
+                        B, G, M, D, scale, beta, gscale, clip,
+                        HARD: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BANK: tl.constexpr,
+                        BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
+                        FUSED_DDIM: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
+        pid = tl.program_id(0)
+        if FUSED_DDIM:
+            nloc = G  # only the anchor rows' gradient is needed
+        else:
+            nloc = 2 * G
+        nrb = tl.cdiv(nloc, BLOCK_R)
+        g = pid // nrb
+        li = (pid % nrb) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = li < nloc
+        rows = _local_to_row(li, g, B, G)
+        lpartner = tl.where(li < G, li + G, li - G)
+        do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        domask = do < D
+        lse1_r = tl.load(LSE1 + rows, mask=rmask, other=0.0)
+        lse0_r = tl.load(LSE0 + rows, mask=rmask, other=0.0)
+        ca_r = tl.load(CA + rows, mask=rmask, other=0.0)
+        cb_r = tl.load(CB + rows, mask=rmask, other=0.0)
+        cp_r = tl.load(CP + rows, mask=rmask, other=0.0)
+        if HAS_LABELS:
+            lab_r = tl.load(LAB + rows, mask=rmask, other=0)
+        acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
+        for c0 in range(0, 2 * G, BLOCK_C):
+            lj = c0 + tl.arange(0, BLOCK_C)
+            cmask = lj < 2 * G
+            cols = _local_to_row(lj, g, B, G)
+            s = _sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            inb = rmask[:, None] & cmask[None, :]
+            valid = inb & (lj[None, :] != li[:, None]) & (lj[None, :] != lpartner[:, None])
+            if HAS_LABELS:
+                lab_c = tl.load(LAB + cols, mask=cmask, other=0)
+                valid = valid & (lab_r[:, None] != lab_c[None, :])
+            act = valid & (s >= LOG_EPS)
+            lse1_c = tl.load(LSE1 + cols, mask=cmask, other=0.0)
+            lse0_c = tl.load(LSE0 + cols, mask=cmask, other=0.0)
+            ca_c = tl.load(CA + cols, mask=cmask, other=0.0)
+            cb_c = tl.load(CB + cols, mask=cmask, other=0.0)
+            cp_c = tl.load(CP + cols, mask=cmask, other=0.0)
+            gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
+            gt += _grad_terms(s, act, lse1_c, lse0_c, ca_c, cb_c, beta, LOG_EPS, HARD, 1)
+            is_partner = inb & (lj[None, :] == lpartner[:, None])
+            gt = tl.where(is_partner, cp_r[:, None] + cp_c[None, :], gt)
+            zc = tl.load(Z + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
+            acc = _dot(gt.to(zc.dtype), zc, acc, IEEE)
+        if HAS_BANK:
+            for c0 in range(0, M, BLOCK_C):
+                cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+                cmask = cols < M
+                s = _sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+                valid = rmask[:, None] & cmask[None, :]
+                if BANK_COND:
+                    blab = tl.load(BLAB + cols, mask=cmask, other=0)
+                    valid = valid & (lab_r[:, None] != blab[None, :])
+                act = valid & (s >= LOG_EPS)
+                gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
+                bc = tl.load(BANK + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
+                acc = _dot(gt.to(bc.dtype), bc, acc, IEEE)
+        acc = acc * scale
+        omask = rmask[:, None] & domask[None, :]
+        offs = rows[:, None] * D + do[None, :]
+        if FUSED_DDIM:
+            # rows are anchors (rows < B): x_next = sqrt(a_n) x0 + c1 z + c2 e, e = eps + scale * grad
+            x = tl.load(X + offs, mask=omask, other=0.0).to(tl.float32)
+            e = tl.load(EPS + offs, mask=omask, other=0.0).to(tl.float32) + gscale * acc
+            sa = tl.load(KSA + rows, mask=rmask, other=1.0)[:, None]
+            sb = tl.load(KSB + rows, mask=rmask, other=0.0)[:, None]
+            sn = tl.load(KSN + rows, mask=rmask, other=0.0)[:, None]
+            c2 = tl.load(KC2 + rows, mask=rmask, other=0.0)[:, None]
+            x0 = (x - sb * e) / sa
+            if CLIP:
+                x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+            out = sn * x0 + c2 * e
+            if HAS_NOISE:
+                c1 = tl.load(KC1 + rows, mask=rmask, other=0.0)[:, None]
+                out += c1 * tl.load(NOISE + offs, mask=omask, other=0.0).to(tl.float32)
+            tl.store(DZ + offs, out, mask=omask)
+        else:
+            tl.store(DZ + offs, acc, mask=omask)
+
+    @triton.jit
+    def _hnm_bank_bwd_kernel(Z, BANK, LAB, BLAB, LSE1, LSE0, CA, CB, DBANK,
+                             NROWS, M, D, scale, beta,
+                             HARD: tl.constexpr, BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
+        # d bank_m = (1/T) sum_r G_rm z_r: the program owns bank rows m, loops over all rows r of Z
+        mrows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mmask = mrows < M
+        do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        domask = do < D
+        if BANK_COND:
+            blab = tl.load(BLAB + mrows, mask=mmask, other=0)
+        acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
+        for r0 in range(0, NROWS, BLOCK_C):
+            zr = (r0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            zmask = zr < NROWS
+            s = _sim_tile(BANK, mrows, mmask, Z, zr, zmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            valid = mmask[:, None] & zmask[None, :]
+            if BANK_COND:
+                lab = tl.load(LAB + zr, mask=zmask, other=0)
+                valid = valid & (blab[:, None] != lab[None, :])
+            act = valid & (s >= LOG_EPS)
+            lse1 = tl.load(LSE1 + zr, mask=zmask, other=0.0)
+            lse0 = tl.load(LSE0 + zr, mask=zmask, other=0.0)
+            ca = tl.load(CA + zr, mask=zmask, other=0.0)
+            cb = tl.load(CB + zr, mask=zmask, other=0.0)
+            gt = _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS, HARD, 1)
+            zt = tl.load(Z + zr[:, None] * D + do[None, :], mask=zmask[:, None] & domask[None, :], other=0.0)
+            acc = _dot(gt.to(zt.dtype), zt, acc, IEEE)
+        tl.store(DBANK + mrows[:, None] * D + do[None, :], acc * scale, mask=mmask[:, None] & domask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _blocks(D: int) -> dict:
+    """Tile sizes: tiny under the interpreter (fast tests, several tiles on small shapes)."""
+    if interpreting():
+        return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DO=16)
+    p2 = max(16, triton.next_power_of_2(D))
+    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(64, p2), BLOCK_DO=min(128, p2))
+
+
+class _Prepared:
+    """Contiguous inputs, int64 label ids and constexpr flags shared by the launchers."""
+
+    def __init__(self, anchor, positive, bank, labels, bank_labels, G, temperature, beta, estimator):
+        self.B, self.D = anchor.shape
+        self.G = G
+        self.Z = torch.cat([anchor, positive], dim=0).contiguous()
+        self.bank = None if bank is None else bank.contiguous()
+        self.M = 0 if bank is None else bank.shape[0]
+        self.lab = None if labels is None else torch.cat([labels, labels]).to(torch.int64).contiguous()
+        self.blab = None if bank_labels is None else bank_labels.to(torch.int64).contiguous()
+        self.scale = 1.0 / float(temperature)
+        self.beta = float(beta)
+        self.hard = estimator == "hard"
+        self.ieee = self.Z.dtype == torch.float32 and not interpreting()
+        self.blocks = _blocks(self.D)
+
+    def flags(self):
+        return dict(HARD=self.hard, HAS_LABELS=self.lab is not None, HAS_BANK=self.bank is not None,
+                    BANK_COND=self.blab is not None, LOG_EPS=LOG_NEG_CLAMP, IEEE=self.ieee)
+
+    def ptrs(self):
+        dummy = self.Z
+        return (self.Z, dummy if self.bank is None else self.bank,
+                dummy if self.lab is None else self.lab, dummy if self.blab is None else self.blab)
+
+
+def _forward_stats(p: _Prepared):
+    n = 2 * p.B
+    dev = p.Z.device
+    lse1 = torch.empty(n, dtype=torch.float32, device=dev)
+    lse0 = torch.zeros(n, dtype=torch.float32, device=dev) if not p.hard else torch.empty(n, dtype=torch.float32, device=dev)
+    cnt = torch.empty(n, dtype=torch.float32, device=dev)
+    bl = p.blocks
+    grid = ((p.B // p.G) * triton.cdiv(2 * p.G, bl["BLOCK_R"]),)
+    _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
+                          BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
+                          **p.flags())
+    return lse1, lse0, cnt
+
+
+def _row_epilogue(p: _Prepared, lse1, lse0, cnt, pos_logit, tau_plus, temperature):
+    """Per-row loss [2B] and the backward coefficients (CA, CB, CP) of the mean loss, fp32.
+
+    Same formulas as the reference (SPEC §3.1); u = dmean/dNg is 0 where the Ng clamp or the ratio
+    clamp binds, so the clamps carry zero gradient.
+    """
+    n = 2 * p.B
+    N = cnt
+    pl = torch.cat([pos_logit, pos_logit])
+    pos = torch.exp(pl)
+    if p.hard:
+        reweight = N * torch.exp(lse1 - lse0)
+        ng_raw = (-tau_plus * N * pos + reweight) / (1.0 - tau_plus)
+        floor = N * math.exp(-1.0 / float(temperature))
+        ng = torch.maximum(ng_raw, floor)
+        ng_active = (ng_raw >= floor).to(torch.float32)
+    else:
+        ng = torch.exp(lse1)
+    ratio = pos / (pos + ng)
+    loss_rows = -torch.log(torch.clamp(ratio, min=RATIO_CLAMP))
+    gr = (ratio >= RATIO_CLAMP).to(torch.float32) / n      # d mean / d(-log ratio)
+    inv = 1.0 / (pos + ng)
+    cp = -gr * ng * inv                                      # via pos directly
+    if p.hard:
+        u = gr * inv * ng_active
+        k = u * reweight / (1.0 - tau_plus)
+        ca = k * (1.0 + p.beta)
+        cb = -k * p.beta
+        cp = cp - u * tau_plus * N * pos / (1.0 - tau_plus)
+    else:
+        ca = gr * inv * ng
+        cb = torch.zeros_like(ca)
+    return loss_rows, ca, cb, cp
+
+
+def _backward_rows(p: _Prepared, lse1, lse0, ca, cb, cp, out, *, fused=None):
+    """Launch _hnm_bwd_kernel: dZ (into ``out`` [2B, D]) or, with ``fused``, x_next [B, D]."""
+    bl = p.blocks
+    nloc = p.G if fused is not None else 2 * p.G
+    grid = ((p.B // p.G) * triton.cdiv(nloc, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
+    if fused is None:
+        dummy = lse1
+        ddim = (dummy,) * 8
+        gscale, clip, has_noise, do_clip = 0.0, 0.0, False, False
+    else:
+        ddim, gscale, clip, has_noise, do_clip = fused
+    _hnm_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, cp, out, *ddim,
+                          p.B, p.G, p.M, p.D, p.scale, p.beta, gscale, clip,
+                          FUSED_DDIM=fused is not None, HAS_NOISE=has_noise, CLIP=do_clip,
+                          **bl, **p.flags())
+    return out
+
+
+def _backward_bank(p: _Prepared, lse1, lse0, ca, cb):
+    bl = p.blocks
+    dbank = torch.empty_like(p.bank)
+    grid = (triton.cdiv(p.M, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
+    fl = p.flags()
+    _hnm_bank_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, dbank, 2 * p.B, p.M, p.D, p.scale, p.beta,
+                               HARD=fl["HARD"], BANK_COND=fl["BANK_COND"], LOG_EPS=fl["LOG_EPS"],
+                               IEEE=fl["IEEE"], **bl)
+    return dbank
+
+
+class _HNMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, positive, bank, labels, bank_labels, G, temperature, tau_plus, beta, estimator):
+        p = _Prepared(anchor, positive, bank, labels, bank_labels, G, temperature, beta, estimator)
+        lse1, lse0, cnt = _forward_stats(p)
+        pos_logit = (anchor.float() * positive.float()).sum(-1) * p.scale
+        loss_rows, ca, cb, cp = _row_epilogue(p, lse1, lse0, cnt, pos_logit, tau_plus, temperature)
+        ctx.p = p
+        ctx.save_for_backward(lse1, lse0, ca, cb, cp)
+        ctx.has_bank = bank is not None
+        loss = loss_rows.mean()
+        return loss if anchor.dtype in (torch.float32, torch.float64) else loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lse1, lse0, ca, cb, cp = ctx.saved_tensors
+        p = ctx.p
+        go = grad_out.to(torch.float32)
+        ca, cb, cp = ca * go, cb * go, cp * go
+        da = dp = dbank = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dz = torch.empty_like(p.Z)
+            _backward_rows(p, lse1, lse0, ca, cb, cp, dz)
+            da, dp = dz[: p.B], dz[p.B:]
+        if ctx.has_bank and ctx.needs_input_grad[2]:
+            dbank = _backward_bank(p, lse1, lse0, ca, cb)
+        return da, dp, dbank, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, estimator="hard",
+             labels=None, bank=None, bank_labels=None, group_size=None, backend="auto"):
+    """Hard-negative-mining contrastive loss of SPEC §3.1 (mean over the 2B rows of [A; P]).
+
+    anchor, positive: [B, d] embeddings, used as given (normalise them yourself).
+    labels [B] (int): conditional negatives (different class only). bank [M, d] (+ bank_labels
+    [M]): extra negatives for every row. group_size G: B/G independent groups. backend:
+    "reference" | "triton" | "auto". Differentiable w.r.t. anchor, positive and bank. Returns a
+    0-d tensor (fp32 for half-precision inputs, else the inputs' dtype).
+    """
+    G = validate_hnm_inputs(anchor, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
+                            estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
+                            group_size=group_size)
+    kw = dict(temperature=temperature, tau_plus=tau_plus, beta=beta, estimator=estimator,
+              labels=labels, bank=bank, bank_labels=bank_labels, group_size=group_size)
+    if backend_for(backend, anchor, positive, bank) == "reference":
+        return hnm_loss_reference(anchor, positive, check=False, **kw)
+    if anchor.dtype == torch.float64:
+        raise TypeError("the triton backend of hnm_loss takes fp32/fp16/bf16 embeddings; use backend='reference' for fp64")
+    return _HNMFunction.apply(anchor, positive, bank, labels, bank_labels, G, float(temperature),
+                              float(tau_plus), float(beta), estimator)
+
+
+def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=10.0, tau_plus=0.1,
+                           beta=1.0, estimator="hard", labels=None, bank=None, bank_labels=None,
+                           group_size=None, eta=0.0, noise=None, clip_x0=None, backend="auto"):
+    """One Contrastive-DP DDIM step in pixel space (features = identity), SPEC §2 + §3.1.
+
+    anchors = x.flatten(1), positives = positive.flatten(1) (detached); g = d hnm_loss / d anchor
+    (shaped like x); e = eps + scale * g; x0 = (x - sqrt(1-a_t) e) / sqrt(a_t) (clamped to
+    +-clip_x0 if given); x_next = sqrt(a_next) x0 + c1 z + c2 e with c1, c2 of SPEC §2 and
+    z = noise (or torch.randn_like(x) when eta > 0 and noise is None). a_t, a_next: floats or
+    per-sample [B] tensors. No autograd. The Triton path writes x_next from the kernel that
+    produces the anchor gradient (no gradient tensor is materialised).
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(eps, torch.Tensor) or not isinstance(positive, torch.Tensor):
+        raise TypeError("x, eps and positive must be torch.Tensors")
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch [B, ...] with at least 2 dims, got shape {tuple(x.shape)}")
+    if eps.shape != x.shape or positive.shape != x.shape:
+        raise ValueError(f"x, eps and positive must share a shape: {tuple(x.shape)}, {tuple(eps.shape)}, {tuple(positive.shape)}")
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from x's {tuple(x.shape)}")
+    if not x.is_floating_point() or eps.dtype != x.dtype or positive.dtype != x.dtype:
+        raise TypeError(f"x, eps and positive must share a floating dtype, got {x.dtype}, {eps.dtype}, {positive.dtype}")
+    if not isinstance(eta, (int, float)) or eta < 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    if clip_x0 is not None and not clip_x0 > 0:
+        raise ValueError(f"clip_x0 must be > 0 or None, got {clip_x0!r}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    B = x.shape[0]
+    anchor2 = x.detach().flatten(1)
+    pos2 = positive.detach().flatten(1)
+    G = validate_hnm_inputs(anchor2, pos2, temperature=temperature, tau_plus=tau_plus, beta=beta,
+                            estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
+                            group_size=group_size)
+    if eta > 0 and noise is None:
+        noise = torch.randn_like(x)
+    if eta == 0:
+        noise = None  # c1 = 0
+    kw = dict(temperature=temperature, tau_plus=tau_plus, beta=beta, estimator=estimator,
+              labels=labels, bank=bank, bank_labels=bank_labels, group_size=group_size)
+    if backend_for(backend, x, eps, positive, bank) == "reference" or x.dtype == torch.float64:
+        return hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, scale=scale, eta=eta,
+                                         noise=noise, clip_x0=clip_x0, **kw)
+    with torch.no_grad():
+        bank_d = None if bank is None else bank.detach()
+        p = _Prepared(anchor2, pos2, bank_d, labels, bank_labels, G, temperature, beta, estimator)
+        lse1, lse0, cnt = _forward_stats(p)
+        pos_logit = (anchor2.float() * pos2.float()).sum(-1) * p.scale
+        _, ca, cb, cp = _row_epilogue(p, lse1, lse0, cnt, pos_logit, float(tau_plus), temperature)
+        coef = ddim_coefficients(a_t, a_next, float(eta), B, x.device)
+        out = torch.empty_like(x).contiguous()
+        xc = x.detach().contiguous()
+        ec = eps.detach().contiguous()
+        nc = lse1 if noise is None else noise.detach().to(x.dtype).contiguous()
+        fused = ((xc, ec, nc) + tuple(c.contiguous() for c in coef), float(scale),
+                 0.0 if clip_x0 is None else float(clip_x0), noise is not None, clip_x0 is not None)
+        _backward_rows(p, lse1, lse0, ca, cb, cp, out, fused=fused)
+    return out

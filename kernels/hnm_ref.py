@@ -1,0 +1,239 @@
+"""Pure-PyTorch reference of the hard-negative-mining (HNM) contrastive loss, SPEC §3.1.
+
+This is the oracle the fused Triton kernel (``hnm.py``) is tested against. It builds the dense
+2B x (2B + M) similarity matrix, so it is for tests, benchmarks and CPU work, not for large N.
+
+    Z = [A; P] (2B rows), s_rc = z_r . z_c / T, columns = [Z; bank]
+    neg_rc   = max(exp(s_rc), 1e-4)     for the negative columns c of row r (N_r of them)
+    pos_r    = exp(a_j . p_j / T),  j = r mod B
+    hard:    reweight_r = N_r * sum_c neg_rc^(1+beta) / sum_c neg_rc^beta
+             Ng_r = max((-tau_plus * N_r * pos_r + reweight_r) / (1 - tau_plus), N_r * exp(-1/T))
+    easy:    Ng_r = sum_c neg_rc
+    loss     = mean_r -log(max(pos_r / (pos_r + Ng_r), 1e-4))
+
+The sums of powers are taken in log space (max(exp(s), 1e-4)^k = exp(k * max(s, ln 1e-4)), a
+row-wise log-sum-exp), which is the same function with the same (zero where clamped) gradient but
+does not overflow for small temperatures.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_CLAMP = 1e-4                      # max(exp(s), 1e-4) on every negative similarity
+LOG_NEG_CLAMP = math.log(NEG_CLAMP)   # ... i.e. s' = max(s, ln 1e-4)
+RATIO_CLAMP = 1e-4                    # max(pos / (pos + Ng), 1e-4) inside the log
+ESTIMATORS = ("hard", "easy")
+
+__all__ = ["hnm_loss_reference", "negative_mask", "validate_hnm_inputs", "LOG_NEG_CLAMP"]
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estimator, labels,
+                        bank, bank_labels, group_size, check_values: bool = True) -> int:
+    """Check the arguments of ``hnm_loss``; returns the group size actually used (B if None).
+
+    Raises TypeError / ValueError naming the problem. ``check_values`` also runs the checks that
+    read tensor values (NaN/inf, empty conditional negative sets); they synchronise with the device.
+    """
+    for name, t in (("anchor", anchor), ("positive", positive)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, d] embeddings, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if anchor.shape != positive.shape:
+        raise ValueError(f"anchor and positive shapes differ: {tuple(anchor.shape)} vs {tuple(positive.shape)}")
+    if anchor.dtype != positive.dtype:
+        raise TypeError(f"anchor and positive dtypes differ: {anchor.dtype} vs {positive.dtype}")
+    if anchor.device != positive.device:
+        raise ValueError(f"anchor and positive are on different devices: {anchor.device} vs {positive.device}")
+    B, d = anchor.shape
+    if B < 2:
+        raise ValueError(f"hnm_loss needs at least 2 anchors (a row needs negatives), got B={B}")
+    if d < 1:
+        raise ValueError("embeddings must have at least one feature (d >= 1)")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(tau_plus, bool) or not isinstance(tau_plus, (int, float)) or not (0.0 <= tau_plus < 1.0):
+        raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+    G = B if group_size is None else group_size
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (a row needs negatives), got {group_size}")
+        if B % group_size != 0:
+            raise ValueError(f"group_size={group_size} does not divide the batch size B={B}")
+
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.shape != (B,):
+            raise ValueError(f"labels must have shape [B]=[{B}], got {tuple(labels.shape)}")
+        if labels.device != anchor.device:
+            raise ValueError(f"labels are on {labels.device}, embeddings on {anchor.device}")
+    if bank is not None:
+        if not isinstance(bank, torch.Tensor):
+            raise TypeError(f"bank must be a torch.Tensor, got {type(bank).__name__}")
+        if bank.dim() != 2 or bank.shape[1] != d:
+            raise ValueError(f"bank must be 2-D [M, d={d}], got shape {tuple(bank.shape)}")
+        if bank.dtype != anchor.dtype:
+            raise TypeError(f"bank dtype {bank.dtype} differs from the embeddings' {anchor.dtype}")
+        if bank.device != anchor.device:
+            raise ValueError(f"bank is on {bank.device}, embeddings on {anchor.device}")
+    if bank_labels is not None:
+        if bank is None:
+            raise ValueError("bank_labels given without a bank")
+        if labels is None:
+            raise ValueError("bank_labels given without labels (conditional bank needs both)")
+        if not isinstance(bank_labels, torch.Tensor):
+            raise TypeError(f"bank_labels must be an integer torch.Tensor, got {type(bank_labels).__name__}")
+        if bank_labels.is_floating_point() or bank_labels.is_complex() or bank_labels.dtype == torch.bool:
+            raise TypeError(f"bank_labels must be an integer tensor, got {bank_labels.dtype}")
+        if bank_labels.shape != (bank.shape[0],):
+            raise ValueError(f"bank_labels must have shape [M]=[{bank.shape[0]}], got {tuple(bank_labels.shape)}")
+        if bank_labels.device != anchor.device:
+            raise ValueError(f"bank_labels are on {bank_labels.device}, embeddings on {anchor.device}")
+
+    if check_values:
+        _check_finite("anchor", anchor)
+        _check_finite("positive", positive)
+        if bank is not None:
+            _check_finite("bank", bank)
+        if labels is not None:
+            counts = negative_mask(B, 0 if bank is None else bank.shape[0], labels=labels,
+                                   bank_labels=bank_labels, group_size=G, device=anchor.device).sum(1)
+            if bool((counts == 0).any()):
+                r = int(torch.nonzero(counts == 0)[0, 0])
+                raise ValueError(
+                    f"row {r} has no negatives: every column it sees has its label "
+                    f"{int(labels[r % B])} (conditional negatives need a different class in its group or the bank)")
+    return G
+
+
+def negative_mask(B: int, M: int, *, labels=None, bank_labels=None, group_size=None,
+                  device=None) -> torch.Tensor:
+    """Bool [2B, 2B + M]: True where column c is a negative of row r (columns = [Z; bank])."""
+    n = 2 * B
+    G = B if group_size is None else group_size
+    r = torch.arange(n, device=device)
+    partner = (r + B) % n
+    zz = (r[None, :] != r[:, None]) & (r[None, :] != partner[:, None])
+    grp = (r % B) // G
+    zz &= grp[:, None] == grp[None, :]
+    if labels is not None:
+        lab = torch.cat([labels, labels])
+        zz &= lab[:, None] != lab[None, :]
+    zb = torch.ones(n, M, dtype=torch.bool, device=device)
+    if labels is not None and bank_labels is not None:
+        lab = torch.cat([labels, labels])
+        zb = lab[:, None] != bank_labels[None, :]
+    return torch.cat([zz, zb], dim=1)
+
+
+def hnm_rows_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0,
+                       estimator="hard", labels=None, bank=None, bank_labels=None, group_size=None):
+    """Per-row losses [2B] (in fp32, or fp64 for fp64 inputs); no argument checks."""
+    ct = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    A, P = anchor.to(ct), positive.to(ct)
+    B = A.shape[0]
+    T = float(temperature)
+    Z = torch.cat([A, P], dim=0)
+    cols = Z if bank is None else torch.cat([Z, bank.to(ct)], dim=0)
+    M = 0 if bank is None else bank.shape[0]
+    valid = negative_mask(B, M, labels=labels, bank_labels=bank_labels, group_size=group_size,
+                          device=Z.device)
+    N = valid.sum(1).to(ct)
+    s = Z @ cols.t() / T
+    sp = torch.clamp(s, min=LOG_NEG_CLAMP)          # log max(exp(s), 1e-4)
+    neg_inf = torch.tensor(float("-inf"), dtype=ct, device=Z.device)
+    pos_logit = (A * P).sum(-1) / T
+    pos = torch.exp(torch.cat([pos_logit, pos_logit]))
+    if estimator == "hard":
+        lse1 = torch.logsumexp(torch.where(valid, (1.0 + beta) * sp, neg_inf), dim=1)
+        lse0 = torch.logsumexp(torch.where(valid, beta * sp, neg_inf), dim=1)
+        reweight = N * torch.exp(lse1 - lse0)
+        Ng = (-tau_plus * N * pos + reweight) / (1.0 - tau_plus)
+        Ng = torch.clamp(Ng, min=N * math.exp(-1.0 / T))
+    elif estimator == "easy":
+        Ng = torch.exp(torch.logsumexp(torch.where(valid, sp, neg_inf), dim=1))
+    else:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return -torch.log(torch.clamp(pos / (pos + Ng), min=RATIO_CLAMP))
+
+
+def hnm_loss_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0,
+                       estimator="hard", labels=None, bank=None, bank_labels=None,
+                       group_size=None, check: bool = True) -> torch.Tensor:
+    """SPEC §3.1 HNM loss (mean over the 2B rows), differentiable w.r.t. anchor, positive, bank.
+
+    Computed in fp32 (fp64 for fp64 inputs); the scalar is returned in the inputs' dtype for
+    fp32/fp64 inputs and in fp32 for half-precision inputs.
+    """
+    if check:
+        validate_hnm_inputs(anchor, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
+                            estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
+                            group_size=group_size)
+    rows = hnm_rows_reference(anchor, positive, temperature=temperature, tau_plus=tau_plus,
+                              beta=beta, estimator=estimator, labels=labels, bank=bank,
+                              bank_labels=bank_labels, group_size=group_size)
+    return rows.mean()
+
+
+def ddim_coefficients(a_t, a_next, eta: float, B: int, device) -> tuple[torch.Tensor, ...]:
+    """Per-sample fp32 [B] DDIM coefficients (sqrt a_t, sqrt(1-a_t), sqrt a_next, c1, c2), SPEC §2."""
+    def per_sample(v, name):
+        t = torch.as_tensor(v, dtype=torch.float64, device=device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"{name} must be a float or a per-sample tensor [B]=[{B}], got shape {tuple(t.shape)}")
+        return t
+    at = per_sample(a_t, "a_t")
+    an = per_sample(a_next, "a_next")
+    # clamp_min guards a_t = 1 (0/0) and rounding below zero, as kernels/ddim_ref.py does
+    c1 = eta * torch.sqrt(((1 - at / an).clamp(min=0) * (1 - an) / (1 - at).clamp(min=1e-30)).clamp(min=0))
+    c2 = torch.sqrt((1 - an - c1 ** 2).clamp(min=0))
+    out = (at.sqrt(), (1 - at).clamp(min=0).sqrt(), an.sqrt(), c1, c2)
+    return tuple(v.to(torch.float32) for v in out)
+
+
+def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperature=10.0,
+                              tau_plus=0.1, beta=1.0, estimator="hard", labels=None, bank=None,
+                              bank_labels=None, group_size=None, eta=0.0, noise=None, clip_x0=None):
+    """Pixel-space Contrastive-DP step: g = d hnm_loss(x.flatten(1), positive.flatten(1)) / d x,
+    e = eps + scale * g, then the DDIM update of SPEC §2. fp32 math, result in x's dtype."""
+    B = x.shape[0]
+    anchor = x.detach().flatten(1).float().requires_grad_(True)
+    pos = positive.detach().flatten(1).float()
+    bank32 = None if bank is None else bank.detach().float()
+    with torch.enable_grad():
+        loss = hnm_loss_reference(anchor, pos, temperature=temperature, tau_plus=tau_plus, beta=beta,
+                                  estimator=estimator, labels=labels, bank=bank32,
+                                  bank_labels=bank_labels, group_size=group_size, check=False)
+        (g,) = torch.autograd.grad(loss, anchor)
+    sat, s1at, san, c1, c2 = ddim_coefficients(a_t, a_next, eta, B, x.device)
+    view = (B,) + (1,) * (x.dim() - 1)
+    sat, s1at, san, c1, c2 = (v.view(view) for v in (sat, s1at, san, c1, c2))
+    e = eps.float() + scale * g.view(x.shape)
+    x0 = (x.float() - s1at * e) / sat
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+    out = san * x0 + c2 * e
+    if noise is not None:
+        out = out + c1 * noise.float()
+    return out.to(x.dtype)

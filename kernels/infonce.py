@@ -1,0 +1,195 @@
+"""Fused InfoNCE (authors' one-directional variant), SPEC §3.2 / §3.3.
+
+Public: :func:`infonce_loss`. The pure-PyTorch oracle is ``infonce_ref.py``.
+
+q, k (and negatives) are L2-normalised in PyTorch around the kernel (autograd differentiates the
+normalisation); the kernels work on the normalised rows. The logits' columns C are k ("paired":
+target = diagonal) or the negatives ("unpaired": the positive logit d_i = q_i . k_i / T is an
+extra first column, target 0).
+
+* ``_infonce_fwd_kernel``: one program per block of query rows streams C in column tiles with a
+  running max / sum (initialised at the diagonal logit d_i, so no -inf), and stores LSE_i (fp32).
+* Backward: with p_ic = exp(s_ic - LSE_i) and g = grad_out / B,
+      dq_i = (g/T) sum_c p_ic c_c  [+ diagonal term]      (_infonce_bwd_rows_kernel, row programs)
+      dc_c = (g/T) sum_i p_ic q_i  [+ diagonal term]      (_infonce_bwd_cols_kernel, column programs)
+  The diagonal terms, O(B d), are added in PyTorch: paired: -(g/T) k_i into dq_i and -(g/T) q_j
+  into dk_j; unpaired: (g/T)(p_i0 - 1) k_i into dq_i and (g/T)(p_i0 - 1) q_i into dk_i, with
+  p_i0 = exp(d_i - LSE_i). Both kernels recompute the similarity tiles; no B x B buffer, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import backend_for, interpreting
+from .infonce_ref import infonce_loss_reference, validate_infonce_inputs
+
+try:  # the package and the reference backend must work without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+__all__ = ["infonce_loss"]
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _sim_tile(R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                  IEEE: tl.constexpr):
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < D
+            a = tl.load(R_PTR + rows[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(C_PTR + cols[None, :] * D + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, IEEE)
+        return acc * scale
+
+    @triton.jit
+    def _infonce_fwd_kernel(Q, C, DIAG, LSE, NQ, NC, D, scale, INIT_L: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                            IEEE: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rmask = rows < NQ
+        # start from the diagonal logit: finite, and (unpaired) it is the extra first column
+        m = tl.load(DIAG + rows, mask=rmask, other=0.0)
+        l = tl.full((BLOCK_R,), INIT_L, tl.float32)
+        for c0 in range(0, NC, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            cmask = cols < NC
+            s = _sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            valid = rmask[:, None] & cmask[None, :]
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m = m_new
+        l = tl.where(l > 0, l, 1.0)
+        tl.store(LSE + rows, m + tl.log(l), mask=rmask)
+
+    @triton.jit
+    def _infonce_bwd_rows_kernel(Q, C, LSE, DQ, NQ, NC, D, scale, gscale,
+                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
+        # DQ_i = gscale * sum_c p_ic C_c   (gscale = g / T)
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rmask = rows < NQ
+        do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        domask = do < D
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
+        for c0 in range(0, NC, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            cmask = cols < NC
+            s = _sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            valid = rmask[:, None] & cmask[None, :]
+            pr = tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))
+            ct = tl.load(C + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
+            acc = _dot(pr.to(ct.dtype), ct, acc, IEEE)
+        tl.store(DQ + rows[:, None] * D + do[None, :], acc * gscale, mask=rmask[:, None] & domask[None, :])
+
+    @triton.jit
+    def _infonce_bwd_cols_kernel(Q, C, LSE, DC, NQ, NC, D, scale, gscale,
+                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
+        # DC_c = gscale * sum_i p_ic Q_i: the program owns columns c and loops over all query rows
+        cols = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cmask = cols < NC
+        do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        domask = do < D
+        acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
+        for r0 in range(0, NQ, BLOCK_C):
+            rows = (r0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            rmask = rows < NQ
+            st = _sim_tile(C, cols, cmask, Q, rows, rmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+            valid = cmask[:, None] & rmask[None, :]
+            pt = tl.exp(tl.where(valid, st - lse[None, :], float("-inf")))
+            qt = tl.load(Q + rows[:, None] * D + do[None, :], mask=rmask[:, None] & domask[None, :], other=0.0)
+            acc = _dot(pt.to(qt.dtype), qt, acc, IEEE)
+        tl.store(DC + cols[:, None] * D + do[None, :], acc * gscale, mask=cmask[:, None] & domask[None, :])
+
+
+def _blocks(D: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DO=16)
+    p2 = max(16, triton.next_power_of_2(D))
+    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(64, p2), BLOCK_DO=min(128, p2))
+
+
+class _InfoNCEFunction(torch.autograd.Function):
+    """Inputs already L2-normalised. C = k (paired) or the negatives (unpaired)."""
+
+    @staticmethod
+    def forward(ctx, q, k, negs, temperature):
+        q = q.contiguous()
+        k = k.contiguous()
+        paired = negs is None
+        C = k if paired else negs.contiguous()
+        NQ, D = q.shape
+        scale = 1.0 / temperature
+        ieee = q.dtype == torch.float32 and not interpreting()
+        bl = _blocks(D)
+        diag = (q.float() * k.float()).sum(-1) * scale
+        lse = torch.empty(NQ, dtype=torch.float32, device=q.device)
+        _infonce_fwd_kernel[(triton.cdiv(NQ, bl["BLOCK_R"]),)](
+            q, C, diag, lse, NQ, C.shape[0], D, scale, INIT_L=0.0 if paired else 1.0,
+            BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], IEEE=ieee)
+        loss = (lse - diag).mean()
+        ctx.save_for_backward(q, k, C, lse, diag)
+        ctx.paired, ctx.scale, ctx.ieee = paired, scale, ieee
+        return loss if q.dtype in (torch.float32, torch.float64) else loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, C, lse, diag = ctx.saved_tensors
+        NQ, D = q.shape
+        NC = C.shape[0]
+        bl = _blocks(D)
+        gs = grad_out.to(torch.float32) * (ctx.scale / NQ)      # g / T as a device tensor
+        # kernels get a unit gscale (graph-safe: no host read of grad_out); scale in PyTorch
+        dq = torch.empty(NQ, D, dtype=torch.float32, device=q.device)
+        dc = torch.empty(NC, D, dtype=torch.float32, device=q.device)
+        grid_r = (triton.cdiv(NQ, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
+        grid_c = (triton.cdiv(NC, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
+        _infonce_bwd_rows_kernel[grid_r](q, C, lse, dq, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee, **bl)
+        _infonce_bwd_cols_kernel[grid_c](q, C, lse, dc, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee, **bl)
+        qf, kf = q.float(), k.float()
+        if ctx.paired:
+            dq = gs * (dq - kf)
+            dk = gs * (dc - qf)
+            dn = None
+        else:
+            p0 = torch.exp(diag - lse)[:, None]
+            dq = gs * (dq + (p0 - 1.0) * kf)
+            dk = gs * (p0 - 1.0) * qf
+            dn = gs * dc
+        dq = dq.to(q.dtype)
+        dk = dk.to(k.dtype)
+        dn = None if dn is None else dn.to(C.dtype)
+        return dq, dk, dn, None
+
+
+def infonce_loss(query, key, *, temperature=0.1, negatives=None, backend="auto"):
+    """InfoNCE of SPEC §3.2: L2-normalise q, k (and negatives); logits_ij = q_i . k_j / T;
+    mean_i CE(logits_i, i). With negatives [M, d]: logits_i = [q_i . k_i, q_i . n_1..n_M] / T,
+    target 0. backend: "reference" | "triton" | "auto". Returns a 0-d tensor (fp32 for half inputs).
+    """
+    validate_infonce_inputs(query, key, temperature=temperature, negatives=negatives)
+    if backend_for(backend, query, key, negatives) == "reference":
+        return infonce_loss_reference(query, key, temperature=temperature, negatives=negatives, check=False)
+    if query.dtype == torch.float64:
+        raise TypeError("the triton backend of infonce_loss takes fp32/fp16/bf16; use backend='reference' for fp64")
+    q = F.normalize(query, dim=-1)
+    k = F.normalize(key, dim=-1)
+    n = None if negatives is None else F.normalize(negatives, dim=-1)
+    return _InfoNCEFunction.apply(q, k, n, float(temperature))

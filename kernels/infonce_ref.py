@@ -1,0 +1,73 @@
+"""Pure-PyTorch reference of the authors' InfoNCE (one-directional), SPEC §3.2.
+
+    q, k (and negatives) L2-normalised;  logits_ij = q_i . k_j / T;  loss = mean_i CE(logits_i, i)
+    with negatives n_1..n_M ("unpaired"): logits_i = [q_i . k_i, q_i . n_1, ..., q_i . n_M] / T,
+    target 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["infonce_loss_reference", "validate_infonce_inputs"]
+
+
+def validate_infonce_inputs(query, key, *, temperature, negatives, check_values: bool = True) -> None:
+    for name, t in (("query", query), ("key", key)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, d] embeddings, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if query.shape != key.shape:
+        raise ValueError(f"query and key shapes differ: {tuple(query.shape)} vs {tuple(key.shape)}")
+    if query.dtype != key.dtype:
+        raise TypeError(f"query and key dtypes differ: {query.dtype} vs {key.dtype}")
+    if query.device != key.device:
+        raise ValueError(f"query and key are on different devices: {query.device} vs {key.device}")
+    B, d = query.shape
+    if d < 1:
+        raise ValueError("embeddings must have at least one feature (d >= 1)")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if negatives is None:
+        if B < 2:
+            raise ValueError(f"infonce_loss without explicit negatives needs at least 2 pairs, got B={B}")
+    else:
+        if not isinstance(negatives, torch.Tensor):
+            raise TypeError(f"negatives must be a torch.Tensor, got {type(negatives).__name__}")
+        if negatives.dim() != 2 or negatives.shape[1] != d:
+            raise ValueError(f"negatives must be 2-D [M, d={d}], got shape {tuple(negatives.shape)}")
+        if negatives.shape[0] < 1:
+            raise ValueError("negatives must hold at least one row")
+        if negatives.dtype != query.dtype:
+            raise TypeError(f"negatives dtype {negatives.dtype} differs from the query's {query.dtype}")
+        if negatives.device != query.device:
+            raise ValueError(f"negatives are on {negatives.device}, query on {query.device}")
+        if B < 1:
+            raise ValueError("infonce_loss needs at least one query")
+    if check_values:
+        for name, t in (("query", query), ("key", key), ("negatives", negatives)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or inf")
+
+
+def infonce_loss_reference(query, key, *, temperature=0.1, negatives=None, check: bool = True) -> torch.Tensor:
+    """SPEC §3.2 InfoNCE; fp32 math (fp64 for fp64 inputs), scalar in fp32 for half inputs."""
+    if check:
+        validate_infonce_inputs(query, key, temperature=temperature, negatives=negatives)
+    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q = F.normalize(query.to(ct), dim=-1)
+    k = F.normalize(key.to(ct), dim=-1)
+    T = float(temperature)
+    if negatives is None:
+        logits = q @ k.t() / T
+        target = torch.arange(q.shape[0], device=q.device)
+    else:
+        n = F.normalize(negatives.to(ct), dim=-1)
+        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ n.t()], dim=1) / T
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target)
