@@ -53,6 +53,9 @@ class SchedulerConfig(dict):
     __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _readonly
     __setattr__ = _readonly
 
+    def __reduce__(self):  # copy / deepcopy / pickle rebuild from a plain dict
+        return (type(self), (dict(self),))
+
 
 @dataclass
 class DDIMSchedulerOutput:

@@ -371,21 +371,18 @@ class _GuidanceRun:
             self.cache.copy_(fa.detach())  # f(x_t) is the next step's f(x_{t+1})
         return gx.float()
 
-    def fused_update(self, x, e, a_t, a_next, *, eta, clip_x0, rng_state=None, noise=None):
-        """Pixel-space HNM gradient fused into the DDIM update (kernels.hnm_guided_ddim_update)."""
+    def fused_update(self, x, e, a_t, a_next, *, clip_x0=None):
+        """Pixel-space HNM gradient fused into a deterministic (eta = 0) DDIM update
+        (kernels.hnm_guided_ddim_update); steps that draw noise use gradient() + ddim_update."""
         from .kernels import hnm_guided_ddim_update
 
         g = self.g
-        kw = dict(scale=g.scale * self.ngroups, temperature=g.temperature, tau_plus=g.tau_plus,
-                  beta=g.beta, estimator="hard" if g.loss == "hnm" else "easy", labels=self.labels,
-                  bank=self.bank, bank_labels=self.bank_labels,
-                  group_size=self.G if self.G < self.n else None, eta=eta, clip_x0=clip_x0)
-        if eta > 0.0:
-            if noise is not None:
-                kw["noise"] = noise
-            else:
-                kw["rng_state"] = rng_state
-        out = hnm_guided_ddim_update(x, e, a_t, a_next, self.cache, **kw)
+        out = hnm_guided_ddim_update(
+            x, e, a_t, a_next, self.cache, scale=g.scale * self.ngroups, temperature=g.temperature,
+            tau_plus=g.tau_plus, beta=g.beta, estimator="hard" if g.loss == "hnm" else "easy",
+            labels=self.labels, bank=self.bank, bank_labels=self.bank_labels,
+            group_size=self.G if self.G < self.n else None, eta=0.0, clip_x0=clip_x0,
+            backend=self.backend)
         self.cache.copy_(x)  # x_t is the next step's positive
         return out
 

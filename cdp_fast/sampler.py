@@ -321,9 +321,9 @@ class _Run:
         if draw and not s.fused_kernels:
             noise = torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=x.dtype)
         rng = self.rng_state if draw else None
-        if kind == "guided" and self.grun.fused_ok and s.fused_kernels:
-            x_next = self.grun.fused_update(x, e, a_t, a_next, eta=s.eta if draw else 0.0,
-                                            clip_x0=s.clip_x0, rng_state=rng, noise=noise)
+        if kind == "guided" and self.grun.fused_ok and s.fused_kernels and not draw:
+            # hnm_guided_ddim_update has no rng_state: steps that draw noise take the path below
+            x_next = self.grun.fused_update(x, e, a_t, a_next, clip_x0=s.clip_x0)
         else:
             grad, scale = None, 0.0
             if kind == "guided":

@@ -81,10 +81,13 @@ class SimulateConfig:
                                                        "(random subsets; the full set is always added)")
     n_samples: int = field(1000, help="Figure 1: samples per set (half per class)")
     steps: int = field(50, help="Figure 1: DDIM steps (linear beta schedule, T = 1000)")
-    scale: float = field(300.0, help="Figure 1: guidance scale lambda (e = eps + lambda grad)")
-    guide_t_min: int = field(400, help="Figure 1: guide the steps with t >= this (never the first)")
+    scale: float = field(0.05, help="Figure 1: guidance strength per sample; lambda = scale * n_samples "
+                                    "(e = eps + lambda grad; the HNM loss is a mean over 2B rows, so "
+                                    "this keeps the push per sample independent of n_samples)")
+    guide_t_min: int = field(100, help="Figure 1: guide the steps with t >= this (never the first)")
     guide_t_max: int = field(1000, help="Figure 1: ... and t <= this")
-    temperature: float = field(10.0, help="HNM temperature T")
+    temperature: float = field(0.5, help="Figure 1: HNM temperature T (SPEC default 10 mostly inflates "
+                                         "the variance of raw 2-D points; 0.5 shows the paper's effect)")
     tau_plus: float = field(0.1, help="HNM tau_plus")
     beta: float = field(1.0, help="HNM beta (hardness)")
     backend: str = field("auto", help="kernel backend", choices=("auto", "reference", "triton"))
@@ -156,6 +159,7 @@ def _lemma3(cfg: SimulateConfig) -> dict:
     sigma = theory.theorem_sigma(cfg.n, cfg.d)
     means = theory.lemma3_means(mu, cfg.eps, cs=cfg.cs, seed=cfg.seed)
     stds = [f * sigma for f in cfg.std_factors]
+    factor_of = dict(zip(stds, cfg.std_factors))
     res = theory.lemma3_experiment(cfg.d, cfg.n, cfg.n_syn, mu, sigma, cfg.eps, means, stds,
                                    trials=cfg.trials, seed=cfg.seed, progress=_bar)
     for row in res["rows"]:
@@ -166,7 +170,7 @@ def _lemma3(cfg: SimulateConfig) -> dict:
             row["family"], row["c"] = "c*(mu-eps)", float(name.split("c=")[1].rstrip(")"))
         else:
             row["family"], row["c"] = name, None
-        row["std_factor"] = row["std"] / sigma
+        row["std_factor"] = factor_of[row["std"]]
     res["settings"]["mu_spread"] = cfg.mu_spread
     res["checks"] = _lemma3_checks(res["rows"], cfg)
     return res
@@ -349,7 +353,8 @@ def _figure1(cfg: SimulateConfig, device: torch.device) -> tuple[dict, dict]:
               temperature=cfg.temperature, tau_plus=cfg.tau_plus, beta=cfg.beta, seed=cfg.seed,
               device=device, backend=cfg.backend)
     x_ddim, lab, _ = sample_figure1(mu, sig, cfg.n_samples, scale=0.0, **kw)
-    x_cdp, lab2, guided = sample_figure1(mu, sig, cfg.n_samples, scale=cfg.scale, **kw)
+    lam = cfg.scale * cfg.n_samples
+    x_cdp, lab2, guided = sample_figure1(mu, sig, cfg.n_samples, scale=lam, **kw)
     assert torch.equal(lab, lab2)
     # exact samples of the true class-conditional mixture, for reference
     gen = torch.Generator().manual_seed(cfg.seed + 7)
@@ -363,7 +368,7 @@ def _figure1(cfg: SimulateConfig, device: torch.device) -> tuple[dict, dict]:
         arms[name] = figure1_stats(xs, lab, mu, sig, cfg.fig_eps, theta_ints=theta_ints,
                                    subsets=cfg.fig_subsets, seed=cfg.seed + 11)
     res = {"mu": mu.tolist(), "sigma": sig, "eps": cfg.fig_eps, "steps": cfg.steps,
-           "scale": cfg.scale, "guided_timesteps": guided, "n_samples": cfg.n_samples,
+           "scale": cfg.scale, "lambda": lam, "guided_timesteps": guided, "n_samples": cfg.n_samples,
            "n_real": cfg.fig_n_real, "temperature": cfg.temperature, "tau_plus": cfg.tau_plus,
            "beta": cfg.beta, "arms": arms,
            "theta_int": {"standard_error": float(theory.standard_error(theta_ints, mt, sig).mean()),
@@ -417,7 +422,9 @@ def _plot_figure1(res: dict, samples: dict, path: Path) -> Path:
         ax.set_aspect("equal", adjustable="box")
         ax.legend(loc="upper left", fontsize=8, markerscale=2)
     fig.suptitle(f"2-D Gaussian mixture +-mu = +-{tuple(mu)}, sigma = {res['sigma']}; "
-                 f"{res['steps']} DDIM steps, lambda = {res['scale']:g} (stars: true means)", fontsize=10)
+                 f"{res['steps']} DDIM steps, HNM T = {res['temperature']:g}, lambda = {res['lambda']:g} "
+                 f"on t in [{min(res['guided_timesteps'], default=0)}, {max(res['guided_timesteps'], default=0)}] "
+                 "(stars: true means)", fontsize=10)
     return _png(fig, path)
 
 

@@ -26,6 +26,7 @@ never read on the host.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -54,7 +55,8 @@ def make_rng_state(seed: Optional[int] = None, device=None,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """An int64 tensor [seed, offset=0] on ``device``; seed drawn from torch's RNG when None."""
     if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())  # CPU generator: no device sync
+        dev = generator.device if generator is not None else "cpu"  # default: CPU generator, no device sync
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=dev).item())
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return torch.tensor([seed, 0], dtype=torch.int64, device=device)
@@ -261,7 +263,7 @@ def _check_alpha(name: str, a: Alpha, batch: int) -> None:
         if bool(bad.any()):
             raise ValueError(f"{name} must be finite and in (0, 1]; got {a.flatten()[bad.flatten()][:4].tolist()}")
         return
-    if isinstance(a, bool) or not isinstance(a, (int, float)):
+    if isinstance(a, bool) or not isinstance(a, numbers.Real):
         raise TypeError(f"{name} must be a float or a tensor, got {type(a).__name__}")
     a = float(a)
     if not math.isfinite(a) or not (0.0 < a <= 1.0):
@@ -285,7 +287,7 @@ def _check_inputs(x, eps, grad, noise, a_t, a_next, eta, scale, clip_x0):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     for name, v in (("eta", eta), ("scale", scale)):
-        if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        if isinstance(v, (torch.Tensor, bool)) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
             raise ValueError(f"{name} must be a finite Python number, got {v!r}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")

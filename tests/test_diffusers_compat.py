@@ -1,6 +1,7 @@
 """cdp_fast.DDIMScheduler: drop-in equality with diffusers.DDIMScheduler (when diffusers is installed)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -63,6 +64,8 @@ def test_config_and_errors_without_diffusers():
     with pytest.raises(TypeError):
         s.config["clip_sample"] = True
     assert s.noise_schedule.num_train_timesteps == 1000
+    c = copy.deepcopy(s)
+    assert dict(c.config) == dict(s.config) and c.config is not s.config and torch.equal(c.betas, s.betas)
     with pytest.raises(ValueError):
         s.set_timesteps(1001)
     with pytest.raises(ValueError):

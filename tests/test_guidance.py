@@ -1,0 +1,276 @@
+"""ContrastiveGuidance: fast path == a literal re-implementation of the authors' loop, scale 0 ==
+plain DDIM, feature caching, frozen f, groups, pairs, conditional losses, windows, bad input."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cdp_fast import ContrastiveGuidance, DDIMSampler, NoiseSchedule
+from cdp_fast.gmm import GaussianMixtureEps
+from cdp_fast.guidance import EmbeddingHead, default_group_size
+from cdp_fast.kernels.hnm_ref import hnm_loss_reference
+from cdp_fast.kernels.infonce_ref import infonce_loss_reference
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return NoiseSchedule.linear(num_train_timesteps=1000)
+
+
+@pytest.fixture(scope="module")
+def gmm(sched):
+    return GaussianMixtureEps([[1.0, 0.5], [-1.0, -0.5]], [0.3, 0.3], [0.5, 0.5], sched)
+
+
+class CountingFeatures(nn.Module):
+    """A small frozen-able feature net that counts the rows it sees."""
+
+    def __init__(self, d_in=2, d_out=8, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(d_in, 16)
+        self.l2 = nn.Linear(16, d_out)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.8)
+        self.rows = 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.l2(torch.tanh(self.l1(x.flatten(1))))
+
+
+def _head(d_in=8, seed=1):
+    return EmbeddingHead(d_in, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def authors_loop(model, sched, steps, f, head, x_T, *, scale, t_min, lr=1e-2, loss="hnm",
+                 labels=None, temperature=None):
+    """The authors' order of operations, literally: DDIM (eta 0, uniform skip); at a guided step
+    forward f on x_t AND on x_{t+1} (f's weights require grad), head, loss, zero_grad, backward
+    (weight grads included), take x_t.grad, head Adam step, then e += scale * grad and update."""
+    f, head = copy.deepcopy(f), copy.deepcopy(head)
+    for p in f.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    seq = list(range(0, 1000, 1000 // steps))
+    seq_next = [-1] + seq[:-1]
+    ab = sched.alphas_cumprod
+    x, x_prev = x_T.clone(), None
+    n = x.shape[0]
+    for idx, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
+        at = float(ab[i])
+        an = 1.0 if j < 0 else float(ab[j])
+        e = model(x, torch.full((n,), i, dtype=torch.long))
+        if i >= t_min and idx > 0:
+            xt = x.detach().requires_grad_(True)
+            za = head(f((xt + 1) / 2))
+            zp = head(f((x_prev + 1) / 2))
+            if loss == "hnm":
+                L = hnm_loss_reference(za, zp, temperature=temperature or 10.0, labels=labels)
+            else:
+                L = infonce_loss_reference(za, zp, temperature=temperature or 0.1)
+            opt.zero_grad()
+            L.backward()
+            grad = xt.grad
+            opt.step()
+            e = e + scale * grad
+        x_prev = x
+        x0 = (x - math.sqrt(1 - at) * e) / math.sqrt(at)
+        x = math.sqrt(an) * x0 + math.sqrt(1 - an) * e
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss,conditional", [("hnm", False), ("hnm", True), ("infonce", False)])
+def test_fast_path_equals_authors_loop(sched, gmm, loss, conditional):
+    n, steps, t_min = 12, 20, 400
+    scale = 3.0 if loss == "hnm" else 0.3
+    f, head = CountingFeatures(), _head()
+    head0 = copy.deepcopy(head.state_dict())
+    labels = torch.arange(n) % 3 if conditional else None
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(7))
+    ref = authors_loop(gmm, sched, steps, f, head, x_T, scale=scale, t_min=t_min, loss=loss, labels=labels)
+    plain = DDIMSampler(gmm, sched, steps=steps).sample(n, (2,), x_T=x_T)
+
+    model = gmm
+    if conditional:  # guidance labels, but the eps model itself stays unconditional here
+        def model(x, t, y=None):
+            return gmm(x, t)
+    g = ContrastiveGuidance(loss, f, head=head, scale=scale, t_min=t_min)
+    f.rows = 0
+    out = DDIMSampler(model, sched, steps=steps, guidance=g).sample(n, (2,), x_T=x_T, labels=labels)
+
+    assert (out - plain).abs().max() > 1e-2, "guidance had no visible effect: the test would be vacuous"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # caching: f saw each guided state once (+ the primed state + a 2-row shape probe);
+    # the authors' loop runs f twice per guided step
+    guided = sum(DDIMSampler(gmm, sched, steps=steps, guidance=g).guided_steps())
+    assert f.rows == n * (guided + 1) + 2, (f.rows, guided)
+    # f frozen during the run, restored after; the caller's head was not trained
+    assert all(p.requires_grad for p in f.parameters())
+    assert all(p.grad is None for p in f.parameters())
+    assert all(torch.equal(v, head0[k]) for k, v in head.state_dict().items())
+
+
+@pytest.mark.parametrize("kw", [dict(loss="hnm", features="module", head=True),
+                                dict(loss="hnm", features=None),
+                                dict(loss="infonce", features="module"),
+                                dict(loss="hnm-easy", features=None, fused=False)])
+def test_scale_zero_is_plain_ddim(sched, gmm, kw):
+    kw = dict(kw)
+    if kw["features"] == "module":
+        kw["features"] = CountingFeatures()
+    g = ContrastiveGuidance(scale=0.0, t_min=0, **kw)
+    x_T = torch.randn(10, 2, generator=torch.Generator().manual_seed(1))
+    plain = DDIMSampler(gmm, sched, steps=15, eta=1.0).sample(10, (2,), x_T=x_T, seed=3)
+    out = DDIMSampler(gmm, sched, steps=15, eta=1.0, guidance=g).sample(10, (2,), x_T=x_T, seed=3)
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-6)
+
+
+def test_pixel_space_guidance_moves_samples_and_fused_matches_unfused(sched, gmm):
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    plain = DDIMSampler(gmm, sched, steps=20).sample(16, (2,), x_T=x_T)
+    outs = []
+    for fused in (True, False):
+        g = ContrastiveGuidance("hnm", None, scale=2.0, t_min=300, fused=fused)
+        outs.append(DDIMSampler(gmm, sched, steps=20, guidance=g).sample(16, (2,), x_T=x_T))
+    assert (outs[1] - plain).abs().max() > 1e-2
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_group_gradient_is_sum_of_independent_groups():
+    """group_size G: each group's samples get exactly the gradient of a batch of G on its own."""
+    torch.manual_seed(0)
+    f = CountingFeatures()
+    x_prev, x = torch.randn(8, 2), torch.randn(8, 2)
+
+    def grad(n, rows, G=None):
+        g = ContrastiveGuidance("hnm", f, scale=1.0, group_size=G)
+        run = g.start(n, (2,))
+        run.prime(x_prev[rows])
+        out = run.gradient(x[rows])
+        run.finish()
+        return out
+
+    both = grad(8, slice(0, 8), G=4)
+    parts = torch.cat([grad(4, slice(0, 4)), grad(4, slice(4, 8))])
+    torch.testing.assert_close(both, parts, rtol=1e-5, atol=1e-7)
+    assert both.abs().max() > 0
+
+
+def test_group_size_errors_and_default(sched, gmm):
+    assert default_group_size(100) == 100 and default_group_size(1024) == 512
+    assert default_group_size(600) == 300
+    g = ContrastiveGuidance("hnm", None, scale=1.0, t_min=0, group_size=4)
+    with pytest.raises(ValueError, match="group_size=4 does not divide.*n=10"):
+        DDIMSampler(gmm, sched, steps=5, guidance=g).sample(10, (2,))
+    with pytest.raises(ValueError, match="group_size"):
+        ContrastiveGuidance(group_size=1)
+
+
+def test_conditional_needs_labels(sched, gmm):
+    g = ContrastiveGuidance("hnm", None, scale=1.0, t_min=0, conditional=True)
+    with pytest.raises(ValueError, match="no labels"):
+        DDIMSampler(gmm, sched, steps=5, guidance=g).sample(8, (2,))
+
+
+def test_guided_windows(sched):
+    cifar = ContrastiveGuidance()  # t >= 400, never the first step
+    s = DDIMSampler(lambda x, t: x, sched, steps=100, guidance=cifar)
+    expect = [t >= 400 and i > 0 for i, t in enumerate(s.timesteps)]
+    assert s.guided_steps() == expect and sum(expect) == 59
+    mnist = ContrastiveGuidance(t_min=51, t_max=150)  # the authors' 50 < t < 150
+    s = DDIMSampler(lambda x, t: x, sched, steps=250, method="ddpm", guidance=mnist)
+    got = [t for t, gd in zip(s.timesteps, s.guided_steps()) if gd]
+    assert got and min(got) > 50 and max(got) < 150
+    assert got == [t for t in s.timesteps if 50 < t < 150]
+    custom = ContrastiveGuidance(when=lambda t, i: i % 2 == 1)
+    assert custom.guided(500, 3) and not custom.guided(500, 2) and not custom.guided(999, 0)
+
+
+@pytest.mark.parametrize("pair,loss", [("real-positive", "hnm"), ("real-negative", "hnm"),
+                                       ("real-negative", "infonce"), ("real-positive", "infonce")])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_real_data_pairs_run_and_guide(sched, gmm, pair, loss, with_labels):
+    gen = torch.Generator().manual_seed(0)
+    real_labels = torch.arange(20) % 2
+    real = torch.randn(20, 2, generator=gen) * 0.3 + torch.tensor([[1.0, 0.5]]) * (1 - 2 * real_labels[:, None])
+    labels = torch.arange(8) % 2 if with_labels else None
+    g = ContrastiveGuidance(loss, CountingFeatures(), head=True, scale=2.0, t_min=300, pair=pair,
+                            real_images=real, real_labels=real_labels)
+    x_T = torch.randn(8, 2, generator=gen)
+    plain = DDIMSampler(gmm, sched, steps=12).sample(8, (2,), x_T=x_T)
+    model = (lambda x, t, y=None: gmm(x, t))
+    a = DDIMSampler(model, sched, steps=12, guidance=g).sample(8, (2,), x_T=x_T, labels=labels)
+    b = DDIMSampler(model, sched, steps=12, guidance=g).sample(8, (2,), x_T=x_T, labels=labels)
+    assert torch.isfinite(a).all()
+    assert (a - plain).abs().max() > 1e-3
+    assert torch.equal(a, b)  # head init and real-positive pairing come from the seed
+
+
+def test_real_pairs_need_images():
+    with pytest.raises(ValueError, match="real_images"):
+        ContrastiveGuidance(pair="real-positive")
+    with pytest.raises(ValueError, match="pair"):
+        ContrastiveGuidance(pair="mixed")
+    with pytest.raises(ValueError, match="loss"):
+        ContrastiveGuidance(loss="triplet")
+
+
+def test_guidance_with_image_features_and_to_features(sched):
+    """Images in [-1, 1] reach a conv feature net as (x+1)/2 by default."""
+    seen = {}
+
+    class Feat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.feature_dim = 4
+
+        def forward(self, x):
+            seen["min"] = min(seen.get("min", 1.0), float(x.min()))
+            return self.conv(x).mean((2, 3))
+
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731  (x0 = x / sqrt(a): stays in range early)
+    g = ContrastiveGuidance("hnm", Feat(), head=True, scale=1.0, t_min=700)
+    x_T = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = DDIMSampler(model, sched, steps=10, guidance=g).sample(6, (1, 5, 5), x_T=x_T)
+    assert out.shape == (6, 1, 5, 5) and torch.isfinite(out).all()
+    assert seen["min"] >= 0.0  # the transform was applied to the first (in-range) states
+
+
+# ------------------------------------------------------------------------------------------------
+@cuda_only
+@pytest.mark.gpu
+def test_guided_graph_replay_equals_eager_gpu(sched):
+    torch.manual_seed(0)
+
+    class Eps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    class Feat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3))
+
+    model, feat = Eps().cuda(), Feat().cuda()
+    outs = []
+    for graphs in (True, False):
+        g = ContrastiveGuidance("hnm", feat, head=True, scale=10.0, t_min=300)
+        s = DDIMSampler(model, sched, steps=20, guidance=g, cuda_graphs=graphs, bf16=False,
+                        channels_last=False)
+        outs.append(s.sample(16, (3, 8, 8), seed=0))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
