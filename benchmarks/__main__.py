@@ -158,7 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     elif suite == "gpu":
         doc["tests"] = {"status": "not-run", "reason": "--no-tests"}
 
-    out = run_cases(ctx, cases_for(suite), only=set(args.only) if args.only else None)
+    # quick is a smoke test on shared CI cores: one intra-op thread avoids the OpenMP pool's
+    # collapse under oversubscription (measured: a tiny UNet forward 35 ms vs 1.5-3 s on a loaded
+    # 2-core machine). Restored afterwards: main() may run in-process (tests, `cdp-fast bench`).
+    threads = torch.get_num_threads()
+    if suite == "quick" and device.type == "cpu":
+        torch.set_num_threads(1)
+    doc["cpu_threads"] = torch.get_num_threads()
+    try:
+        out = run_cases(ctx, cases_for(suite), only=set(args.only) if args.only else None)
+    finally:
+        torch.set_num_threads(threads)
     doc.update(out)
     doc["telemetry"]["end"] = tel.sample()
     doc["wall_s"] = budget.elapsed()

@@ -8,7 +8,8 @@ the first step (59 of the 100 steps), contrastive group size 512.
 
 Timing: a 100-step run is not executed; it is projected from short runs of the same code path.
 For a mode (guided / unguided) and a variant, run the sampler with k1 and k2 steps (after one
-warm-up run of k1 steps, reported as ``warmup_s``, never part of the projection) and fit
+warm-up run of kw steps, reported as ``warmup_s``, never part of the projection; kw is long enough
+to contain every step kind and, on CUDA, a graph capture) and fit
 T(k) = I + k * slope:
   - unguided runs: every step plain                        -> u (ms/step), I_u
   - guided runs: step 0 caches features, steps 1..k-1 guided -> g (ms/step), I_g
@@ -29,7 +30,8 @@ Baselines (``reference_ms``):
              authors' loop without guidance. Both are reported in ``metric`` when available.
 Our variants (``params.variant``): eager-fp32, bf16-cl (bf16 autocast + channels_last),
 bf16-cl-graphs (+ CUDA graphs), bf16-cl-graphs-fused (+ Triton kernels: fused DDIM update, fused
-HNM) via ``DDIMSampler``'s flags. On the CPU only eager-fp32 and all-flags-on run.
+HNM) via ``DDIMSampler``'s flags. On the CPU: eager-fp32 and "fused" (fused_kernels on, the
+CUDA-only switches off: CPU bf16 autocast is slow and graphs need CUDA).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ GROUP = 512
 VARIANTS = {
     # name: (bf16, channels_last, cuda_graphs, fused_kernels)
     "eager-fp32": (False, False, False, False),
+    "fused": (False, False, False, True),  # CPU: the fast path minus the CUDA-only switches
     "bf16-cl": (True, True, False, False),
     "bf16-cl-graphs": (True, True, True, False),
     "bf16-cl-graphs-fused": (True, True, True, True),
@@ -64,15 +67,16 @@ class SamplingSizes:
     feature_net: str
     k1: int
     k2: int
+    kw: int   # warm-up run length: must contain every step kind (and a graph capture on CUDA)
     authors_batch: int = 512
 
 
 def sizes_for(suite: str) -> SamplingSizes:
     if suite == "gpu":
-        return SamplingSizes("ddpm-cifar10", 32, "wrn-28-10", k1=6, k2=10)
+        return SamplingSizes("ddpm-cifar10", 32, "wrn-28-10", k1=6, k2=10, kw=6)
     if suite == "cpu":
-        return SamplingSizes("ddpm-cifar10", 32, "wrn-16-4", k1=2, k2=3)
-    return SamplingSizes("tiny", 8, "wrn-10-1", k1=2, k2=3)
+        return SamplingSizes("ddpm-cifar10", 32, "wrn-16-4", k1=2, k2=3, kw=3)
+    return SamplingSizes("tiny", 8, "wrn-10-1", k1=1, k2=2, kw=2)
 
 
 class _Features(nn.Module):
@@ -155,7 +159,7 @@ def _timed(ctx: Ctx, fn) -> tuple[float, float | None]:
 def _measure(ctx: Ctx, run_k) -> dict:
     """Warm-up run (k1), then k1 and k2 runs; linear fit. ``run_k(k)`` runs a k-step sampling."""
     sz = models_for(ctx).sz
-    warm, _ = _timed(ctx, lambda: run_k(sz.k1))
+    warm, _ = _timed(ctx, lambda: run_k(sz.kw))
     t1, _ = _timed(ctx, lambda: run_k(sz.k1))
     t2, mem = _timed(ctx, lambda: run_k(sz.k2))
     slope, icpt = _fit(t1, t2, sz.k1, sz.k2)
@@ -292,7 +296,7 @@ def sampling_case(ctx: Ctx, *, batch: int, variant: str, guided: bool) -> dict:
     a_batch = min(batch, sz.authors_batch)
     scale_runs = batch / a_batch
     metric: dict = {"projection": "see benchmarks/bench_sampling.py docstring", "steps": STEPS,
-                    "guided_steps": n_g if guided else 0, "k1": sz.k1, "k2": sz.k2,
+                    "guided_steps": n_g if guided else 0, "k1": sz.k1, "k2": sz.k2, "kw": sz.kw,
                     "unet": sz.unet_preset, "unet_params": m.unet_params, "feature_net": sz.feature_net,
                     "group_size": GROUP, "scale": SCALE, "variant_flags": dict(zip(
                         ("bf16", "channels_last", "cuda_graphs", "fused_kernels"), VARIANTS[variant]))}
@@ -361,4 +365,4 @@ def sampling_case(ctx: Ctx, *, batch: int, variant: str, guided: bool) -> dict:
 def variants_for(ctx: Ctx) -> list[str]:
     if ctx.is_cuda:
         return list(VARIANTS)
-    return ["eager-fp32", "bf16-cl-graphs-fused"]
+    return ["eager-fp32", "fused"]

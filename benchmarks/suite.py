@@ -127,7 +127,7 @@ def cpu_cases() -> list[Case]:
     c = [_hnm(N, d, f32, 1) for N in (256, 1024, 2048) for d in (64, 128)]
     c += [_infonce(1024, 128, f32, 1), _ddim((64, 3, 32, 32), f32, 0.0, True, 1),
           _ddim((64, 3, 32, 32), f32, 1.0, False, 1)]
-    c += [_sample(4, v, g, 2, est=60) for g in (True, False) for v in ("eager-fp32", "bf16-cl-graphs-fused")]
+    c += [_sample(4, v, g, 2, est=60) for g in (True, False) for v in ("eager-fp32", "fused")]
     c += [_trades("wrn-28-10", "bf16-cl", 2, est=60), _trades("small-cnn", "bf16-cl", 2, est=30)]
     c += [_hnm(1024, 128, f32, 3, compile_=True, est=120)]
     return c
@@ -138,8 +138,8 @@ def quick_cases() -> list[Case]:
     return [
         _hnm(32, 16, f32, 1), _infonce(32, 16, f32, 1),
         _ddim((2, 3, 8, 8), f32, 0.0, True, 1), _ddim((2, 3, 8, 8), f32, 1.0, False, 1),
-        _sample(8, "eager-fp32", True, 1), _sample(8, "bf16-cl-graphs-fused", True, 1),
-        _sample(8, "eager-fp32", False, 1), _sample(8, "bf16-cl-graphs-fused", False, 1),
+        _sample(8, "eager-fp32", True, 1), _sample(8, "fused", True, 1),
+        _sample(8, "eager-fp32", False, 1), _sample(8, "fused", False, 1),
         _trades("wrn-28-10", "bf16-cl", 1, est=5), _trades("small-cnn", "bf16-cl", 1, est=5),
     ]
 

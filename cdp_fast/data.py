@@ -160,8 +160,17 @@ def _torchvision():
     try:
         import torchvision.datasets as tvd
         return tvd
-    except ImportError:
+    except Exception:  # not installed, or built for another torch (RuntimeError on import)
         return None
+
+
+def _try_download(what: str, fn) -> str:
+    """Run a torchvision download; on failure return a note for the FileNotFoundError."""
+    try:
+        fn()
+        return ""
+    except Exception as e:  # offline, checksum mismatch, ...
+        return f" (download of {what} via torchvision failed: {type(e).__name__}: {e})"
 
 
 def _want_download(download) -> bool:
@@ -184,8 +193,9 @@ def load_dataset(name: str, data_dir=None, *, real_limit: int | None = None, see
 
     ``data_dir`` defaults to ``$CDP_FAST_DATA_DIR`` or ``./data``. Missing files are downloaded via
     torchvision when it is installed (``download=None`` -> unless ``CDP_FAST_NO_DOWNLOAD=1``);
-    otherwise FileNotFoundError lists the expected files. ``real_limit=N`` keeps N training images,
-    class-balanced and deterministic in ``seed`` (the test split is untouched).
+    otherwise FileNotFoundError lists the expected files. GTSRB is decoded once and cached as
+    ``data_dir/gtsrb-32x32.npz`` (delete it after changing the folder). ``real_limit=N`` keeps N
+    training images, class-balanced and deterministic in ``seed`` (the test split is untouched).
     """
     key = canonical_name(name)
     if key == "digits":
@@ -293,19 +303,18 @@ def _find_idx(root: Path, key: str) -> dict:
 
 
 def _load_idx_dataset(key: str, root: Path, download) -> ImageData:
-    found = _find_idx(root, key)
+    found, note = _find_idx(root, key), ""
     if len(found) < 4 and _want_download(download):
         tvd = _torchvision()
         cls = tvd.MNIST if key == "mnist" else tvd.FashionMNIST
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
+        note = _try_download(key, lambda: [cls(str(root), train=t, download=True) for t in (True, False)])
         found = _find_idx(root, key)
     if len(found) < 4:
         missing = [b for k, b in _IDX_FILES.items() if k not in found]
         raise FileNotFoundError(
             f"{key}: missing IDX files {missing} (raw or .gz) in {root} (also looked in its "
             f"{'MNIST' if key == 'mnist' else 'FashionMNIST'}/raw); pass --data-dir, or install torchvision "
-            f"to download them")
+            f"to download them{note}")
     arr = {k: read_idx(p) for k, p in found.items()}
     for split in ("train", "test"):
         x, y = arr[f"x_{split}"], arr[f"y_{split}"]
@@ -383,17 +392,18 @@ def _cifar_dir(root: Path) -> Path | None:
 
 
 def _load_cifar10(root: Path, download) -> ImageData:
-    d = _cifar_dir(root)
+    d, note = _cifar_dir(root), ""
     if d is None and _want_download(download):
         # Download + md5 check only; torchvision's CIFAR10 class would unpickle the batches itself.
         from torchvision.datasets.utils import download_and_extract_archive
         c = _torchvision().CIFAR10
-        download_and_extract_archive(c.url, str(root), filename=c.filename, md5=c.tgz_md5)
+        note = _try_download("cifar10", lambda: download_and_extract_archive(
+            c.url, str(root), filename=c.filename, md5=c.tgz_md5))
         d = _cifar_dir(root)
     if d is None:
         raise FileNotFoundError(f"cifar10: expected {', '.join(_CIFAR_FILES)} in {root / 'cifar-10-batches-py'} "
                                 f"(the python version of CIFAR-10); pass --data-dir, or install torchvision "
-                                f"to download it")
+                                f"to download it{note}")
     parts = [read_cifar_batch(d / f) for f in _CIFAR_FILES]
     xtr = np.concatenate([p[0] for p in parts[:5]])
     ytr = np.concatenate([p[1] for p in parts[:5]])
@@ -446,10 +456,15 @@ def _read_class_folders(d: Path, size: int, labels: dict | None = None):
     return np.stack(xs), np.asarray(ys, np.int64), labels
 
 
+def _has_class_id(p: Path) -> bool:
+    with open(p, errors="replace") as fh:
+        return "ClassId" in fh.readline()
+
+
 def _read_csv_folder(d: Path, csv_path: Path, size: int):
     text = csv_path.read_text()
-    dialect = csv.Sniffer().sniff(text.splitlines()[0], delimiters=";,")
-    rows = list(csv.DictReader(io.StringIO(text), dialect=dialect))
+    head = text.splitlines()[0] if text else ""
+    rows = list(csv.DictReader(io.StringIO(text), delimiter=";" if head.count(";") > head.count(",") else ","))
     if not rows or "ClassId" not in rows[0]:
         raise ValueError(f"{csv_path}: expected a CSV with a ClassId column")
     fcol = "Filename" if "Filename" in rows[0] else "Path"
@@ -477,21 +492,24 @@ def _load_gtsrb(root: Path, download, size: int = 32) -> ImageData:
         with np.load(cache, allow_pickle=False) as z:
             return _make("gtsrb", z["x_train"], z["y_train"], z["x_test"], z["y_test"], int(z["num_classes"]))
     train, test = _gtsrb_layout(root)
+    note = ""
     if (train is None or test is None) and _want_download(download):
-        for split in ("train", "test"):
-            _torchvision().GTSRB(str(root), split=split, download=True)
+        tvd = _torchvision()
+        note = _try_download("gtsrb", lambda: [tvd.GTSRB(str(root), split=sp, download=True)
+                                               for sp in ("train", "test")])
         train, test = _gtsrb_layout(root)
     if train is None or test is None:
         raise FileNotFoundError(
             f"gtsrb: expected {root}/train/<class>/*.ppm|png|jpg and {root}/test/<class>/... (or the "
             f"torchvision layout {root}/gtsrb/GTSRB/Training + Final_Test/Images with GT-final_test.csv); "
-            f"pass --data-dir, or install torchvision to download it")
+            f"pass --data-dir, or install torchvision to download it{note}")
     xtr, ytr, labels = _read_class_folders(train, size)
     if _class_dirs(test):
         xte, yte, _ = _read_class_folders(test, size, labels)
     else:
+        # the official zip also ships GT-final_test.test.csv without labels: want a ClassId column
         csvs = [p for d in (test, test.parent, test.parent.parent, root, root / "gtsrb") if d.is_dir()
-                for p in sorted(d.glob("*.csv")) if "test" in p.name.lower()]
+                for p in sorted(d.glob("*.csv")) if "test" in p.name.lower() and _has_class_id(p)]
         if not csvs:
             raise FileNotFoundError(f"gtsrb: {test} has no class subfolders and no test CSV "
                                     f"(GT-final_test.csv / Test.csv) was found beside it")
@@ -567,6 +585,9 @@ def save_synthetic(path, images, labels, *, layout: str = "auto", **extra_arrays
     if img.dtype != np.uint8:
         if not np.issubdtype(img.dtype, np.floating):
             raise TypeError(f"images must be uint8 or float in [0, 1], got {img.dtype}")
+        if img.size and float(img.min()) < -0.5:  # a common slip: diffusion output in [-1, 1]
+            raise ValueError(f"float images must be in [0, 1] (min {float(img.min()):.3f}); map diffusion "
+                             f"samples with (x + 1) / 2 first")
         img = to_uint8(torch.from_numpy(np.ascontiguousarray(img, np.float32))).numpy()
     img = np.ascontiguousarray(_to_nhwc(img, layout, "save_synthetic"))
     lab = _as_numpy(labels, "labels")

@@ -225,6 +225,8 @@ class _GuidanceRun:
             for p in f.parameters():
                 p.requires_grad_(False)
             f.eval()
+            if self.channels_last:
+                f.to(memory_format=torch.channels_last)
 
         # fused pixel-space path? ---------------------------------------------------------------------
         self.fused_ok = False

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -100,7 +101,8 @@ class DDIMSampler:
                  skip: str = "uniform", guidance=None, clip_x0=None, *, method: str = "ddim",
                  cuda_graphs: Optional[bool] = None, bf16: Optional[bool] = None,
                  channels_last: Optional[bool] = None, fused_kernels: bool = True,
-                 nan_check_every: Optional[int] = None, backend: str = "auto"):
+                 nan_check_every: Optional[int] = None, class_conditional: Optional[bool] = None,
+                 backend: str = "auto"):
         if not callable(model):
             raise TypeError(f"model must be callable (x, t[, y]) -> eps, got {type(model).__name__}")
         if not isinstance(schedule, NoiseSchedule):
@@ -137,6 +139,8 @@ class DDIMSampler:
         self.rederive = method == "ddpm"
         self.cuda_graphs, self.bf16, self.channels_last = cuda_graphs, bf16, channels_last
         self.fused_kernels, self.nan_check_every, self.backend = bool(fused_kernels), nan_check_every, backend
+        # None: the model gets y whenever sample() gets labels; False: labels only steer guidance
+        self.class_conditional = class_conditional
 
         ab = schedule.alphas_cumprod  # float64
         self.timesteps: list[int] = list(reversed(asc))                 # sampling order
@@ -230,6 +234,9 @@ class _Run:
                 raise ValueError(f"labels must have shape [n]=[{n}], got {tuple(labels.shape)}")
             labels = labels.to(device=device, dtype=torch.long)
         self.labels = labels
+        self.model_labels = labels if s.class_conditional is not False else None
+        if s.class_conditional and labels is None:
+            raise ValueError("class_conditional=True: sample() needs labels")
 
         # static buffers --------------------------------------------------------------------------
         if x_T is not None:
@@ -264,6 +271,9 @@ class _Run:
         needs_noise = any(s._draws_noise(i) for i in range(S))
         if self.graphs and needs_noise and not s.fused_kernels:
             self.graphs = False  # a custom torch.Generator cannot be captured portably
+        if dtype == torch.float64:
+            self.graphs = False  # fp64 runs the reference kernels, which read their RNG state on the host
+        self.eager_kinds: set[str] = set()
         self.graph: dict[str, torch.cuda.CUDAGraph] = {}
         self.seen: dict[str, int] = {}
         self.checked_shape = False
@@ -291,7 +301,8 @@ class _Run:
         inp = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         try:
             with self._autocast():
-                out = self.s.model(inp, t) if self.labels is None else self.s.model(inp, t, self.labels)
+                y = self.model_labels
+                out = self.s.model(inp, t) if y is None else self.s.model(inp, t, y)
         except Exception as err:  # noqa: BLE001 - re-raised with the shape that was rejected
             if self.checked_shape:
                 raise
@@ -363,17 +374,19 @@ class _Run:
         from .utils import progress
 
         s = self.s
-        bar = progress(range(s.num_steps), total=s.num_steps, desc="sampling", disable=not show_progress) \
+        bar = progress(range(s.num_steps), total=s.num_steps, desc="sampling") \
             if show_progress else range(s.num_steps)
         every = s.nan_check_every if self.cuda else 1
-        for i in bar:
-            kind, draw = self.kinds[i], s._draws_noise(i)
-            if self.graphs:
-                self._graph_step(kind, draw)
-            else:
-                self.step(kind, draw)
-            if every is not None and (i + 1) % every == 0:
-                self._check_finite()
+        # no autograd history across steps (the guidance enables grad for its own backward only)
+        with torch.no_grad():
+            for i in bar:
+                kind, draw = self.kinds[i], s._draws_noise(i)
+                if self.graphs and kind not in self.eager_kinds:
+                    self._graph_step(kind, draw)
+                else:
+                    self.step(kind, draw)
+                if every is not None and (i + 1) % every == 0:
+                    self._check_finite()
         self._check_finite()
         return self.x
 
@@ -398,8 +411,16 @@ class _Run:
             torch.cuda.current_stream(self.device).wait_stream(side)
             return
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step(kind, draw)  # recorded, not run
+        try:
+            with torch.cuda.graph(graph):
+                self.step(kind, draw)  # recorded, not run: state is untouched if capture fails
+        except Exception as err:  # noqa: BLE001 - e.g. a host sync inside a kernel's argument checks
+            warnings.warn(f"CUDA graph capture of the {kind!r} step failed ({type(err).__name__}: {err}); "
+                          "running that step eagerly", RuntimeWarning, stacklevel=3)
+            self.eager_kinds.add(kind)
+            torch.cuda.synchronize(self.device)
+            self.step(kind, draw)
+            return
         self.graph[key] = graph
         graph.replay()
 

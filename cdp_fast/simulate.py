@@ -79,7 +79,7 @@ class SimulateConfig:
     fig_n_real: int = field(4, help="Figure 1: real points behind the pseudo-labelling theta_int")
     fig_subsets: tuple[int, ...] = field((8, 32), help="Figure 1: downstream synthetic-set sizes "
                                                        "(random subsets; the full set is always added)")
-    n_samples: int = field(1000, help="Figure 1: samples per set (half per class)")
+    n_samples: int = field(400, help="Figure 1: samples per set (half per class)")
     steps: int = field(50, help="Figure 1: DDIM steps (linear beta schedule, T = 1000)")
     scale: float = field(0.05, help="Figure 1: guidance strength per sample; lambda = scale * n_samples "
                                     "(e = eps + lambda grad; the HNM loss is a mean over 2B rows, so "

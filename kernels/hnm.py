@@ -207,7 +207,7 @@ if triton is not None:
             if HAS_LABELS:
                 lab_c = tl.load(LAB + cols, mask=cmask, other=0)
                 valid = valid & (lab_r[:, None] != lab_c[None, :])
-            act = valid & (s >= LOG_EPS)
+            act = valid
             lse1_c = tl.load(LSE1 + cols, mask=cmask, other=0.0)
             lse0_c = tl.load(LSE0 + cols, mask=cmask, other=0.0)
             ca_c = tl.load(CA + cols, mask=cmask, other=0.0)

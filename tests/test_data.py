@@ -2,6 +2,7 @@
 import gzip
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -162,6 +163,32 @@ def test_cifar_batches(tmp_path, protocol, bytes_keys):
     np.testing.assert_array_equal(d.x_test[0, 0].numpy().ravel(), ref["test_batch"][0][0, :1024])
 
 
+def _py2_cifar_pickle(x, labels):
+    """A CIFAR batch as Python 2's cPickle writes it (protocol 2, str = SHORT_BINSTRING/BINSTRING,
+    numpy.core.multiarray._reconstruct), assembled opcode by opcode."""
+    def s(b):
+        return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<i", len(b)) + b)
+
+    def i(v):
+        return b"K" + bytes([v]) if v < 256 else b"M" + struct.pack("<H", v)
+
+    arr = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + i(0) + b"\x85" + s(b"b") + b"\x87R"
+           + b"(" + i(1) + i(x.shape[0]) + i(x.shape[1]) + b"\x86"
+           + b"cnumpy\ndtype\n" + s(b"u1") + i(0) + i(1) + b"\x87R"
+           + b"(" + i(3) + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff" + i(0) + b"tb"
+           + b"\x89" + s(x.tobytes()) + b"tb")
+    labs = b"](" + b"".join(i(v) for v in labels) + b"e"
+    return b"\x80\x02}(" + s(b"data") + arr + s(b"labels") + labs + b"u."
+
+
+def test_cifar_python2_batch(tmp_path):
+    x = np.random.default_rng(6).integers(0, 256, (3, 3072), dtype=np.uint8)
+    (tmp_path / "b").write_bytes(_py2_cifar_pickle(x, [3, 7, 9]))
+    xs, ys = D.read_cifar_batch(tmp_path / "b")
+    np.testing.assert_array_equal(xs, x.reshape(3, 3, 32, 32))
+    assert ys.tolist() == [3, 7, 9] and ys.dtype == np.int64
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
@@ -199,12 +226,27 @@ def test_gtsrb_folders_and_csv(tmp_path):
     _png(tmp_path / "test" / "a.png", rng, (9, 9))
     _png(tmp_path / "test" / "b.png", rng, (6, 6))
     (tmp_path / "Test.csv").write_text("Width,Height,ClassId,Path\n9,9,2,Test/a.png\n6,6,0,Test/b.png\n")
+    (tmp_path / "test" / "GT-final_test.test.csv").write_text("Filename;Width\na.png;9\n")  # no labels
     d = D.load_dataset("gtsrb", tmp_path, download=False)
     assert d.x_train.shape == (6, 3, 32, 32) and d.x_test.shape == (2, 3, 32, 32)
     assert d.y_train.tolist() == [0, 0, 1, 1, 2, 2] and d.y_test.tolist() == [2, 0]
     assert d.num_classes == 3
     again = D.load_dataset("gtsrb", tmp_path, download=False)  # from the npz cache
     assert torch.equal(again.x_train, d.x_train) and torch.equal(again.y_test, d.y_test)
+
+
+def test_gtsrb_torchvision_layout_and_missing(tmp_path):
+    pytest.importorskip("PIL")
+    rng = np.random.default_rng(5)
+    root = tmp_path / "gtsrb"
+    for c in ("00000", "00003"):
+        _png(root / "GTSRB" / "Training" / c / "x.ppm", rng, (8, 8))
+    _png(root / "GTSRB" / "Final_Test" / "Images" / "00000.ppm", rng, (8, 8))
+    (root / "GT-final_test.csv").write_text("Filename;Width;Height;ClassId\n00000.ppm;8;8;3\n")
+    d = D.load_dataset("gtsrb", tmp_path, download=False)
+    assert d.y_train.tolist() == [0, 3] and d.y_test.tolist() == [3] and d.num_classes == 4
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        D.load_dataset("gtsrb", tmp_path / "empty", download=False)
 
 
 # ------------------------------------------------------------------------------------ synthetic
@@ -277,6 +319,8 @@ def test_npz_validation_errors(tmp_path):
         D.load_synthetic(tmp_path / "empty")
     # a failing save leaves the existing file untouched
     before = good.read_bytes()
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        D.save_synthetic(tmp_path / "pm1.npz", D.to_float(x) * 2 - 1, y)
     with pytest.raises(ValueError, match="rows"):
         D.save_synthetic(good, x, y, confidence=torch.zeros(2))
     assert good.read_bytes() == before
@@ -380,6 +424,8 @@ def test_mixing_synthetic_with_replacement_and_errors():
     ys = torch.cat([y[3:] for _, y in loader])
     assert len(loader) == 6 and len(ys) == 42  # 20 // 3 real per batch; 42 draws from 3 images
     assert set(ys.tolist()) == {0, 1, 2}
+    tail = list(D.DeviceLoader(xr, yr, 10, synthetic=(xs, torch.arange(3)), drop_last=False))
+    assert len(tail) == 7 and [len(y) for _, y in tail] == [10] * 6 + [7]  # 2 real + round(2 * 7 / 3)
     with pytest.raises(ValueError, match="no synthetic data"):
         D.DeviceLoader(xr, yr, 10, synthetic_fraction=0.5)
     with pytest.raises(ValueError, match="only 20"):
@@ -388,3 +434,28 @@ def test_mixing_synthetic_with_replacement_and_errors():
         D.DeviceLoader(xr, yr, 10, synthetic=(torch.zeros(3, 1, 3, 3, dtype=torch.uint8), torch.arange(3)))
     with pytest.raises(ValueError, match="augment"):
         D.DeviceLoader(xr, yr, 10, augment="rotate")
+
+
+def test_download_path_through_torchvision(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeMNIST:  # stands in for torchvision.datasets.MNIST(root, train, download=True)
+        def __init__(self, root, train, download):
+            calls.append(train)
+            if not (tmp_path / "ok" / "MNIST" / "raw").exists():
+                _write_mnist(tmp_path / "ok" / "MNIST" / "raw", np.random.default_rng(7))
+
+    class Offline:
+        def __init__(self, root, train, download):
+            raise OSError("no network")
+
+    fake = type("tvd", (), {"MNIST": FakeMNIST, "FashionMNIST": Offline})
+    monkeypatch.setattr(D, "_torchvision", lambda: fake)
+    d = D.load_dataset("mnist", tmp_path / "ok", download=True)
+    assert d.x_train.shape == (7, 1, 5, 5) and calls == [True, False]
+    with pytest.raises(FileNotFoundError, match="download of fashion-mnist via torchvision failed.*no network"):
+        D.load_dataset("fashion-mnist", tmp_path / "off", download=True)
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        D.load_dataset("mnist", tmp_path / "no", download=False)
+    assert calls == []

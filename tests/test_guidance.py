@@ -193,9 +193,9 @@ def test_guided_windows(sched):
     assert custom.guided(500, 3) and not custom.guided(500, 2) and not custom.guided(999, 0)
 
 
-@pytest.mark.parametrize("pair,loss", [("real-positive", "hnm"), ("real-negative", "hnm"),
-                                       ("real-negative", "infonce"), ("real-positive", "infonce")])
-@pytest.mark.parametrize("with_labels", [False, True])
+@pytest.mark.parametrize("pair,loss,with_labels", [
+    ("real-positive", "hnm", True), ("real-negative", "hnm", True), ("real-negative", "hnm", False),
+    ("real-negative", "infonce", True), ("real-positive", "infonce", False)])
 def test_real_data_pairs_run_and_guide(sched, gmm, pair, loss, with_labels):
     gen = torch.Generator().manual_seed(0)
     real_labels = torch.arange(20) % 2
@@ -223,8 +223,8 @@ def test_real_pairs_need_images():
 
 
 def test_guidance_with_image_features_and_to_features(sched):
-    """Images in [-1, 1] reach a conv feature net as (x+1)/2 by default."""
-    seen = {}
+    """Images in [-1, 1] reach a conv feature net as (x+1)/2 by default; to_features overrides."""
+    inputs = []
 
     class Feat(nn.Module):
         def __init__(self):
@@ -233,15 +233,24 @@ def test_guidance_with_image_features_and_to_features(sched):
             self.feature_dim = 4
 
         def forward(self, x):
-            seen["min"] = min(seen.get("min", 1.0), float(x.min()))
+            inputs.append(x.detach().clone())
             return self.conv(x).mean((2, 3))
 
-    model = lambda x, t: torch.zeros_like(x)  # noqa: E731  (x0 = x / sqrt(a): stays in range early)
-    g = ContrastiveGuidance("hnm", Feat(), head=True, scale=1.0, t_min=700)
+    model = lambda x, t: 0.1 * x  # noqa: E731
     x_T = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = DDIMSampler(model, sched, steps=10).sample(6, (1, 5, 5), x_T=x_T)
+    g = ContrastiveGuidance("hnm", Feat(), head=True, scale=1.0, t_min=500)
     out = DDIMSampler(model, sched, steps=10, guidance=g).sample(6, (1, 5, 5), x_T=x_T)
     assert out.shape == (6, 1, 5, 5) and torch.isfinite(out).all()
-    assert seen["min"] >= 0.0  # the transform was applied to the first (in-range) states
+    assert (out - plain).abs().max() > 1e-4
+    assert torch.all(inputs[0] == 0.5)  # the shape probe runs on zeros: (0 + 1) / 2
+    # step 0 (t=900) is not guided but primes the cache: x_T is step 1's positive, seen as (x+1)/2
+    assert torch.equal(inputs[1], (x_T + 1) / 2)
+    # a constant transform makes the loss independent of x: zero gradient, plain DDIM
+    g = ContrastiveGuidance("hnm", Feat(), head=True, scale=1.0, t_min=500,
+                            to_features=lambda x: 0.0 * x + 0.5)
+    out = DDIMSampler(model, sched, steps=10, guidance=g).sample(6, (1, 5, 5), x_T=x_T)
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -133,8 +133,8 @@ def make_embeddings(B, d, kind, seed=0, dtype=torch.float32):
     """L2-normalised anchors/positives. kind "random": independent; "close": positives near
     their anchors; "mixed": every other positive near its anchor (the Ng clamp binds on those
     rows for large tau_plus, not on the others); "clamps": anchors in adjacent +-pairs
-    (cos ~ -1: the neg clamp binds at small T) and a third of the positives unrelated (the ratio
-    clamp binds at small T)."""
+    (cos ~ -1: the neg clamp binds at small T) and a third of the positives opposite to their
+    anchors (the ratio clamp binds at small T)."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(B, d, generator=g, dtype=torch.float64)
     noise = torch.randn(B, d, generator=g, dtype=torch.float64)
@@ -149,7 +149,7 @@ def make_embeddings(B, d, kind, seed=0, dtype=torch.float32):
         half = B // 2  # rows 2i+1 = -(row 2i): same group whenever the group size is even
         a[1: 2 * half: 2] = -a[0: 2 * half: 2] + 0.05 * noise[:half]
         p = a + 0.3 * noise
-        p[::3] = noise[::3]
+        p[::3] = -a[::3] + 0.5 * noise[::3]
     else:
         raise ValueError(kind)
     return F.normalize(a, dim=-1).to(dtype), F.normalize(p, dim=-1).to(dtype)

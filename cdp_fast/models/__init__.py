@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from ..utils import atomic_write_bytes, write_json
