@@ -29,7 +29,20 @@ through the anchor branch of f only. The optional online head (Linear-ReLU-Linea
 Adam lr 1e-2, one step per guided step on the same loss) gets its gradient from both branches, and
 the gradient for x is taken BEFORE its Adam step, as the authors do. Pixel space (features=None,
 no head, no normalisation) with an HNM loss uses ``kernels.hnm_guided_ddim_update`` (gradient
-fused into the DDIM update) when ``fused=True``.
+fused into the DDIM update) when ``fused=True`` (on deterministic steps; steps that draw noise use
+the gradient + ``kernels.ddim_update`` path, which has the in-kernel Philox noise).
+
+The authors' settings (SPEC §2 table):
+
+    # CIFAR-10, DDIM 100 steps, eta 0
+    g = ContrastiveGuidance("hnm", wrn.features, head=True, scale=1e5, t_min=400)   # group 512
+    DDIMSampler(unet, NoiseSchedule.linear(), steps=100, guidance=g).sample(512, (3, 32, 32))
+    # MNIST, DDPM 250 respaced steps, cosine schedule, 50 < t < 150
+    g = ContrastiveGuidance("hnm", cnn.features, head=True, head_dims=(64, 64), scale=1e5,
+                            t_min=51, t_max=150, group_size=128)
+    DDIMSampler(unet, NoiseSchedule.cosine(), steps=250, method="ddpm", guidance=g)
+    # InfoNCE variant: no head, lambda 1000 (the default scale for loss="infonce")
+    g = ContrastiveGuidance("infonce", wrn.features, t_min=400)
 """
 from __future__ import annotations
 
@@ -46,6 +59,7 @@ __all__ = ["ContrastiveGuidance", "EmbeddingHead", "LOSSES", "PAIRS", "default_g
 LOSSES = ("hnm", "hnm-easy", "infonce")
 PAIRS = ("previous", "real-positive", "real-negative")
 DEFAULT_TEMPERATURE = {"hnm": 10.0, "hnm-easy": 10.0, "infonce": 0.1}
+DEFAULT_SCALE = {"hnm": 1e5, "hnm-easy": 1e5, "infonce": 1e3}  # the authors' lambdas
 AUTHORS_GROUP = 512
 
 
@@ -92,17 +106,19 @@ def _num(name, v, *, lo=None, lo_open=False, hi=None, hi_open=False):
 class ContrastiveGuidance:
     """Configuration of the contrastive guidance; see the module doc for every option.
 
-    ``features``: frozen ``nn.Module`` (any callable works; only modules are frozen) mapping
+    ``features``: ``nn.Module`` or a bound method of one (frozen for the run; any other callable
+    is used as is) mapping
     ``to_features(x)`` to [B, ...] features, or None for pixel space. ``to_features``: "auto"
     ((x+1)/2 for a features module, identity for pixels), None (identity) or a callable.
     ``head``: None/False (no head), True (EmbeddingHead(in_dim, *head_dims), initialised from the
     run's seed), or an ``nn.Module`` (deep-copied at every run, so every run starts from the same
     weights and the caller's module is never trained). ``normalize`` (no head only): L2-normalise
-    the embeddings; None = True for a features module, False in pixel space.
+    the embeddings; None = True for a features module, False in pixel space. ``scale`` (lambda):
+    None = the authors' 1e5 for HNM, 1e3 for InfoNCE.
     """
 
     def __init__(self, loss: str = "hnm", features: Optional[Callable] = None, *,
-                 head: Union[None, bool, nn.Module] = None, scale: float = 1e5,
+                 head: Union[None, bool, nn.Module] = None, scale: Optional[float] = None,
                  t_min: Optional[int] = 400, t_max: Optional[int] = None, skip_first: bool = True,
                  when: Optional[Callable[[int, int], bool]] = None,
                  temperature: Optional[float] = None, tau_plus: float = 0.1, beta: float = 1.0,
@@ -119,7 +135,7 @@ class ContrastiveGuidance:
         if features is not None and not callable(features):
             raise TypeError(f"features must be an nn.Module / callable or None, got {type(features).__name__}")
         self.loss, self.features, self.pair = loss, features, pair
-        self.scale = _num("scale", scale)
+        self.scale = _num("scale", DEFAULT_SCALE[loss] if scale is None else scale)
         self.temperature = _num("temperature", DEFAULT_TEMPERATURE[loss] if temperature is None else temperature,
                                 lo=0.0, lo_open=True)
         self.tau_plus = _num("tau_plus", tau_plus, lo=0.0, hi=1.0, hi_open=True)
@@ -204,10 +220,18 @@ class ContrastiveGuidance:
 
 
 class _GuidanceRun:
-    def __init__(self, g: ContrastiveGuidance, n, shape, labels, device, dtype, seed, bf16,
-                 capturable, channels_last, backend, ddpm, clip_x0):
+    def __init__(self, *args):
+        self._restore = []
+        try:
+            self._setup(*args)
+        except BaseException:
+            self.finish()  # never leave the caller's feature net frozen
+            raise
+
+    def _setup(self, g: ContrastiveGuidance, n, shape, labels, device, dtype, seed, bf16,
+               capturable, channels_last, backend, ddpm, clip_x0):
         self.g, self.n, self.shape, self.device, self.dtype = g, n, shape, device, dtype
-        self.bf16, self.backend = bf16, backend
+        self.bf16, self.backend, self.capturable = bf16, backend, capturable
         self.channels_last = channels_last and len(shape) == 3
         cond = (labels is not None) if g.conditional is None else g.conditional
         if cond and labels is None:
@@ -219,14 +243,17 @@ class _GuidanceRun:
         # freeze f for the run (restored by finish) -------------------------------------------------
         self._restore = []
         f = g.features
-        if isinstance(f, nn.Module):
-            self._restore = [(p, p.requires_grad) for p in f.parameters()]
-            self._was_training = f.training
-            for p in f.parameters():
+        # a module, or a bound method of one (e.g. ``classifier.features``): freeze the owner
+        owner = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)
+        self.owner = owner if isinstance(owner, nn.Module) else None
+        if self.owner is not None:
+            self._was_training = self.owner.training
+            self._restore = [(p, p.requires_grad) for p in self.owner.parameters()] + [(None, None)]
+            for p in self.owner.parameters():
                 p.requires_grad_(False)
-            f.eval()
+            self.owner.eval()
             if self.channels_last:
-                f.to(memory_format=torch.channels_last)
+                self.owner.to(memory_format=torch.channels_last)
 
         # fused pixel-space path? ---------------------------------------------------------------------
         self.fused_ok = False
@@ -247,8 +274,9 @@ class _GuidanceRun:
             if tuple(real.shape[1:]) != shape:
                 raise ValueError(f"real_images have sample shape {tuple(real.shape[1:])}, the sampler draws {shape}")
             real_labels = None if g.real_labels is None else g.real_labels.to(device=device, dtype=torch.long)
-            with torch.no_grad():
-                real_feats = real if self.fused_ok else self._features(real)
+            with torch.no_grad():  # chunked: a large real bank must not blow up the memory
+                real_feats = real if self.fused_ok else torch.cat(
+                    [self._features(real[i:i + 256]) for i in range(0, real.shape[0], 256)])
             if g.pair == "real-negative":
                 self.bank = real_feats.flatten(1) if self.fused_ok else real_feats
                 self.bank_labels = real_labels if (self.labels is not None and real_labels is not None) else None
@@ -269,9 +297,10 @@ class _GuidanceRun:
                 self.pos_feats = real_feats[idx.to(device)].contiguous()
 
         # static buffers: feature cache (positives = previous state's features) ----------------------
+        # pixel (fused) mode keeps the raw flattened state in the state's dtype
         if self.fused_ok:
-            self.cache = torch.zeros((n,) + shape, device=device, dtype=dtype)
             fdim = math.prod(shape)
+            self.cache = torch.zeros(n, fdim, device=device, dtype=dtype) if g.needs_previous else None
         else:
             with torch.no_grad():
                 probe = self._features(torch.zeros((min(n, 2),) + shape, device=device, dtype=dtype))
@@ -284,7 +313,7 @@ class _GuidanceRun:
             if isinstance(g.head, nn.Module):
                 head = copy.deepcopy(g.head)
             else:
-                in_dim = g.head_in_dim or getattr(f, "feature_dim", None) or fdim
+                in_dim = g.head_in_dim or fdim
                 head = EmbeddingHead(int(in_dim), *g.head_dims,
                                      generator=torch.Generator().manual_seed(seed + 0x4EAD))
             self.head = head.to(device=device, dtype=torch.float32).train()
@@ -300,7 +329,8 @@ class _GuidanceRun:
 
         if not self.bf16:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              cache_enabled=not self.capturable)  # no cast cache under graph capture
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         g = self.g
@@ -342,14 +372,14 @@ class _GuidanceRun:
 
     # the calls the sampler makes ---------------------------------------------------------------------
     def _positive_feats(self):
-        return self.pos_feats if self.g.pair == "real-positive" else self.cache
+        return (self.pos_feats if self.g.pair == "real-positive" else self.cache).float()
 
     def prime(self, x: torch.Tensor) -> None:
         """Cache the features of x: it is the positive (x_{t+1}) of the next, guided step."""
         if self.cache is None:
             return
         with torch.no_grad():
-            self.cache.copy_(x if self.fused_ok else self._features(x))
+            self.cache.copy_(x.flatten(1) if self.fused_ok else self._features(x))
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
         """grad_x L at the current state (fp32, x's shape); one head Adam step after it."""
@@ -358,7 +388,7 @@ class _GuidanceRun:
             fa = self._features(xa)
             za = self._embed(fa)
             zp = self._embed(self._positive_feats())
-            bank = None if self.bank is None else self._embed(self.bank)
+            bank = None if self.bank is None else self._embed(self.bank.float())
             loss = self._loss(za, zp, bank)
             if self.head is not None:
                 grads = torch.autograd.grad(loss, [xa] + self.params)
@@ -369,8 +399,8 @@ class _GuidanceRun:
                 (gx,) = torch.autograd.grad(loss, [xa])
         if self.opt is not None:
             self.opt.step()  # after the x gradient, as the authors do
-        if self.cache is not None:
-            self.cache.copy_(fa.detach())  # f(x_t) is the next step's f(x_{t+1})
+        if self.cache is not None:  # f(x_t) is the next step's f(x_{t+1})
+            self.cache.copy_(x.detach().flatten(1) if self.fused_ok else fa.detach())
         return gx.float()
 
     def fused_update(self, x, e, a_t, a_next, *, clip_x0=None):
@@ -380,19 +410,21 @@ class _GuidanceRun:
 
         g = self.g
         out = hnm_guided_ddim_update(
-            x, e, a_t, a_next, self.cache, scale=g.scale * self.ngroups, temperature=g.temperature,
+            x, e, a_t, a_next, self.cache.view(x.shape), scale=g.scale * self.ngroups, temperature=g.temperature,
             tau_plus=g.tau_plus, beta=g.beta, estimator="hard" if g.loss == "hnm" else "easy",
             labels=self.labels, bank=self.bank, bank_labels=self.bank_labels,
             group_size=self.G if self.G < self.n else None, eta=0.0, clip_x0=clip_x0,
             backend=self.backend)
-        self.cache.copy_(x)  # x_t is the next step's positive
+        self.cache.copy_(x.flatten(1))  # x_t is the next step's positive
         return out
 
     def finish(self) -> None:
+        """Restore the feature net's requires_grad flags and train/eval mode."""
         for p, flag in self._restore:
-            p.requires_grad_(flag)
-        if self._restore and isinstance(self.g.features, nn.Module):
-            self.g.features.train(self._was_training)
+            if p is not None:
+                p.requires_grad_(flag)
+        if self._restore and self.owner is not None:
+            self.owner.train(self._was_training)
         self._restore = []
 
 

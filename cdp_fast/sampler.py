@@ -28,6 +28,13 @@ in-kernel Philox noise from a device ``rng_state`` and, for pixel-space HNM guid
 indexed by a device step counter; no per-step host sync; no history is kept (peak memory does
 not grow with the number of steps). NaN/inf in the state: checked every step on the CPU, through
 a device flag checked every ``nan_check_every`` steps (default: once, at the end) on CUDA.
+Graphs are not used for fp64 states, nor for noisy steps with ``fused_kernels=False`` (their noise
+comes from a host-seeded torch.Generator); a step kind whose capture fails (e.g. a kernel's
+argument checks reading a device value) warns once and runs eagerly.
+
+Other options: ``class_conditional`` (None: the model gets ``y`` whenever ``sample`` gets labels;
+False: labels only steer the guidance), ``backend`` ("auto" | "reference" | "triton", passed to
+the kernels).
 """
 from __future__ import annotations
 
@@ -254,10 +261,17 @@ class _Run:
         self.rng_state = torch.tensor([(seed * 2654435761 + 12345) % (2 ** 62), 0], dtype=torch.int64,
                                       device=device)
         self.coef = s.coefficient_table().to(device=device, dtype=dtype)  # [S, 7], state dtype
-        self.t_table = torch.tensor(s.timesteps, dtype=torch.long, device=device).view(S, 1).expand(S, n).contiguous()
+        self.t_table = torch.tensor(s.timesteps, dtype=torch.long, device=device)  # [S]
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.bad_step = torch.full((1,), -1, dtype=torch.long, device=device)
         self.kinds = self._kinds()
+
+        # graph mode needs device noise: in-kernel Philox (fused) or nothing to draw
+        needs_noise = any(s._draws_noise(i) for i in range(S))
+        if self.graphs and needs_noise and not s.fused_kernels:
+            self.graphs = False  # a custom torch.Generator cannot be captured portably
+        if dtype == torch.float64:
+            self.graphs = False  # fp64 runs the reference kernels, which read their RNG state on the host
 
         self.grun = None
         if s.guidance is not None and any(k != "plain" for k in self.kinds):
@@ -267,12 +281,6 @@ class _Run:
                                          ddpm=s.rederive, clip_x0=s.clip_x0)
         if self.channels_last and isinstance(s.model, torch.nn.Module):
             s.model.to(memory_format=torch.channels_last)
-        # graph mode needs device noise: in-kernel Philox (fused) or nothing to draw
-        needs_noise = any(s._draws_noise(i) for i in range(S))
-        if self.graphs and needs_noise and not s.fused_kernels:
-            self.graphs = False  # a custom torch.Generator cannot be captured portably
-        if dtype == torch.float64:
-            self.graphs = False  # fp64 runs the reference kernels, which read their RNG state on the host
         self.eager_kinds: set[str] = set()
         self.graph: dict[str, torch.cuda.CUDAGraph] = {}
         self.seen: dict[str, int] = {}
@@ -295,7 +303,9 @@ class _Run:
     def _autocast(self):
         if not self.bf16:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        # the autocast weight-cast cache must be off while capturing CUDA graphs
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              cache_enabled=not self.graphs)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inp = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -324,7 +334,7 @@ class _Run:
         idx = self.counter
         row = self.coef.index_select(0, idx).view(-1)
         a_t, a_next = row[0], row[1]
-        t = self.t_table.index_select(0, idx).view(-1)
+        t = self.t_table.index_select(0, idx).expand(self.n).contiguous()  # LongTensor [n]
         if kind == "prime":
             self.grun.prime(x)
         e = self.eps(x, t)

@@ -24,9 +24,13 @@ results.json::
      "theorem": {"n", "d", "eps", "c", "sigma", "n_syn_bound", "n_syn_bound_eps2_numerator",
                  "preconditions", "simulated": [{"n_syn", "robust_error", "robust_error_se",
                  "standard_error"}], "target": 1e-3},
-     "figure1": {"mu", "sigma", "eps", "steps", "scale", "guided_timesteps", "n_samples",
-                 "arms": {"true"|"ddim"|"contrastive-dp": {"c", "var", "per_class": [...],
-                          "downstream": {"pseudo_label": {"m=..."|"all": {...}}, "true_label": ...},
+     "figure1": {"mu", "sigma", "eps", "steps", "scale", "lambda", "guided_timesteps", "n_samples",
+                 "n_real", "temperature", "tau_plus", "beta", "theta_int", "optimal",
+                 "arms": {"true"|"ddim"|"contrastive-dp": {"c", "angle_to_mu_deg", "var",
+                          "var_parallel", "var_orth", "per_class": [{"label", "sign", "count",
+                          "mean", "c", "var_parallel", "var_orth", "var"}],
+                          "downstream": {"pseudo_label"|"true_label": {"m=<k>"|"all":
+                                         {"m", "standard_error", "robust_error", "..._se"}}},
                           "pseudo_label_acc"}}},
      "figures": {...paths}, "config": {...}, "wall_s": float, plus top-level scalar summaries}
 """
@@ -53,14 +57,14 @@ class SimulateConfig:
     out: str = field("runs/simulate", help="output folder (results.json, figure1.png, lemma3_errors.png)")
     seed: int = field(0, help="random seed (every Monte-Carlo draw and the sampler's noise)")
     device: str = field("auto", help="device for the Figure-1 sampler: auto | cpu | cuda[:i]")
-    quick: bool = field(False, help="tiny sizes everywhere (seconds; for smoke tests)")
+    quick: bool = field(False, help="tiny sizes for every size left at its default (seconds; smoke tests)")
     # Lemma 3 ----------------------------------------------------------------------------------
     d: int = field(100, help="Lemma 3: dimension")
     n: int = field(10, help="Lemma 3: real labelled points behind theta_int (sigma = (n d)^(1/4))")
     n_syn: int = field(1000, help="Lemma 3: synthetic points per trial")
     trials: int = field(400, help="Monte-Carlo trials per cell (Lemma 3, Figure-1 downstream)")
-    eps: float = field(0.4, help="Linf radius of the robust error (Lemma 3)")
-    mu_spread: float = field(0.6, help="Lemma 3: mu_i spread evenly in [1-s, 1+s] (then ||mu||^2 = d); "
+    eps: float = field(0.4, help="Linf radius of the robust error (Lemma 3; keep below min mu_i)")
+    mu_spread: float = field(0.55, help="Lemma 3: mu_i spread evenly in [1-s, 1+s] (then ||mu||^2 = d); "
                                        "0 gives mu = 1, where mu and mu - eps point the same way")
     cs: tuple[float, ...] = field((0.25, 0.5, 1.0, 2.0), help="Lemma 3: the scalars c of c*mu and c*(mu-eps)")
     std_factors: tuple[float, ...] = field((0.25, 0.5, 1.0, 1.5),
@@ -77,17 +81,17 @@ class SimulateConfig:
     fig_sigma: float = field(1.0, help="Figure 1: class std")
     fig_eps: float = field(0.5, help="Figure 1: Linf radius of the downstream robust error")
     fig_n_real: int = field(4, help="Figure 1: real points behind the pseudo-labelling theta_int")
-    fig_subsets: tuple[int, ...] = field((8, 32), help="Figure 1: downstream synthetic-set sizes "
+    fig_subsets: tuple[int, ...] = field((4, 16), help="Figure 1: downstream synthetic-set sizes "
                                                        "(random subsets; the full set is always added)")
     n_samples: int = field(400, help="Figure 1: samples per set (half per class)")
     steps: int = field(50, help="Figure 1: DDIM steps (linear beta schedule, T = 1000)")
     scale: float = field(0.05, help="Figure 1: guidance strength per sample; lambda = scale * n_samples "
                                     "(e = eps + lambda grad; the HNM loss is a mean over 2B rows, so "
                                     "this keeps the push per sample independent of n_samples)")
-    guide_t_min: int = field(100, help="Figure 1: guide the steps with t >= this (never the first)")
+    guide_t_min: int = field(400, help="Figure 1: guide the steps with t >= this (never the first)")
     guide_t_max: int = field(1000, help="Figure 1: ... and t <= this")
-    temperature: float = field(0.5, help="Figure 1: HNM temperature T (SPEC default 10 mostly inflates "
-                                         "the variance of raw 2-D points; 0.5 shows the paper's effect)")
+    temperature: float = field(1.0, help="Figure 1: HNM temperature T (SPEC's 10 is too flat for raw 2-D "
+                                         "points: it mostly inflates the variance; 1 shows the paper's effect)")
     tau_plus: float = field(0.1, help="HNM tau_plus")
     beta: float = field(1.0, help="HNM beta (hardness)")
     backend: str = field("auto", help="kernel backend", choices=("auto", "reference", "triton"))
@@ -95,7 +99,7 @@ class SimulateConfig:
 
 _QUICK = dict(d=20, n=5, n_syn=100, trials=40, cs=(0.5, 1.0, 2.0), std_factors=(0.5, 1.0),
               theorem_d=400, theorem_trials=8, theorem_max_syn=20_000, n_samples=64, steps=12,
-              fig_subsets=(8,))
+              fig_subsets=(4,))
 
 
 def _check(cfg: SimulateConfig) -> None:
@@ -172,6 +176,8 @@ def _lemma3(cfg: SimulateConfig) -> dict:
             row["family"], row["c"] = name, None
         row["std_factor"] = factor_of[row["std"]]
     res["settings"]["mu_spread"] = cfg.mu_spread
+    res["settings"]["min_mu"] = float(mu.min())
+    res["settings"]["c*(mu-eps)"] = "mu - eps*1 rescaled to ||mu|| first, then times c"
     res["checks"] = _lemma3_checks(res["rows"], cfg)
     return res
 
@@ -182,7 +188,8 @@ def _lemma3_checks(rows: list[dict], cfg: SimulateConfig) -> dict:
     cs = sorted(cfg.cs)
     out = {"c*mu_beats_orthogonal_standard": [], "larger_c_better_standard_c*mu": [],
            "larger_c_better_robust_c*(mu-eps)": [], "c*(mu-eps)_beats_c*mu_robust": [],
-           "orthogonal_to_mu-eps_worst_robust": [], "smaller_std_better_standard_c=1": None}
+           "orthogonal_means_worst_standard_error": [],
+           "orthogonal_means_worst_robust_error": [], "smaller_std_better_standard_c=1": None}
     for f in sorted(cfg.std_factors):
         orth = by[("orthogonal to mu", None, f)]["standard_error"]
         out["c*mu_beats_orthogonal_standard"].append(all(by[("c*mu", c, f)]["standard_error"] < orth for c in cs))
@@ -192,9 +199,11 @@ def _lemma3_checks(rows: list[dict], cfg: SimulateConfig) -> dict:
         out["larger_c_better_robust_c*(mu-eps)"].append(all(a > b for a, b in zip(re_, re_[1:])))
         out["c*(mu-eps)_beats_c*mu_robust"].append(
             [by[("c*(mu-eps)", c, f)]["robust_error"] < by[("c*mu", c, f)]["robust_error"] for c in cs])
-        worst = by[("orthogonal to mu-eps", None, f)]["robust_error"]
-        out["orthogonal_to_mu-eps_worst_robust"].append(
-            all(r["robust_error"] <= worst for r in rows if r["std_factor"] == f))
+        orth_rows = [r for r in rows if r["std_factor"] == f and r["c"] is None]
+        rest = [r for r in rows if r["std_factor"] == f and r["c"] is not None]
+        for key in ("standard_error", "robust_error"):
+            out[f"orthogonal_means_worst_{key}"].append(
+                max(r[key] for r in rest) < min(r[key] for r in orth_rows))
     if 1.0 in cs:
         v = [by[("c*mu", 1.0, f)]["standard_error"] for f in sorted(cfg.std_factors)]
         out["smaller_std_better_standard_c=1"] = all(a < b for a, b in zip(v, v[1:]))
@@ -338,7 +347,10 @@ def figure1_stats(x: torch.Tensor, labels: torch.Tensor, mu, sigma: float, eps: 
                                "robust_error": float(re_.mean()),
                                "standard_error_se": float(se.std() / math.sqrt(K)) if K > 1 else 0.0,
                                "robust_error_se": float(re_.std() / math.sqrt(K)) if K > 1 else 0.0}
+    diff = xs[labels == 0].mean(0) - xs[labels == 1].mean(0)
+    cosang = float(diff @ m) / max(float(diff.norm() * m.norm()), 1e-300)
     return {"c": float(np.mean([p["c"] for p in per_class])),
+            "angle_to_mu_deg": math.degrees(math.acos(max(-1.0, min(1.0, cosang)))),
             "var": float(np.mean([p["var"] for p in per_class])),
             "var_parallel": float(np.mean([p["var_parallel"] for p in per_class])),
             "var_orth": float(np.mean([p["var_orth"] for p in per_class])),
@@ -421,7 +433,8 @@ def _plot_figure1(res: dict, samples: dict, path: Path) -> Path:
         ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
         ax.set_aspect("equal", adjustable="box")
         ax.legend(loc="upper left", fontsize=8, markerscale=2)
-    fig.suptitle(f"2-D Gaussian mixture +-mu = +-{tuple(mu)}, sigma = {res['sigma']}; "
+    mu_s = "(" + ", ".join(f"{v:g}" for v in mu) + ")"
+    fig.suptitle(f"2-D Gaussian mixture +-mu = +-{mu_s}, sigma = {res['sigma']:g}; "
                  f"{res['steps']} DDIM steps, HNM T = {res['temperature']:g}, lambda = {res['lambda']:g} "
                  f"on t in [{min(res['guided_timesteps'], default=0)}, {max(res['guided_timesteps'], default=0)}] "
                  "(stars: true means)", fontsize=10)
@@ -450,9 +463,13 @@ def _plot_lemma3(lem: dict, thm: dict, path: Path) -> Path:
             ax.axhline(r[key], color="gray", ls=ls, label=f"mu~ {fam}")
         opt = lem["optimal"]["standard_error_theta_mu"] if key == "standard_error" else \
             lem["optimal"]["robust_error_theta_mu_minus_eps"]
-        ax.axhline(opt, color="k", lw=0.8, label="optimal theta")
+        ax.axhline(opt, color="k", lw=0.8,
+                   label="optimal theta" + (" (= mu)" if key == "standard_error" else " (= mu - eps)"))
         ax.axhline(lem["theta_int"][key], color="r", lw=0.8, ls="--", label="theta_int (real only)")
         ax.set_xscale("log")
+        cs_all = sorted({r["c"] for r in rows if r["c"] is not None})
+        ax.set_xticks(cs_all, [f"{c:g}" for c in cs_all])
+        ax.minorticks_off()
         ax.set_xlabel("c")
         ax.set_ylabel(f"E[{key.replace('_', ' ')}] of theta_final")
         ax.set_title(f"{title} (synthetic std = {f_ref:g} sigma)", fontsize=10)
@@ -468,7 +485,7 @@ def _plot_lemma3(lem: dict, thm: dict, path: Path) -> Path:
     ax.set_xlabel("synthetic std / sigma")
     ax.set_ylabel("E[error] of theta_final (mu~ = c mu)")
     ax.set_title("Lemma 2: smaller synthetic variance", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6, ncol=2)
     ax = axes[1, 1]
     sim = thm["simulated"]
     ns = np.array([s["n_syn"] for s in sim])
@@ -500,8 +517,10 @@ def run(cfg: SimulateConfig) -> dict:
     """Run the whole theory lab; writes results.json, figure1.png, lemma3_errors.png into cfg.out."""
     if not isinstance(cfg, SimulateConfig):
         raise TypeError(f"run expects a SimulateConfig, got {type(cfg).__name__}")
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, **_QUICK)
+    if cfg.quick:  # tiny sizes for every field still at its default (explicit values win)
+        defaults = SimulateConfig()
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in _QUICK.items()
+                                          if getattr(cfg, k) == getattr(defaults, k)})
     _check(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.out)

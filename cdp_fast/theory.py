@@ -145,20 +145,26 @@ def theta_final(x_syn, theta_int):
 
 # ----------------------------------------------------------------------------------------------
 # Lemma 3 Monte Carlo
-def lemma3_means(mu, eps: float, cs: Sequence[float] = (0.25, 0.5, 1.0, 2.0), seed: int = 0
-                 ) -> dict[str, np.ndarray]:
+def lemma3_means(mu, eps: float, cs: Sequence[float] = (0.25, 0.5, 1.0, 2.0), seed: int = 0, *,
+                 match_norm: bool = True) -> dict[str, np.ndarray]:
     """The synthetic means of Lemma 3: c*mu, c*(mu - eps*1) for each c, and one vector orthogonal
-    to mu and one orthogonal to mu - eps*1 (each with the norm of mu)."""
+    to mu and one orthogonal to mu - eps*1 (each with the norm of mu).
+
+    ``match_norm``: rescale mu - eps*1 to the norm of mu first, so c*mu and c*(mu - eps*1) differ
+    only in direction (the Lemma's claim is about the direction; without it the shorter
+    mu - eps*1 also has a lower signal-to-noise ratio at the same c)."""
     m = _t64(mu, "mu").numpy()
     if m.ndim != 1 or m.size < 2:
         raise ValueError(f"mu must be a 1-D vector with d >= 2 (orthogonal means need room), got shape {m.shape}")
     e = _positive_scalar(eps, "eps", allow_zero=True)
     rob = m - e
+    nrob = np.linalg.norm(rob)
+    rob_dir = rob * (np.linalg.norm(m) / nrob) if match_norm and nrob > 0 else rob
     out: dict[str, np.ndarray] = {}
     for c in cs:
         out[f"c*mu (c={c:g})"] = float(c) * m
     for c in cs:
-        out[f"c*(mu-eps) (c={c:g})"] = float(c) * rob
+        out[f"c*(mu-eps) (c={c:g})"] = float(c) * rob_dir
     rng = np.random.default_rng(seed)
     for name, ref in (("orthogonal to mu", m), ("orthogonal to mu-eps", rob)):
         v = rng.standard_normal(m.size)

@@ -97,13 +97,11 @@ def test_fast_path_equals_authors_loop(sched, gmm, loss, conditional):
     ref = authors_loop(gmm, sched, steps, f, head, x_T, scale=scale, t_min=t_min, loss=loss, labels=labels)
     plain = DDIMSampler(gmm, sched, steps=steps).sample(n, (2,), x_T=x_T)
 
-    model = gmm
-    if conditional:  # guidance labels, but the eps model itself stays unconditional here
-        def model(x, t, y=None):
-            return gmm(x, t)
     g = ContrastiveGuidance(loss, f, head=head, scale=scale, t_min=t_min)
     f.rows = 0
-    out = DDIMSampler(model, sched, steps=steps, guidance=g).sample(n, (2,), x_T=x_T, labels=labels)
+    # labels steer the guidance only: the eps model stays unconditional (class_conditional=False)
+    out = DDIMSampler(gmm, sched, steps=steps, guidance=g, class_conditional=False).sample(
+        n, (2,), x_T=x_T, labels=labels)
 
     assert (out - plain).abs().max() > 1e-2, "guidance had no visible effect: the test would be vacuous"
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -283,3 +281,81 @@ def test_guided_graph_replay_equals_eager_gpu(sched):
                         channels_last=False)
         outs.append(s.sample(16, (3, 8, 8), seed=0))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_feature_net_restored_after_an_error(sched, gmm):
+    f = CountingFeatures().train()
+    g = ContrastiveGuidance("hnm", f, scale=1.0, t_min=0, pair="real-negative",
+                            real_images=torch.zeros(4, 3))  # wrong sample shape
+    with pytest.raises(ValueError, match="real_images have sample shape"):
+        DDIMSampler(gmm, sched, steps=5, guidance=g).sample(4, (2,))
+    assert f.training and all(p.requires_grad for p in f.parameters())
+
+
+def _triton_runs_here():
+    from cdp_fast.kernels._backend import interpreting, triton_available
+    return triton_available() and (interpreting() or torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+def test_pixel_guidance_triton_fused_kernel_matches_reference(sched, gmm):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(2)).to(dev)
+    outs = []
+    for backend in ("triton", "reference"):
+        g = ContrastiveGuidance("hnm", None, scale=2.0, t_min=300)
+        s = DDIMSampler(gmm.to(dev), sched, steps=8, guidance=g, backend=backend, bf16=False,
+                        cuda_graphs=False)
+        outs.append(s.sample(8, (2,), x_T=x_T))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_authors_defaults():
+    g = ContrastiveGuidance()
+    assert (g.loss, g.temperature, g.tau_plus, g.beta, g.scale) == ("hnm", 10.0, 0.1, 1.0, 1e5)
+    assert (g.t_min, g.t_max, g.skip_first, g.pair, g.head) == (400, None, True, "previous", None)
+    g = ContrastiveGuidance("infonce")
+    assert (g.temperature, g.scale) == (0.1, 1e3)
+    run = ContrastiveGuidance("hnm", CountingFeatures(d_out=640), head=True).start(4, (2,))
+    dims = [(m.in_features, m.out_features) for m in run.head.modules() if isinstance(m, nn.Linear)]
+    assert dims == [(640, 128), (128, 128)]
+    assert isinstance(run.opt, torch.optim.Adam) and run.opt.defaults["lr"] == 1e-2
+    run.finish()
+
+
+def test_bound_method_features_freeze_their_module(sched, gmm):
+    """``classifier.features`` (a bound method) is frozen for the run and restored afterwards."""
+    flags = []
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(2, 6)
+            self.fc = nn.Linear(6, 3)
+
+        def features(self, x):
+            flags.append(self.body.weight.requires_grad or self.training)
+            return torch.tanh(self.body(x))
+
+    clf = Classifier().train()
+    g = ContrastiveGuidance("hnm", clf.features, head=True, scale=1.0, t_min=300)
+    out = DDIMSampler(gmm, sched, steps=10, guidance=g).sample(6, (2,), seed=0)
+    assert torch.isfinite(out).all() and flags and not any(flags)
+    assert clf.training and all(p.requires_grad for p in clf.parameters())
+    assert all(p.grad is None for p in clf.parameters())
+
+
+@pytest.mark.parametrize("eta,dtype", [(1.0, torch.float32), (0.0, torch.float64)])
+def test_pixel_guidance_on_image_shapes(sched, eta, dtype):
+    """Pixel space on [n, C, H, W]: fused (deterministic steps) and unfused paths agree."""
+    model = GaussianMixtureEps(torch.zeros(1, 9), [1.0], [1.0], sched)  # data N(0, I): bounded states
+    outs = []
+    for fused in (True, False):
+        g = ContrastiveGuidance("hnm", None, scale=0.5, t_min=200, fused=fused, pair="real-negative",
+                                real_images=torch.zeros(3, 1, 3, 3, dtype=torch.float64) + 0.1)
+        s = DDIMSampler(model, sched, steps=8, eta=eta, guidance=g)
+        outs.append(s.sample(6, (1, 3, 3), seed=1, dtype=dtype))
+    plain = DDIMSampler(model, sched, steps=8, eta=eta).sample(6, (1, 3, 3), seed=1, dtype=dtype)
+    assert outs[0].dtype == dtype and torch.isfinite(outs[0]).all()
+    assert (outs[1] - plain).abs().max() > 1e-4
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

@@ -227,6 +227,30 @@ def test_x_T_is_respected(sched, gmm):
         s.sample(8, (2,), x_T=torch.zeros(8, 3))
 
 
+def test_no_autograd_history_with_a_trainable_model(sched):
+    """A model whose weights require grad must not chain autograd graphs across steps."""
+    lin = torch.nn.Linear(2, 2)
+    model = lambda x, t: lin(x)  # noqa: E731
+    s = DDIMSampler(model, sched, steps=5, eta=1.0)
+    out = s.sample(4, (2,), seed=0)
+    assert not out.requires_grad and out.grad_fn is None
+
+
+def test_class_conditional_false_keeps_labels_from_the_model(sched, gmm):
+    calls = []
+
+    def model(x, t, *rest):
+        calls.append(len(rest))
+        return gmm(x, t)
+
+    labels = torch.tensor([0, 1, 0, 1])
+    DDIMSampler(model, sched, steps=4, class_conditional=False).sample(4, (2,), labels=labels)
+    DDIMSampler(model, sched, steps=4).sample(4, (2,), labels=labels)
+    assert calls == [0] * 4 + [1] * 4
+    with pytest.raises(ValueError, match="needs labels"):
+        DDIMSampler(model, sched, steps=3, class_conditional=True).sample(4, (2,))
+
+
 def test_float64_state_and_progress(sched, gmm):
     s = DDIMSampler(gmm, sched, steps=5)
     out = s.sample(4, (2,), dtype=torch.float64, progress=True)
@@ -327,3 +351,22 @@ def test_peak_memory_independent_of_steps(sched):
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated())
     assert peaks[1] <= peaks[0] * 1.1 + (1 << 20), peaks
+
+
+def _triton_runs_here():
+    from cdp_fast.kernels._backend import interpreting, triton_available
+    return triton_available() and (interpreting() or torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+def test_triton_backend_in_the_loop(sched, gmm):
+    """The sampler drives the Triton DDIM kernel (0-d device alphas, in-kernel Philox noise)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(2)).to(dev)
+    kw = dict(steps=6, bf16=False, cuda_graphs=False)
+    a = DDIMSampler(gmm.to(dev), sched, backend="triton", **kw).sample(6, (2,), x_T=x_T)
+    b = DDIMSampler(gmm.to(dev), sched, backend="reference", **kw).sample(6, (2,), x_T=x_T)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    s = DDIMSampler(gmm.to(dev), sched, eta=1.0, backend="triton", **kw)
+    c, d = s.sample(6, (2,), seed=3), s.sample(6, (2,), seed=3)
+    assert torch.equal(c, d) and not torch.allclose(c, a)
