@@ -24,7 +24,7 @@ import torch
 
 from . import report
 from .common import (Budget, Ctx, Settings, Telemetry, device_name, device_peaks, device_slug,
-                     quiet_env, sfu_exp_per_s, triton_version)
+                     sfu_exp_per_s, triton_version)
 from .suite import BENCH_NAMES, cases_for, run_cases
 
 PKG_DIR = Path(__file__).resolve().parent
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "quick none); cases that no longer fit are skipped and listed")
     p.add_argument("--no-tests", action="store_true", help="gpu suite: do not run the GPU-only tests first")
     p.add_argument("--device", default=None, help="override the device (default: cuda for gpu, else cpu)")
+    p.add_argument("--list", action="store_true", help="print the suite's cases in run order and exit")
     p.add_argument("--tests-timeout-s", type=float, default=None,
                    help="limit for the GPU tests (default: min(150, 35%% of the budget))")
     return p
@@ -107,8 +108,13 @@ def run_gpu_tests(timeout_s: float, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_env()
     suite = args.suite
+    if args.list:
+        cases = sorted(enumerate(cases_for(suite)), key=lambda ic: (ic[1].priority, ic[0]))
+        for _, c in cases:
+            if not args.only or c.name in args.only:
+                print(f"P{c.priority}  ~{c.est_s:>5.0f}s  {c.name:16s} {c.params}")
+        return 0
     if args.device:
         device = torch.device(args.device)
     elif suite == "gpu":
@@ -145,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "cuda": torch.version.cuda,
         "env": {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES") if os.environ.get(k)},
+        # left at PyTorch's defaults (what a user gets); recorded because they change fp32 numbers
+        "backend_flags": {"cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+                          "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+                          "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)},
     }
     if device.type == "cuda":
         doc["device_properties"] = {"total_memory_mb": torch.cuda.get_device_properties(device).total_memory / 2 ** 20,
@@ -165,16 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "quick" and device.type == "cpu":
         torch.set_num_threads(1)
     doc["cpu_threads"] = torch.get_num_threads()
+    stem = f"{doc['device_slug']}-{now.date().isoformat()}" + ("" if suite == "gpu" else f"-{suite}")
+
+    def checkpoint(partial: dict) -> None:
+        report.write({**doc, **partial, "partial": True, "wall_s": budget.elapsed()}, Path(args.out), stem)
+
     try:
-        out = run_cases(ctx, cases_for(suite), only=set(args.only) if args.only else None)
+        out = run_cases(ctx, cases_for(suite), only=set(args.only) if args.only else None,
+                        checkpoint=checkpoint)
     finally:
         torch.set_num_threads(threads)
+        from .bench_sampling import clear_cache, clear_models
+
+        clear_cache()  # measurements and models are shared within one run only
+        clear_models()
     doc.update(out)
     doc["telemetry"]["end"] = tel.sample()
     doc["wall_s"] = budget.elapsed()
     tel.close()
 
-    stem = f"{doc['device_slug']}-{now.date().isoformat()}" + ("" if suite == "gpu" else f"-{suite}")
     problems = report.validate(report.sanitize(doc))
     if problems:  # a bug in a benchmark: record it, still write the file
         doc["schema_problems"] = problems

@@ -11,12 +11,14 @@ HNM, forward + backward, fused kernel (SPEC §3.3):
                    and for G_cr (row c's statistics)         4 N^2 exps
   total    : 8 N^2 d FLOPs, 6 N^2 exps (lower-order row terms and the N vs N - 2 columns ignored)
   bound    : max(FLOPs / matmul peak, exps / exp peak), matmul peak = bf16 tensor core for
-             bf16 inputs, TF32 tensor core for fp32 inputs; exp peak = 16 MUFU.EX2 per clock per SM
+             bf16 inputs, fp32 FMA for fp32 inputs (the kernel's tl.dot is "ieee" for fp32); exp peak = 16 MUFU.EX2 per clock per SM
              at the max SM clock (see common.SFU_EXP_PER_CLK_PER_SM). "% of bound" = bound / time.
   The same counts are used for the eager reference's achieved rate (it materialises N x N).
 
 InfoNCE (B = N / 2 queries and keys), same convention: 8 B^2 d FLOPs (forward 2, backward
-recompute 2 + dq 2 + dk 2) and 2 B^2 exps (forward softmax, backward recomputation).
+recompute 2 + dq 2 + dk 2) and 2 B^2 exps (forward softmax, backward recomputation). This is the
+minimal count: a backward split into a row kernel (dq) and a column kernel (dk) that each
+recompute the tiles does 10 B^2 d FLOPs and 3 B^2 exps, which shows up as a lower % of bound.
 
 DDIM update: bytes = (inputs read + outputs written) x numel x element size; inputs are x, eps and
 the guidance gradient when guided; the noise is drawn inside the fused kernel (no read), so the
@@ -29,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import (Ctx, bench_graph, bench_kernel, dtype_name, free_memory, is_oom,
+from .common import (BenchTimeout, Ctx, bench_graph, bench_kernel, dtype_name, free_memory, is_oom,
                      make_result, matmul_peak_tflops, peak_extra_mb, rel_err)
 
 HNM_MODULES = ("cdp_fast.kernels.hnm", "cdp_fast.kernels.hnm_ref")
@@ -139,9 +141,10 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
     metric: dict = {"fused_backend": fb, "cost_model": "see benchmarks/bench_kernels.py docstring"}
     metric.update(_bound_metrics(ctx, flops, exps, dtype))
 
-    # Fused first: it must work at every size.
-    f_out = _grads_of(fused_loss, leaves)
+    # Fused first: it must work at every size. Its very first call (Triton compile) is timed
+    # apart by bench_kernel, so it runs before the correctness check.
     tf = bench_kernel(ctx, fused, grad_to_none=leaves)
+    f_out = _grads_of(fused_loss, leaves)
     metric["fused_first_call_ms"] = tf["first_call_ms"]
     metric["timer"] = tf["timer"]
     mem_f = peak_extra_mb(ctx, fused, grad_to_none=leaves)
@@ -150,13 +153,13 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
     # Eager reference (dense N x N): may run out of memory at large N; that is a result.
     ref_ms = mem_r = None
     try:
+        tr = bench_kernel(ctx, ref, grad_to_none=leaves)
         r_out = _grads_of(ref_loss, leaves)
         metric["loss_fused"] = float(f_out[0])
         metric["loss_reference"] = float(r_out[0])
         metric["loss_rel_err"] = abs(float(f_out[0]) - float(r_out[0])) / max(abs(float(r_out[0])), 1e-30)
         metric["grad_rel_err"] = max(rel_err(f, r) for f, r in zip(f_out[1:], r_out[1:]))
         del r_out
-        tr = bench_kernel(ctx, ref, grad_to_none=leaves)
         ref_ms = tr["ms"]
         metric["reference_first_call_ms"] = tr["first_call_ms"]
         mem_r = peak_extra_mb(ctx, ref, grad_to_none=leaves)
@@ -193,6 +196,8 @@ def _compiled_reference(ctx: Ctx, ref_loss_of, leaves) -> dict:
         out["compiled_reference_ms"] = tc["ms"]
         out["compile_s"] = tc["first_call_ms"] / 1e3
         out["compiled_reference_peak_mem_mb"] = peak_extra_mb(ctx, step, grad_to_none=leaves)
+    except BenchTimeout:
+        raise
     except Exception as e:  # noqa: BLE001 - a compile failure is recorded, the entry survives
         out["compiled_reference_error"] = f"{type(e).__name__}: {e}"[:500]
         if is_oom(e):
@@ -262,6 +267,8 @@ def ddim_case(ctx: Ctx, *, shape: tuple, dtype: torch.dtype, eta: float, guided:
                 metric["fused_graph_ms"] = tg["ms"]
                 metric["fused_graph_capture_ms"] = tg["capture_ms"]
                 del tg["graph"]
+            except BenchTimeout:
+                raise
             except Exception as ex:  # noqa: BLE001 - recorded, not fatal
                 metric["fused_graph_error"] = f"{type(ex).__name__}: {ex}"[:300]
     metric["fused_first_call_ms"] = tf["first_call_ms"]

@@ -35,14 +35,13 @@ CUDA-only switches off: CPU bf16 autocast is slow and graphs need CUDA).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .common import Ctx, free_memory, is_oom, make_result
+from .common import BenchTimeout, Ctx, free_memory, is_oom, make_result
 
 SAMPLING_MODULES = ("cdp_fast.sampler", "cdp_fast.guidance", "cdp_fast.models", "cdp_fast.models.unet")
 STEPS = 100
@@ -75,7 +74,7 @@ def sizes_for(suite: str) -> SamplingSizes:
     if suite == "gpu":
         return SamplingSizes("ddpm-cifar10", 32, "wrn-28-10", k1=6, k2=10, kw=6)
     if suite == "cpu":
-        return SamplingSizes("ddpm-cifar10", 32, "wrn-16-4", k1=2, k2=3, kw=3)
+        return SamplingSizes("ddpm-cifar10", 32, "wrn-16-4", k1=1, k2=2, kw=2)
     return SamplingSizes("tiny", 8, "wrn-10-1", k1=1, k2=2, kw=2)
 
 
@@ -257,15 +256,21 @@ def _gpu_days(ips: float | None) -> float | None:
 _CACHE: dict = {}
 
 
-def _cached(key, fn):
+def _cached(key, fn, *, baseline: bool = False):
+    """Measure once per suite run. Out of memory -> {"failed": msg, "oom": True}. A baseline's
+    other failures (e.g. an incompatible diffusers) are recorded the same way instead of killing
+    the case; ours re-raise. Timeouts always propagate."""
     if key not in _CACHE:
         try:
             _CACHE[key] = fn()
-        except Exception as e:  # noqa: BLE001 - OOM and friends are results of the baseline
-            if not is_oom(e):
+        except BenchTimeout:
+            raise
+        except Exception as e:  # noqa: BLE001
+            oom = is_oom(e)
+            if not (oom or baseline):
                 raise
             free_memory()
-            _CACHE[key] = {"oom": f"{type(e).__name__}: {str(e)[:200]}"}
+            _CACHE[key] = {"failed": f"{type(e).__name__}: {str(e)[:300]}", "oom": oom}
     return _CACHE[key]
 
 
@@ -282,14 +287,14 @@ def sampling_case(ctx: Ctx, *, batch: int, variant: str, guided: bool) -> dict:
     # unguided per-step cost of this variant: needed by both projections
     meas_u = _cached(("ours", batch, variant, False),
                      lambda: _measure(ctx, _our_runner(ctx, m, batch, variant, False)))
-    if "oom" in meas_u:
-        raise MemoryError(f"our {variant} sampler ran out of memory (unguided): {meas_u['oom']}")
+    if "failed" in meas_u:
+        raise MemoryError(f"our {variant} sampler ran out of memory (unguided): {meas_u['failed']}")
     meas_g = None
     if guided:
         meas_g = _cached(("ours", batch, variant, True),
                          lambda: _measure(ctx, _our_runner(ctx, m, batch, variant, True)))
-        if "oom" in meas_g:
-            raise MemoryError(f"our {variant} sampler ran out of memory (guided): {meas_g['oom']}")
+        if "failed" in meas_g:
+            raise MemoryError(f"our {variant} sampler ran out of memory (guided): {meas_g['failed']}")
     ours_ms = _project(meas_u, meas_g, n_g)
 
     # the authors' loop at min(batch, 512), scaled to the batch
@@ -303,48 +308,53 @@ def sampling_case(ctx: Ctx, *, batch: int, variant: str, guided: bool) -> dict:
     metric.update({f"unguided_{k}": v for k, v in meas_u.items()})
     if meas_g is not None:
         metric.update({f"guided_{k}": v for k, v in meas_g.items()})
-    a_u = _cached(("authors", a_batch, False), lambda: _measure(ctx, _authors_runner(ctx, m, a_batch, False)))
+    a_u = _cached(("authors", a_batch, False), lambda: _measure(ctx, _authors_runner(ctx, m, a_batch, False)),
+                  baseline=True)
     a_g = None
     if guided:
-        a_g = _cached(("authors", a_batch, True), lambda: _measure(ctx, _authors_runner(ctx, m, a_batch, True)))
+        a_g = _cached(("authors", a_batch, True), lambda: _measure(ctx, _authors_runner(ctx, m, a_batch, True)),
+                      baseline=True)
     authors_ms = None
-    if "oom" not in a_u and (a_g is None or "oom" not in a_g):
+    if "failed" not in a_u and (a_g is None or "failed" not in a_g):
         authors_ms = _project(a_u, a_g, n_g) * scale_runs
         metric["authors_step_ms_unguided"] = a_u["step_ms"]
         if a_g is not None:
             metric["authors_step_ms_guided"] = a_g["step_ms"]
             metric["authors_peak_mem_mb"] = a_g.get("peak_mem_mb")
     else:
-        metric["authors_oom"] = (a_g or {}).get("oom") or a_u.get("oom")
+        bad = a_g if (a_g is not None and "failed" in a_g) else a_u
+        metric["authors_oom" if bad.get("oom") else "authors_error"] = bad["failed"]
     metric["authors_ms"] = authors_ms
     metric["authors_batch"] = a_batch
     metric["reference_scaled_from"] = f"{a_batch} x {scale_runs:g} runs" if scale_runs != 1 else None
 
     reference_ms, ref_mem, ref_kind = authors_ms, None, "authors_loop"
-    if a_g is not None and "oom" not in a_g and scale_runs == 1:
+    if a_g is not None and "failed" not in a_g and scale_runs == 1:
         ref_mem = a_g.get("peak_mem_mb")
     if not guided:
         ref_mem = a_u.get("peak_mem_mb") if scale_runs == 1 else None
         try:
             import diffusers  # noqa: F401
             have_diffusers = True
-        except ImportError:
+        except Exception as e:  # noqa: BLE001 - not installed, or broken against this torch
             have_diffusers = False
+            if not isinstance(e, ImportError):
+                metric["diffusers_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if have_diffusers:
             def _diff():
                 run_k, params = _diffusers_runner(ctx, m, batch)
                 out = _measure(ctx, run_k)
                 out["params"] = params
                 return out
-            d = _cached(("diffusers", batch), _diff)
-            if "oom" not in d:
+            d = _cached(("diffusers", batch), _diff, baseline=True)
+            if "failed" not in d:
                 reference_ms = _project(d, None, 0)
                 ref_mem, ref_kind = d.get("peak_mem_mb"), "diffusers.DDIMPipeline"
                 metric["diffusers_ms"] = reference_ms
                 metric["diffusers_step_ms"] = d["step_ms"]
                 metric["diffusers_unet_params"] = d["params"]
             else:
-                metric["diffusers_oom"] = d["oom"]
+                metric["diffusers_oom" if d.get("oom") else "diffusers_error"] = d["failed"]
     metric["reference_kind"] = ref_kind
 
     ips = _images(batch, ours_ms)
@@ -353,16 +363,11 @@ def sampling_case(ctx: Ctx, *, batch: int, variant: str, guided: bool) -> dict:
     metric["reference_images_per_s"] = _images(batch, reference_ms)
     metric["reference_gpu_days_100M"] = _gpu_days(metric["reference_images_per_s"])
     if reference_ms is None:
-        metric["note"] = "reference ran out of memory"
+        metric["note"] = "reference failed: " + str(metric.get("authors_oom") or metric.get("authors_error"))
     mem = (meas_g or meas_u).get("peak_mem_mb")
     params = {"batch": batch, "variant": variant, "steps": STEPS, "image_size": sz.image_size,
+              "unet": sz.unet_preset, "feature_net": sz.feature_net if guided else None,
               "eta": 0.0, "t_min": T_MIN if guided else None}
     dtype = "bf16-autocast" if VARIANTS[variant][0] else "fp32"
     return make_result(name, params, dtype, reference_ms=reference_ms, fused_ms=ours_ms,
                        peak_mem_mb_reference=ref_mem, peak_mem_mb_fused=mem, metric=metric)
-
-
-def variants_for(ctx: Ctx) -> list[str]:
-    if ctx.is_cuda:
-        return list(VARIANTS)
-    return ["eager-fp32", "fused"]

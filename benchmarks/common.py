@@ -19,7 +19,6 @@ import contextlib
 import gc
 import importlib
 import math
-import os
 import platform
 import re
 import signal
@@ -77,13 +76,15 @@ def sfu_exp_per_s(peaks: dict | None, sm_clock_mhz: float | None = None) -> floa
 
 
 def matmul_peak_tflops(peaks: dict | None, dtype: torch.dtype) -> tuple[float | None, str]:
-    """Tensor-core peak for a matmul on inputs of ``dtype``: bf16/fp16 -> bf16 peak; fp32 -> TF32
-    (Triton's tl.dot and cuBLAS with allow_tf32 use TF32 for fp32 inputs by default)."""
+    """Matmul peak for inputs of ``dtype``: bf16/fp16 -> the dense bf16 tensor-core peak; fp32 ->
+    the fp32 (FMA, non-tensor-core) peak: the HNM kernel uses tl.dot(input_precision="ieee") for
+    fp32 inputs and PyTorch's default (allow_tf32=False) keeps the reference's fp32 matmuls off
+    TF32 too. The TF32 peak stays in the table for reference."""
     if not peaks:
         return None, "unknown"
     if dtype in (torch.bfloat16, torch.float16):
         return peaks["bf16"], "bf16-tensor"
-    return peaks["tf32"], "tf32-tensor"
+    return peaks["fp32"], "fp32-fma"
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,7 +500,3 @@ def make_result(name: str, params: dict, dtype: str, *, reference_ms: float | No
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().flatten(), b.detach().double().flatten()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def quiet_env() -> None:
-    os.environ.setdefault("CDP_FAST_QUIET", "1")

@@ -88,13 +88,14 @@ def _params(name: str, p: dict) -> str:
     if name == "ddim_update":
         return f"{'x'.join(map(str, p.get('shape', [])))} eta={p.get('eta')} {'guided' if p.get('guided') else ''}".strip()
     if name.startswith("sample_"):
-        return f"batch={p.get('batch')} {p.get('variant')}"
+        return f"batch={p.get('batch')} {p.get('variant')} ({p.get('unet')})"
     if name == "trades_step":
-        return f"{p.get('model')} batch={p.get('batch')} {p.get('variant')}"
+        arch = p.get("arch") or p.get("model")
+        return f"{arch} batch={p.get('batch')} K={p.get('attack_steps')} {p.get('variant')}"
     return ", ".join(f"{k}={v}" for k, v in p.items())
 
 
-def _key_metric(r: dict) -> str:
+def _key_metric(r: dict, days: str = "GPU-days") -> str:
     m, n = r.get("metric", {}), r["name"]
     parts = []
     if n in ("hnm_fwd_bwd", "infonce_fwd_bwd"):
@@ -115,18 +116,20 @@ def _key_metric(r: dict) -> str:
             parts.append(f"graph {m['fused_graph_ms']:.3g} ms")
     elif n.startswith("sample_"):
         if m.get("images_per_s") is not None:
-            parts.append(f"{m['images_per_s']:.0f} img/s")
+            parts.append(f"{m['images_per_s']:.4g} img/s")
         if m.get("gpu_days_100M") is not None:
-            parts.append(f"{m['gpu_days_100M']:.2f} GPU-days/100M")
+            parts.append(f"{m['gpu_days_100M']:.4g} {days}/100M")
         if m.get("reference_gpu_days_100M") is not None:
-            parts.append(f"ref {m['reference_gpu_days_100M']:.2f} GPU-days ({m.get('reference_kind')})")
+            parts.append(f"ref {m['reference_gpu_days_100M']:.4g} {days} ({m.get('reference_kind')})")
     elif n == "trades_step":
         if m.get("images_per_s") is not None:
-            parts.append(f"{m['images_per_s']:.0f} img/s")
+            parts.append(f"{m['images_per_s']:.4g} img/s")
         if m.get("speedup_vs_original_trades") is not None:
             parts.append(f"{m['speedup_vs_original_trades']:.2f}x vs original TRADES code")
     if m.get("note") and not parts:
         parts.append(str(m["note"]))
+    if m.get("warnings"):
+        parts.append(f"{len(m['warnings'])} warning(s), see JSON")
     return "; ".join(parts)
 
 
@@ -147,6 +150,7 @@ def to_markdown(doc: dict) -> str:
         lines.append(f"- GPU tests (`pytest -m gpu`): {tests.get('status')}, passed {tests.get('passed')}, "
                      f"failed {tests.get('failed')}, errors {tests.get('errors')}, skipped {tests.get('skipped')}")
     lines.append(f"- wall time {_f(doc.get('wall_s'), '{:.0f}')} s (budget {_f(doc.get('budget_s'), '{:.0f}')} s)")
+    days = "GPU-days" if doc.get("device_properties") else "device-days"
     lines += ["", "| benchmark | params | dtype | reference ms | ours ms | speedup | ref peak MB | our peak MB | key metrics |",
               "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in doc.get("results", []):
@@ -155,7 +159,7 @@ def to_markdown(doc: dict) -> str:
             r["name"], _params(r["name"], r.get("params", {})), r.get("dtype", ""),
             _f(r.get("reference_ms"), "{:.4g}"), _f(r.get("fused_ms"), "{:.4g}"), spd,
             _f(r.get("peak_mem_mb_reference"), "{:.1f}"), _f(r.get("peak_mem_mb_fused"), "{:.1f}"),
-            _key_metric(r).replace("|", "/")]) + " |")
+            _key_metric(r, days).replace("|", "/")]) + " |")
     if doc.get("errors"):
         lines += ["", "## Errors", ""]
         for e in doc["errors"]:

@@ -6,14 +6,16 @@ under ``skipped`` with the reason "budget"):
      4096x3x32x32 guided fp32; guided sampling at batch 512 (all flags vs eager fp32, against the
      authors' loop); TRADES WRN-28-10 bf16.
   2. the rest of d = 128 at N = 256, 4096, 262144, InfoNCE, DDIM in bf16 / with noise / larger,
-     unguided sampling at 512, the other sampler variants at 512, TRADES small-cnn.
-  3. batch 2048 sampling, d = 64 and 640, torch.compile(reference) (N = 1024 and 4096), TRADES
-     with torch.compile.
+     unguided sampling at 512, the other sampler variants at 512, TRADES small-cnn,
+     torch.compile(reference) at N = 1024 fp32.
+  3. d = 64 and 640 (N = 1024, 16384), fp32 at N = 4096 / 65536, DDIM at batch 512,
+     torch.compile(reference) at N = 4096 bf16, batch 2048 sampling, TRADES with torch.compile.
   4. the remaining (N, d, dtype) grid points, batch 4096.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -99,13 +101,14 @@ def gpu_cases() -> list[Case]:
         _sample(512, "bf16-cl-graphs-fused", False, 2, est=15), _sample(512, "eager-fp32", False, 2, est=10),
         _sample(512, "bf16-cl", True, 2, est=10), _sample(512, "bf16-cl-graphs", True, 2, est=10),
         _trades("small-cnn", "bf16-cl", 2, est=15),
+        _hnm(1024, 128, f32, 2, compile_=True, est=40),
         # --- 3 ---------------------------------------------------------------------------------
-        _sample(2048, "bf16-cl-graphs-fused", True, 3, est=40), _sample(2048, "eager-fp32", True, 3, est=40),
-        _sample(2048, "bf16-cl-graphs-fused", False, 3, est=15), _sample(2048, "eager-fp32", False, 3, est=15),
         _hnm(1024, 64, b16, 3), _hnm(16384, 64, b16, 3), _hnm(1024, 640, b16, 3), _hnm(16384, 640, b16, 3),
-        _hnm(1024, 128, f32, 3, compile_=True, est=40), _hnm(4096, 128, b16, 3, compile_=True, est=40),
         _hnm(4096, 128, f32, 3), _hnm(65536, 128, f32, 3, est=8),
         _ddim(cifar(512), f32, 0.0, True, 3), _ddim(cifar(512), b16, 0.0, True, 3),
+        _hnm(4096, 128, b16, 3, compile_=True, est=40),
+        _sample(2048, "bf16-cl-graphs-fused", True, 3, est=40), _sample(2048, "eager-fp32", True, 3, est=40),
+        _sample(2048, "bf16-cl-graphs-fused", False, 3, est=15), _sample(2048, "eager-fp32", False, 3, est=15),
         _trades("wrn-28-10", "bf16-cl-compile", 3, est=120),
         _sample(512, "bf16-cl", False, 3, est=8), _sample(512, "bf16-cl-graphs", False, 3, est=8),
     ]
@@ -127,7 +130,7 @@ def cpu_cases() -> list[Case]:
     c = [_hnm(N, d, f32, 1) for N in (256, 1024, 2048) for d in (64, 128)]
     c += [_infonce(1024, 128, f32, 1), _ddim((64, 3, 32, 32), f32, 0.0, True, 1),
           _ddim((64, 3, 32, 32), f32, 1.0, False, 1)]
-    c += [_sample(4, v, g, 2, est=60) for g in (True, False) for v in ("eager-fp32", "fused")]
+    c += [_sample(2, v, g, 2, est=60) for g in (True, False) for v in ("eager-fp32", "fused")]
     c += [_trades("wrn-28-10", "bf16-cl", 2, est=60), _trades("small-cnn", "bf16-cl", 2, est=30)]
     c += [_hnm(1024, 128, f32, 3, compile_=True, est=120)]
     return c
@@ -148,8 +151,11 @@ def cases_for(suite: str) -> list[Case]:
     return {"gpu": gpu_cases, "cpu": cpu_cases, "quick": quick_cases}[suite]()
 
 
-def run_cases(ctx: Ctx, cases: list[Case], *, only=None, log=print) -> dict:
-    """Run cases in (priority, listed) order; returns {"results", "errors", "skipped"}."""
+def run_cases(ctx: Ctx, cases: list[Case], *, only=None, log=print, checkpoint=None) -> dict:
+    """Run cases in (priority, listed) order; returns {"results", "errors", "skipped"}.
+
+    ``checkpoint(partial)`` is called after every case, so a hard crash (a segfault, a sticky CUDA
+    error followed by a kill) still leaves the results so far on disk."""
     order = sorted(range(len(cases)), key=lambda i: (cases[i].priority, i))
     results, errors, skipped = [], [], []
     if only:
@@ -159,7 +165,12 @@ def run_cases(ctx: Ctx, cases: list[Case], *, only=None, log=print) -> dict:
         if case is None:
             continue
         label = f"{case.name} {case.params}"
-        ok, why = import_status(case.requires) if case.requires else (True, None)
+        try:
+            ok, why = import_status(case.requires) if case.requires else (True, None)
+        except Exception as e:  # noqa: BLE001 - a module that exists but fails to import is a bug
+            errors.append({**error_entry(case.name, case.params, e), "kind": "import"})
+            log(f"[bench] error {label}: import failed: {type(e).__name__}: {e}")
+            continue
         if not ok:
             skipped.append({"name": case.name, "params": case.params, "reason": why})
             log(f"[bench] skip {label}: {why}")
@@ -176,10 +187,17 @@ def run_cases(ctx: Ctx, cases: list[Case], *, only=None, log=print) -> dict:
         t0 = time.perf_counter()
         log(f"[bench] run  {label}")
         try:
-            with time_limit(limit):
+            with time_limit(limit), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 res = case.fn(ctx)
             tel = telemetry_delta(before, ctx.telemetry.sample(), time.perf_counter() - t0)
             res["metric"]["telemetry"] = tel
+            # e.g. "CUDA graph capture of the 'guided' step failed ... running that step eagerly":
+            # a variant that silently fell back must say so next to its number.
+            msgs = list(dict.fromkeys(f"{w.category.__name__}: {w.message}"[:300] for w in caught
+                                      if not issubclass(w.category, DeprecationWarning)))
+            if msgs:
+                res["metric"]["warnings"] = msgs[:8]
             res["metric"]["priority"] = case.priority
             results.append(res)
             ref = "-" if res["reference_ms"] is None else "%.3f ms" % res["reference_ms"]
@@ -197,4 +215,9 @@ def run_cases(ctx: Ctx, cases: list[Case], *, only=None, log=print) -> dict:
             log(f"[bench]      ERROR {type(e).__name__}: {str(e)[:300]}")
         finally:
             free_memory()
+        if checkpoint is not None:
+            try:
+                checkpoint({"results": results, "errors": errors, "skipped": skipped})
+            except Exception as e:  # noqa: BLE001 - never lose the run over a checkpoint
+                log(f"[bench] checkpoint failed: {type(e).__name__}: {e}")
     return {"results": results, "errors": errors, "skipped": skipped}

@@ -34,6 +34,7 @@ def test_quick_suite_writes_valid_json(quick_run):
     problems = report.validate(doc)
     assert not problems, "\n".join(problems)
     assert doc["suite"] == "quick"
+    assert "partial" not in doc  # the per-case checkpoints were replaced by the final document
     assert isinstance(doc["torch"], str) and doc["torch"] == torch.__version__
     # every benchmark ran (none failed, none was skipped for the budget or a missing module)
     assert not doc["errors"], "benchmark errors:\n" + "\n".join(
@@ -90,6 +91,16 @@ def test_only_and_bad_arguments(tmp_path):
         assert main(["--suite", "gpu", "--out", str(tmp_path)]) == 2
 
 
+def test_list_prints_the_plan(capsys):
+    assert main(["--suite", "gpu", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) > 20 and lines[0].startswith("P1")
+    prios = [int(ln.split()[0][1:]) for ln in lines]
+    assert prios == sorted(prios)
+    names = {n for ln in lines for n in BENCH_NAMES if f" {n} " in ln}
+    assert names == set(BENCH_NAMES)
+
+
 def test_budget_skips_and_records(tmp_path):
     assert main(["--suite", "quick", "--out", str(tmp_path), "--budget-s", "0", "--only", "ddim_update"]) == 0
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -123,3 +134,14 @@ def test_device_peak_table():
     # 16 exp/clk/SM x 132 SMs x 1980 MHz
     assert math.isclose(sfu_exp_per_s(h100), 16 * 132 * 1980e6)
     assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_projection_uses_the_engines_guided_step_count():
+    from cdp_fast.benchmarks.bench_sampling import STEPS, T_MIN, authors_guided_count
+    from cdp_fast.guidance import ContrastiveGuidance
+    from cdp_fast.sampler import DDIMSampler
+    from cdp_fast.schedules import NoiseSchedule
+
+    s = DDIMSampler(lambda x, t: x, NoiseSchedule.linear(1000), steps=STEPS,
+                    guidance=ContrastiveGuidance("hnm", None, t_min=T_MIN))
+    assert sum(s.guided_steps()) == authors_guided_count() == 59
