@@ -17,6 +17,10 @@ Layout of the Triton path (flash-attention style, nothing of size 2B x 2B is eve
   anchor rows only and writes x_next = DDIM(x, eps + scale * dZ_r) instead of dZ.
 * ``_hnm_bank_bwd_kernel``: one program per block of bank rows, looping over all 2B rows of Z.
 
+Feature chunks: the output of a backward program is a [rows, BLOCK_DO] tile, so for d > BLOCK_DO
+(pixel-space guidance, d = 3072 on CIFAR) the similarity tiles are recomputed once per chunk;
+for embedding heads (d <= 128) there is one chunk.
+
 Everything accumulates in fp32 (tl.dot with an fp32 accumulator; "ieee" precision for fp32 inputs
 on GPU so fp32 results match the reference to ~1e-5).
 """
@@ -47,10 +51,12 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
+        # fp32 inputs on GPU: full-precision products (tf32 would cost ~1e-3 relative error)
         if IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
-            return tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc)
+        return acc
 
     @triton.jit
     def _local_to_row(li, g, B, G):
@@ -207,7 +213,7 @@ if triton is not None:
             if HAS_LABELS:
                 lab_c = tl.load(LAB + cols, mask=cmask, other=0)
                 valid = valid & (lab_r[:, None] != lab_c[None, :])
-            act = valid
+            act = valid & (s >= LOG_EPS)
             lse1_c = tl.load(LSE1 + cols, mask=cmask, other=0.0)
             lse0_c = tl.load(LSE0 + cols, mask=cmask, other=0.0)
             ca_c = tl.load(CA + cols, mask=cmask, other=0.0)
@@ -290,12 +296,15 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _blocks(D: int) -> dict:
-    """Tile sizes: tiny under the interpreter (fast tests, several tiles on small shapes)."""
+def _blocks(D: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps. Tiny tiles under the interpreter (fast tests, several tiles on small
+    shapes). GPU: chosen so that ptxas (sm_90) reports no or almost no register spills; untuned."""
     if interpreting():
-        return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DO=16)
+        return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4)
     p2 = max(16, triton.next_power_of_2(D))
-    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(64, p2), BLOCK_DO=min(128, p2))
+    if dtype == torch.float32:  # fp32 "ieee" dots run on FMA units: smaller row tiles
+        return dict(BLOCK_R=32, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8)
+    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8)
 
 
 class _Prepared:
@@ -313,7 +322,7 @@ class _Prepared:
         self.beta = float(beta)
         self.hard = estimator == "hard"
         self.ieee = self.Z.dtype == torch.float32 and not interpreting()
-        self.blocks = _blocks(self.D)
+        self.blocks = _blocks(self.D, self.Z.dtype)
 
     def flags(self):
         return dict(HARD=self.hard, HAS_LABELS=self.lab is not None, HAS_BANK=self.bank is not None,
@@ -335,7 +344,7 @@ def _forward_stats(p: _Prepared):
     grid = ((p.B // p.G) * triton.cdiv(2 * p.G, bl["BLOCK_R"]),)
     _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
                           BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
-                          **p.flags())
+                          num_warps=bl["num_warps"], **p.flags())
     return lse1, lse0, cnt
 
 
@@ -357,11 +366,14 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, pos_logit, tau_plus, temperatur
         ng_active = (ng_raw >= floor).to(torch.float32)
     else:
         ng = torch.exp(lse1)
-    ratio = pos / (pos + ng)
-    loss_rows = -torch.log(torch.clamp(ratio, min=RATIO_CLAMP))
-    gr = (ratio >= RATIO_CLAMP).to(torch.float32) / n      # d mean / d(-log ratio)
+    # -log max(ratio, 1e-4) = min(softplus(log Ng - s_pos), -ln 1e-4), as in the reference
+    x = torch.log(ng) - pl
+    nll = torch.nn.functional.softplus(x)
+    cap = -math.log(RATIO_CLAMP)
+    loss_rows = torch.clamp(nll, max=cap)
+    gr = (nll <= cap).to(torch.float32) / n                  # d mean / d(-log ratio); 0 if clamped
     inv = 1.0 / (pos + ng)
-    cp = -gr * ng * inv                                      # via pos directly
+    cp = -gr * torch.sigmoid(x)                              # d/ds_pos through pos: -Ng/(pos+Ng)
     if p.hard:
         u = gr * inv * ng_active
         k = u * reweight / (1.0 - tau_plus)
@@ -442,15 +454,19 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
     anchor, positive: [B, d] embeddings, used as given (normalise them yourself).
     labels [B] (int): conditional negatives (different class only). bank [M, d] (+ bank_labels
     [M]): extra negatives for every row. group_size G: B/G independent groups. backend:
-    "reference" | "triton" | "auto". Differentiable w.r.t. anchor, positive and bank. Returns a
-    0-d tensor (fp32 for half-precision inputs, else the inputs' dtype).
+    "reference" | "triton" | "auto" (auto: Triton for CUDA fp32/fp16/bf16 tensors, the reference
+    otherwise, fp64 included). Differentiable w.r.t. anchor, positive and bank. Returns a 0-d
+    tensor (fp32 for half-precision inputs, else the inputs' dtype). The value checks (NaN/inf,
+    empty conditional negative sets) synchronise with the device; they are skipped during
+    CUDA-graph capture.
     """
     G = validate_hnm_inputs(anchor, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
                             estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
                             group_size=group_size)
     kw = dict(temperature=temperature, tau_plus=tau_plus, beta=beta, estimator=estimator,
               labels=labels, bank=bank, bank_labels=bank_labels, group_size=group_size)
-    if backend_for(backend, anchor, positive, bank) == "reference":
+    resolved = backend_for(backend, anchor, positive, bank)
+    if resolved == "reference" or (backend == "auto" and anchor.dtype == torch.float64):
         return hnm_loss_reference(anchor, positive, check=False, **kw)
     if anchor.dtype == torch.float64:
         raise TypeError("the triton backend of hnm_loss takes fp32/fp16/bf16 embeddings; use backend='reference' for fp64")

@@ -12,14 +12,16 @@ This is the oracle the fused Triton kernel (``hnm.py``) is tested against. It bu
     loss     = mean_r -log(max(pos_r / (pos_r + Ng_r), 1e-4))
 
 The sums of powers are taken in log space (max(exp(s), 1e-4)^k = exp(k * max(s, ln 1e-4)), a
-row-wise log-sum-exp), which is the same function with the same (zero where clamped) gradient but
-does not overflow for small temperatures.
+row-wise log-sum-exp) and -log max(pos/(pos+Ng), 1e-4) as min(softplus(log Ng - s_pos), -ln 1e-4):
+the same function with the same (zero where clamped) gradient, without overflow at small
+temperatures or fp32 cancellation when Ng << pos.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 NEG_CLAMP = 1e-4                      # max(exp(s), 1e-4) on every negative similarity
 LOG_NEG_CLAMP = math.log(NEG_CLAMP)   # ... i.e. s' = max(s, ln 1e-4)
@@ -27,6 +29,11 @@ RATIO_CLAMP = 1e-4                    # max(pos / (pos + Ng), 1e-4) inside the l
 ESTIMATORS = ("hard", "easy")
 
 __all__ = ["hnm_loss_reference", "negative_mask", "validate_hnm_inputs", "LOG_NEG_CLAMP"]
+
+
+def _capturing() -> bool:
+    """Inside CUDA-graph capture the value checks (which read tensors on the host) are skipped."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -39,7 +46,8 @@ def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estima
     """Check the arguments of ``hnm_loss``; returns the group size actually used (B if None).
 
     Raises TypeError / ValueError naming the problem. ``check_values`` also runs the checks that
-    read tensor values (NaN/inf, empty conditional negative sets); they synchronise with the device.
+    read tensor values (NaN/inf, empty conditional negative sets); they synchronise with the device
+    and are skipped while a CUDA graph is being captured.
     """
     for name, t in (("anchor", anchor), ("positive", positive)):
         if not isinstance(t, torch.Tensor):
@@ -91,6 +99,8 @@ def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estima
             raise TypeError(f"bank must be a torch.Tensor, got {type(bank).__name__}")
         if bank.dim() != 2 or bank.shape[1] != d:
             raise ValueError(f"bank must be 2-D [M, d={d}], got shape {tuple(bank.shape)}")
+        if bank.shape[0] < 1:
+            raise ValueError("bank must hold at least one row (pass bank=None for no bank)")
         if bank.dtype != anchor.dtype:
             raise TypeError(f"bank dtype {bank.dtype} differs from the embeddings' {anchor.dtype}")
         if bank.device != anchor.device:
@@ -109,7 +119,7 @@ def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estima
         if bank_labels.device != anchor.device:
             raise ValueError(f"bank_labels are on {bank_labels.device}, embeddings on {anchor.device}")
 
-    if check_values:
+    if check_values and not _capturing():
         _check_finite("anchor", anchor)
         _check_finite("positive", positive)
         if bank is not None:
@@ -161,8 +171,8 @@ def hnm_rows_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta
     s = Z @ cols.t() / T
     sp = torch.clamp(s, min=LOG_NEG_CLAMP)          # log max(exp(s), 1e-4)
     neg_inf = torch.tensor(float("-inf"), dtype=ct, device=Z.device)
-    pos_logit = (A * P).sum(-1) / T
-    pos = torch.exp(torch.cat([pos_logit, pos_logit]))
+    pos_logit = torch.cat([(A * P).sum(-1) / T] * 2)
+    pos = torch.exp(pos_logit)
     if estimator == "hard":
         lse1 = torch.logsumexp(torch.where(valid, (1.0 + beta) * sp, neg_inf), dim=1)
         lse0 = torch.logsumexp(torch.where(valid, beta * sp, neg_inf), dim=1)
@@ -173,7 +183,9 @@ def hnm_rows_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta
         Ng = torch.exp(torch.logsumexp(torch.where(valid, sp, neg_inf), dim=1))
     else:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    return -torch.log(torch.clamp(pos / (pos + Ng), min=RATIO_CLAMP))
+    # -log max(pos / (pos + Ng), 1e-4) = min(log(1 + Ng / pos), -ln 1e-4) = min(softplus(log Ng -
+    # s_pos), -ln 1e-4): same function and clamp, but no cancellation in fp32 when Ng << pos
+    return torch.clamp(F.softplus(torch.log(Ng) - pos_logit), max=-math.log(RATIO_CLAMP))
 
 
 def hnm_loss_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0,
@@ -203,6 +215,14 @@ def ddim_coefficients(a_t, a_next, eta: float, B: int, device) -> tuple[torch.Te
         if t.shape != (B,):
             raise ValueError(f"{name} must be a float or a per-sample tensor [B]=[{B}], got shape {tuple(t.shape)}")
         return t
+    if not isinstance(a_t, torch.Tensor) and not isinstance(a_next, torch.Tensor):
+        # Python numbers: coefficients on the host, then fills (no host-to-device copy, so this
+        # is safe inside CUDA-graph capture)
+        at, an = float(a_t), float(a_next)
+        c1 = eta * math.sqrt(max((1 - at / an), 0.0) * (1 - an) / max(1 - at, 1e-30)) if eta else 0.0
+        vals = (math.sqrt(at), math.sqrt(max(1 - at, 0.0)), math.sqrt(an), c1,
+                math.sqrt(max(1 - an - c1 * c1, 0.0)))
+        return tuple(torch.full((B,), v, dtype=torch.float32, device=device) for v in vals)
     at = per_sample(a_t, "a_t")
     an = per_sample(a_next, "a_next")
     # clamp_min guards a_t = 1 (0/0) and rounding below zero, as kernels/ddim_ref.py does
@@ -229,11 +249,11 @@ def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperatu
     sat, s1at, san, c1, c2 = ddim_coefficients(a_t, a_next, eta, B, x.device)
     view = (B,) + (1,) * (x.dim() - 1)
     sat, s1at, san, c1, c2 = (v.view(view) for v in (sat, s1at, san, c1, c2))
-    e = eps.float() + scale * g.view(x.shape)
-    x0 = (x.float() - s1at * e) / sat
+    e = eps.detach().float() + scale * g.view(x.shape)
+    x0 = (x.detach().float() - s1at * e) / sat
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
     out = san * x0 + c2 * e
     if noise is not None:
-        out = out + c1 * noise.float()
+        out = out + c1 * noise.detach().float()
     return out.to(x.dtype)

@@ -37,10 +37,12 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
+        # fp32 inputs on GPU: full-precision products (tf32 would cost ~1e-3 relative error)
         if IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
-            return tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc)
+        return acc
 
     @triton.jit
     def _sim_tile(R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale,
@@ -119,11 +121,15 @@ if triton is not None:
         tl.store(DC + cols[:, None] * D + do[None, :], acc * gscale, mask=cmask[:, None] & domask[None, :])
 
 
-def _blocks(D: int) -> dict:
+def _blocks(D: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps. Tiny tiles under the interpreter (fast tests, several tiles on small
+    shapes). GPU: chosen so that ptxas (sm_90) reports no or almost no register spills; untuned."""
     if interpreting():
-        return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DO=16)
+        return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4)
     p2 = max(16, triton.next_power_of_2(D))
-    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(64, p2), BLOCK_DO=min(128, p2))
+    if dtype == torch.float32:  # fp32 "ieee" dots run on FMA units: smaller row tiles
+        return dict(BLOCK_R=32, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8)
+    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8)
 
 
 class _InfoNCEFunction(torch.autograd.Function):
@@ -138,12 +144,13 @@ class _InfoNCEFunction(torch.autograd.Function):
         NQ, D = q.shape
         scale = 1.0 / temperature
         ieee = q.dtype == torch.float32 and not interpreting()
-        bl = _blocks(D)
+        bl = _blocks(D, q.dtype)
         diag = (q.float() * k.float()).sum(-1) * scale
         lse = torch.empty(NQ, dtype=torch.float32, device=q.device)
         _infonce_fwd_kernel[(triton.cdiv(NQ, bl["BLOCK_R"]),)](
             q, C, diag, lse, NQ, C.shape[0], D, scale, INIT_L=0.0 if paired else 1.0,
-            BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], IEEE=ieee)
+            BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], IEEE=ieee,
+            num_warps=bl["num_warps"])
         loss = (lse - diag).mean()
         ctx.save_for_backward(q, k, C, lse, diag)
         ctx.paired, ctx.scale, ctx.ieee = paired, scale, ieee
@@ -154,7 +161,7 @@ class _InfoNCEFunction(torch.autograd.Function):
         q, k, C, lse, diag = ctx.saved_tensors
         NQ, D = q.shape
         NC = C.shape[0]
-        bl = _blocks(D)
+        bl = _blocks(D, q.dtype)
         gs = grad_out.to(torch.float32) * (ctx.scale / NQ)      # g / T as a device tensor
         # kernels get a unit gscale (graph-safe: no host read of grad_out); scale in PyTorch
         dq = torch.empty(NQ, D, dtype=torch.float32, device=q.device)
@@ -185,7 +192,8 @@ def infonce_loss(query, key, *, temperature=0.1, negatives=None, backend="auto")
     target 0. backend: "reference" | "triton" | "auto". Returns a 0-d tensor (fp32 for half inputs).
     """
     validate_infonce_inputs(query, key, temperature=temperature, negatives=negatives)
-    if backend_for(backend, query, key, negatives) == "reference":
+    resolved = backend_for(backend, query, key, negatives)
+    if resolved == "reference" or (backend == "auto" and query.dtype == torch.float64):
         return infonce_loss_reference(query, key, temperature=temperature, negatives=negatives, check=False)
     if query.dtype == torch.float64:
         raise TypeError("the triton backend of infonce_loss takes fp32/fp16/bf16; use backend='reference' for fp64")

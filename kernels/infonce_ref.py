@@ -49,7 +49,8 @@ def validate_infonce_inputs(query, key, *, temperature, negatives, check_values:
             raise ValueError(f"negatives are on {negatives.device}, query on {query.device}")
         if B < 1:
             raise ValueError("infonce_loss needs at least one query")
-    if check_values:
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if check_values and not capturing:  # reads values on the host: skipped in CUDA-graph capture
         for name, t in (("query", query), ("key", key), ("negatives", negatives)):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or inf")

@@ -57,10 +57,11 @@ def authors_criterion(out_1, out_2, tau_plus, batch_size, beta, estimator, tempe
 
 
 def literal_rows(anchor, positive, *, temperature, tau_plus, beta, estimator, labels=None,
-                 bank=None, bank_labels=None, group_size=None):
+                 bank=None, bank_labels=None, group_size=None, neg_clamp=True):
     """Row by row, every negative listed explicitly (handles labels, bank, groups).
 
-    Returns (mean loss, dict of how often each clamp binds)."""
+    Returns (mean loss, dict of how often each clamp binds). ``neg_clamp=False`` drops the 1e-4
+    clamp on the negatives (to show a test is sensitive to it)."""
     B = anchor.shape[0]
     G = group_size or B
     Z = torch.cat([anchor, positive])
@@ -84,7 +85,7 @@ def literal_rows(anchor, positive, *, temperature, tau_plus, beta, estimator, la
         sims = torch.stack(sims)
         N = len(sims)
         raw = torch.exp(sims)
-        neg = torch.clamp(raw, min=1e-4)
+        neg = torch.clamp(raw, min=1e-4) if neg_clamp else raw
         bound["neg"] += int((raw < 1e-4).sum())
         bound["negatives"] += N
         pos = torch.exp(Z[r] @ Z[partner] / temperature)
@@ -341,6 +342,78 @@ def test_triton_deterministic():
         assert torch.equal(x, y)
 
 
+def near_clamp_groups(n_groups, d, dtype=torch.float32, seed=0):
+    """Groups of 2 anchors (use group_size=2) in which every negative similarity sits near the
+    1e-4 clamp at T = 0.1 (cos ~ -0.92), some just below, some just above: every row's Ng is
+    ~1e-4, so the clamp's zero gradient changes the result by percents, not by 1e-8."""
+    g = torch.Generator().manual_seed(seed)
+    A, P = [], []
+    for k in range(n_groups):
+        q, _ = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))
+
+        def at(deg):
+            r = math.radians(deg)
+            return math.cos(r) * q[:, 0] + math.sin(r) * q[:, 1]
+        A += [at(0), at(200 + k)]           # cos(a0, a1) = -cos(20+k deg): clamped
+        P += [at(10 + 2 * k), at(155 - k)]  # cos(a0, p1) = -cos(25+k deg): not clamped
+    return torch.stack(A).to(dtype), torch.stack(P).to(dtype)
+
+
+@pytest.mark.parametrize("estimator", ["hard", "easy"])
+def test_neg_clamp_gradient_is_exact(estimator, assert_close):
+    B, d = 8, 20
+    a, p = near_clamp_groups(B // 2, d)
+    kw = dict(temperature=0.1, tau_plus=0.0, beta=1.0, estimator=estimator, group_size=2)
+    bound = clamp_binding(a, p, **kw)
+    assert 0 < bound["neg"] < 2 * B * 2 and bound["ng"] == 0 and bound["ratio"] == 0, bound
+    a64 = a.double().requires_grad_(True)
+    p64 = p.double().requires_grad_(True)
+    want = torch.autograd.grad(literal_rows(a64, p64, **kw)[0], (a64, p64))
+    unclamped = torch.autograd.grad(literal_rows(a64, p64, neg_clamp=False, **kw)[0], (a64, p64))
+    assert float((want[0] - unclamped[0]).abs().max()) > 1e-2 * float(want[0].abs().max())
+    backends = ["reference"] + (["triton"] if triton_available() and interpreting() else [])
+    for backend in backends:
+        ac, pc = a.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        got = torch.autograd.grad(hnm_loss(ac, pc, backend=backend, **kw), (ac, pc))
+        for x, y in zip(got, want):
+            assert_close(x, y, rtol=1e-4, name=f"{backend} {estimator}")
+
+
+@triton_ok
+@pytest.mark.parametrize("estimator", ["hard", "easy"])
+def test_clamped_bank_rows_get_exactly_zero_gradient(estimator, assert_close):
+    """Bank rows clamped for every row of Z: their gradient, and their contribution to dZ, are
+    exactly 0. Feature 0 is non-zero only in those bank rows, so dZ[:, 0] must be exactly 0."""
+    B, d = 20, 16
+    a, p = make_embeddings(B, d, "random")
+    u = torch.randn(d, generator=torch.Generator().manual_seed(4))
+    u[0] = 0.0
+    u = F.normalize(u, dim=0)
+    a, p = u + 0.15 * a, u + 0.15 * p       # every row near u ...
+    a[:, 0] = 0.0
+    p[:, 0] = 0.0
+    a, p = F.normalize(a, dim=-1), F.normalize(p, dim=-1)
+    far = F.normalize(-u + 0.05 * make_bank(3, d), dim=-1)   # ... 3 bank rows near -u
+    near = make_bank(4, d)
+    near[:, 0] = 0.0
+    bank = torch.cat([far, F.normalize(near, dim=-1)])
+    kw = dict(temperature=0.1, estimator=estimator)
+    s = torch.cat([a, p]) @ bank[:3].t() / 0.1
+    assert bool((s < math.log(1e-4)).all()) and bool((far[:, 0] != 0).all())
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaves = [a.clone().requires_grad_(True), p.clone().requires_grad_(True), bank.clone().requires_grad_(True)]
+        hnm_loss(leaves[0], leaves[1], bank=leaves[2], backend=backend, **kw).backward()
+        grads[backend] = [x.grad for x in leaves]
+    for b in ("reference", "triton"):
+        da, dp, dbank = grads[b]
+        assert torch.all(dbank[:3] == 0), b
+        assert torch.all(da[:, 0] == 0) and torch.all(dp[:, 0] == 0), b
+    assert float(grads["reference"][2][3:].abs().max()) > 0
+    for x, y in zip(grads["triton"], grads["reference"]):
+        assert_close(x, y, rtol=1e-4, name="grad")
+
+
 # ------------------------------------------------------------------------------------------
 # Fused HNM gradient + DDIM update
 # ------------------------------------------------------------------------------------------
@@ -396,6 +469,10 @@ def test_guided_ddim_update(case, assert_close):
     unguided = composed_guided_step(x, eps, a_t, a_next, positive, scale=0.0, eta=eta, noise=noise,
                                     clip_x0=clip, **{k: (v.double() if k == "bank" else v) for k, v in kw.items()})
     assert float((want - unguided).abs().max()) > 1e-2, "guidance has no visible effect: weak test"
+    if clip is not None:
+        unclipped = composed_guided_step(x, eps, a_t, a_next, positive, scale=scale, eta=eta, noise=noise,
+                                         clip_x0=None, **{k: (v.double() if k == "bank" else v) for k, v in kw.items()})
+        assert float((want - unclipped).abs().max()) > 1e-2, "clip_x0 never binds: weak test"
     ref = hnm_guided_ddim_update(x, eps, a_t, a_next, positive, scale=scale, eta=eta, noise=noise,
                                  clip_x0=clip, backend="reference", **kw)
     assert ref.shape == x.shape and ref.dtype == x.dtype
@@ -407,6 +484,24 @@ def test_guided_ddim_update(case, assert_close):
         tri2 = hnm_guided_ddim_update(x, eps, a_t, a_next, positive, scale=scale, eta=eta, noise=noise,
                                       clip_x0=clip, backend="triton", **kw)
         assert torch.equal(tri, tri2)
+
+
+def test_guided_ddim_draws_noise_when_eta_positive(assert_close):
+    B = 6
+    g = torch.Generator().manual_seed(3)
+    x, eps, pos = (torch.randn(B, 20, generator=g) for _ in range(3))
+    backends = ["reference"] + (["triton"] if triton_available() and interpreting() else [])
+    outs = {}
+    for backend in backends:
+        torch.manual_seed(123)
+        outs[backend] = hnm_guided_ddim_update(x, eps, 0.5, 0.7, pos, scale=5.0, eta=1.0, backend=backend)
+    torch.manual_seed(123)
+    z = torch.randn_like(x)
+    want = hnm_guided_ddim_update(x, eps, 0.5, 0.7, pos, scale=5.0, eta=1.0, noise=z, backend="reference")
+    no_noise = hnm_guided_ddim_update(x, eps, 0.5, 0.7, pos, scale=5.0, eta=0.0, backend="reference")
+    assert float((want - no_noise).abs().max()) > 1e-2
+    for backend, out in outs.items():
+        assert_close(out, want, rtol=1e-5, name=backend)
 
 
 def test_guided_ddim_last_step_returns_x0(assert_close):
@@ -441,6 +536,7 @@ def _bad_cases():
         ("no negatives", (a, p), dict(labels=torch.zeros(6, dtype=torch.long), bank=a,
                                       bank_labels=torch.zeros(6, dtype=torch.long)), ValueError),
         ("bank must be 2-D", (a, p), dict(bank=a[:, :3]), ValueError),
+        ("at least one row", (a, p), dict(bank=a[:0]), ValueError),
         ("bank dtype", (a, p), dict(bank=a.double()), TypeError),
         ("bank_labels must have shape", (a, p), dict(labels=lab, bank=a, bank_labels=lab[:2]), ValueError),
         ("without a bank", (a, p), dict(labels=lab, bank_labels=lab), ValueError),
@@ -456,6 +552,13 @@ def test_bad_inputs(case):
     match, args, kw, exc = case
     with pytest.raises(exc, match=match):
         hnm_loss(*args, **kw)
+
+
+@triton_ok
+def test_triton_backend_rejects_fp64():
+    a, p = make_embeddings(6, 4, "random", dtype=torch.float64)
+    with pytest.raises(TypeError, match="fp64"):
+        hnm_loss(a, p, backend="triton")
 
 
 def test_labels_with_bank_negatives_are_fine():
@@ -530,3 +633,25 @@ def test_large_n_memory_gpu(dtype, assert_close):
         assert_close(loss, lr, rtol=1e-4, scale="elem", name="large loss")
         assert_close(ga, gar, rtol=1e-4, name="large d anchor")
         assert_close(gp, gpr, rtol=1e-4, name="large d positive")
+
+
+def test_reference_backend_works_without_triton():
+    """The ops import and run on the reference backend when triton cannot be imported."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import torch\n"
+        "from cdp_fast.kernels import hnm_loss, infonce_loss, hnm_guided_ddim_update\n"
+        "a, p = torch.randn(5, 4), torch.randn(5, 4)\n"
+        "assert torch.isfinite(hnm_loss(a, p)) and torch.isfinite(infonce_loss(a, p))\n"
+        "assert hnm_guided_ddim_update(a, p, 0.5, 0.6, p, scale=1.0).shape == a.shape\n"
+        "try:\n"
+        "    hnm_loss(a, p, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('backend=triton without triton did not raise')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

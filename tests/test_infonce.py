@@ -142,6 +142,13 @@ def test_bad_inputs(case):
         infonce_loss(*args, **kw)
 
 
+@triton_ok
+def test_triton_backend_rejects_fp64():
+    q, k, _ = make(6, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="fp64"):
+        infonce_loss(q, k, backend="triton")
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype,ftol,gtol", [(torch.bfloat16, 2e-3, 3e-2), (torch.float16, 1e-3, 5e-3)])
