@@ -87,6 +87,7 @@ def cw_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, Callable] = {"ce": ce_loss, "cw": cw_loss}
 
 
+@torch.enable_grad()  # attacks work inside no_grad (evaluation) code too
 def _pgd_run(model, x, y, x_adv, *, eps, step_size, steps, loss_fn, precision, scale):
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
@@ -189,10 +190,11 @@ def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: f
             x_adv = project(x + 0.001 * noise, x, eps)
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
-            with autocast(x.device, precision):
-                logits = model(x_adv)
-            loss = kl_div(logits, log_p_nat, "sum") * scale
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            with torch.enable_grad():
+                with autocast(x.device, precision):
+                    logits = model(x_adv)
+                loss = kl_div(logits, log_p_nat, "sum") * scale
+                (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
 

@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_ = f.metadata.get("help", "")
         help_ = f"{help_} (default: {default!r})" if help_ else f"(default: {default!r})"
+        help_ = help_.replace("%", "%%")  # argparse %-formats help strings
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
