@@ -33,7 +33,8 @@ from .config import field
 from .schedules import NoiseSchedule
 from .utils import atomic_write_bytes, progress, resolve_device, seed_everything, write_json
 
-__all__ = ["TrainDiffusionConfig", "run", "train_diffusion", "load_diffusion", "resolve_settings",
+__all__ = ["TrainDiffusionConfig", "run", "train_diffusion", "load_diffusion", "save_diffusion",
+           "resolve_settings",
            "DATASET_DEFAULTS", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "cdp-fast-diffusion"
@@ -43,11 +44,11 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "gtsrb")
 # MNIST/GTSRB; cosine for digits too). iters for digits is sized for ~1-2 minutes on 2 CPU cores;
 # the CIFAR-10 value is DDPM's 800k.
 DATASET_DEFAULTS: dict[str, dict] = {
-    "digits": dict(preset="tiny", schedule="cosine", iters=1500),
-    "mnist": dict(preset="small", schedule="cosine", iters=50_000),
-    "fashion-mnist": dict(preset="small", schedule="cosine", iters=50_000),
-    "cifar10": dict(preset="ddpm-cifar10", schedule="linear", iters=800_000),
-    "gtsrb": dict(preset="ddpm-cifar10", schedule="cosine", iters=200_000),
+    "digits": dict(preset="tiny", schedule="cosine", iters=1000, batch_size=64),
+    "mnist": dict(preset="small", schedule="cosine", iters=50_000, batch_size=128),
+    "fashion-mnist": dict(preset="small", schedule="cosine", iters=50_000, batch_size=128),
+    "cifar10": dict(preset="ddpm-cifar10", schedule="linear", iters=800_000, batch_size=128),
+    "gtsrb": dict(preset="ddpm-cifar10", schedule="cosine", iters=200_000, batch_size=128),
 }
 PRESET_LR = {"tiny": 2e-3, "small": 2e-4, "ddpm-cifar10": 2e-4}
 FLIP_DATASETS = ("cifar10",)
@@ -60,8 +61,8 @@ class TrainDiffusionConfig:
     real_limit: int | None = field(
         None, help="train on only these N real images (the same N the classifiers see; no leakage)")
     iters: int | None = field(None, help="training iterations (None: per-dataset default, "
-                                         "digits 1500, MNIST 50k, CIFAR-10 800k)")
-    batch_size: int = field(128, help="batch size")
+                                         "digits 1000, MNIST 50k, CIFAR-10 800k)")
+    batch_size: int | None = field(None, help="batch size (None: 64 for digits, 128 otherwise)")
     lr: float | None = field(None, help="AdamW learning rate (None: 2e-3 tiny, 2e-4 otherwise)")
     warmup: int | None = field(None, help="linear LR warm-up steps (None: min(5000, iters/20))")
     weight_decay: float = field(0.0, help="AdamW weight decay")
@@ -94,10 +95,11 @@ def resolve_settings(cfg: TrainDiffusionConfig, dataset: str | None = None) -> d
     preset = d["preset"] if cfg.preset == "auto" else cfg.preset
     schedule = d["schedule"] if cfg.schedule == "auto" else cfg.schedule
     iters = d["iters"] if cfg.iters is None else int(cfg.iters)
+    batch_size = d["batch_size"] if cfg.batch_size is None else int(cfg.batch_size)
     lr = PRESET_LR.get(preset, 2e-4) if cfg.lr is None else float(cfg.lr)
     warmup = min(5000, iters // 20) if cfg.warmup is None else int(cfg.warmup)
     checks = [(iters >= 1, f"iters must be >= 1, got {iters}"),
-              (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+              (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
               (lr > 0 and math.isfinite(lr), f"lr must be positive, got {lr}"),
               (warmup >= 0, f"warmup must be >= 0, got {warmup}"),
               (0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}"),
@@ -111,22 +113,40 @@ def resolve_settings(cfg: TrainDiffusionConfig, dataset: str | None = None) -> d
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"train-diffusion: {msg}")
-    return dict(preset=preset, schedule=schedule, iters=iters, lr=lr, warmup=warmup)
+    return dict(preset=preset, schedule=schedule, iters=iters, batch_size=batch_size, lr=lr,
+                warmup=warmup)
 
 
 def _ema_decay(decay: float, n: int) -> float:
     return min(decay, (1.0 + n) / (10.0 + n))
 
 
-def _save_checkpoint(folder: Path, ema: torch.nn.Module, meta: dict, losses: list) -> None:
+def save_diffusion(folder, model, meta: dict, loss_log: list | None = None) -> Path:
+    """Write a checkpoint folder: ``model.safetensors`` (``model``'s weights) + ``config.json``.
+
+    ``meta`` must hold ``schedule`` ({"name", "num_train_timesteps", "params"}) and may hold any
+    other JSON-able facts (dataset, num_classes, iters, final_loss, ...); the UNet arguments
+    (``model.config``), ``image_shape`` and the format tag are filled in here.
+    """
     from safetensors.torch import save as st_save
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in ema.state_dict().items()}
+    folder = Path(folder)
+    if "schedule" not in meta:
+        raise ValueError("save_diffusion: meta needs a 'schedule' entry")
+    ukw = dict(model.config)
+    meta = dict(meta, format=CHECKPOINT_FORMAT, version=1, unet=ukw,
+                image_shape=[ukw["in_channels"], ukw["image_size"], ukw["image_size"]])
+    meta.setdefault("num_classes", ukw["num_classes"])
+    meta.setdefault("class_conditional", ukw["num_classes"] is not None)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-        raise ValueError("train-diffusion: refusing to save non-finite weights (loss diverged?)")
+        raise ValueError("save_diffusion: refusing to save non-finite weights (loss diverged?)")
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / "model.safetensors", st_save(state, metadata={"format": CHECKPOINT_FORMAT}))
-    write_json(folder / "metrics.json", {"loss_log": losses})
+    if loss_log is not None:
+        write_json(folder / "metrics.json", {"loss_log": loss_log})
     write_json(folder / "config.json", meta)  # last: marks the checkpoint complete
+    return folder
 
 
 def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
@@ -142,12 +162,20 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
 
         data = load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
     name = getattr(data, "name", cfg.data)
+    try:
+        from .data import canonical_name
+
+        name = canonical_name(name)
+    except ImportError:  # pragma: no cover - data module is part of the package
+        pass
     s = resolve_settings(cfg, name)
-    x_all, y_all = data.x_train, data.y_train
+    x_all = data.x_train
     if x_all.dtype != torch.uint8 or x_all.ndim != 4:
         raise ValueError(f"train-diffusion: expected uint8 [N, C, H, W] training images, got "
                          f"{x_all.dtype} {tuple(x_all.shape)}")
     N, C, H, W = x_all.shape
+    if N < 1:
+        raise ValueError("train-diffusion: the dataset has no training images")
     if H != W:
         raise ValueError(f"train-diffusion: square images expected, got {H}x{W}")
     if cfg.real_limit is not None and N > cfg.real_limit:
@@ -184,17 +212,16 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     x_dev = x_all.to(device)  # uint8 on the device: batches are gathered there, no host loop
     y_dev = data.y_train.to(device=device, dtype=torch.long)
     flip = name in FLIP_DATASETS
-    B = cfg.batch_size
+    B = s["batch_size"]
     folder = Path(cfg.out)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "train_config.json", _config.to_dict(cfg))
 
     meta = {
-        "format": CHECKPOINT_FORMAT, "version": 1,
-        "unet": ukw, "preset": s["preset"],
+        "preset": s["preset"],
         "schedule": {"name": s["schedule"], "num_train_timesteps": T, "params": {}},
         "prediction": "epsilon", "data_range": [-1.0, 1.0],
-        "dataset": name, "image_shape": [C, H, W], "num_classes": num_classes,
+        "dataset": name, "num_classes": num_classes,
         "class_conditional": bool(cfg.class_conditional), "real_images": N,
         "real_limit": cfg.real_limit, "seed": cfg.seed,
         "num_params": sum(p.numel() for p in params),
@@ -203,8 +230,8 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     }
 
     def save(step: int, final_loss: float | None, wall: float) -> None:
-        _save_checkpoint(folder, ema, dict(meta, iters=step, final_loss=final_loss, wall_s=round(wall, 2),
-                                           train_config=_config.to_dict(cfg)), losses)
+        save_diffusion(folder, ema, dict(meta, iters=step, final_loss=final_loss, wall_s=round(wall, 2),
+                                         train_config=_config.to_dict(cfg)), losses)
 
     losses: list[list] = []  # [step, mean loss over the window ending there]
     loss_sum = torch.zeros((), device=device)
@@ -331,7 +358,7 @@ def load_diffusion(folder, device="cpu"):
     try:
         sched = NoiseSchedule.from_name(sch["name"], int(sch["num_train_timesteps"]),
                                         **sch.get("params", {}))
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder}/config.json: invalid schedule entry {sch}: {e}") from e
     return model, sched, meta
 

@@ -31,8 +31,12 @@ __all__ = ["UNet", "build_unet", "PRESETS", "timestep_embedding", "unet_kwargs"]
 
 
 def _groups(ch: int, max_groups: int = 32) -> int:
-    """32 groups as DDPM; narrower (tiny) widths use the largest divisor of ch that is <= 32."""
-    g = min(max_groups, ch)
+    """32 groups as DDPM when wide enough; at least 4 channels per group otherwise.
+
+    With one channel per group GroupNorm would subtract each channel's spatial mean and so erase
+    the per-channel time-embedding shift added inside the residual blocks (narrow tiny models).
+    """
+    g = max(1, min(max_groups, ch // 4))
     while ch % g:
         g -= 1
     return g
