@@ -84,8 +84,8 @@ def embedding_scatter(features: Mapping[str, np.ndarray], labels: Mapping[str, n
         emb = PCA(n_components=2, random_state=0).fit_transform(allf)
     else:
         raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
-    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 4.2), squeeze=False,
-                             sharex=True, sharey=True)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.0 * len(names) + 1.0, 4.2), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
     start = 0
     for ax, n in zip(axes[0], names):
         e = emb[start:start + len(features[n])]
