@@ -15,7 +15,6 @@ import io
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
@@ -26,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .utils import atomic_write_bytes
+
 __all__ = [
     "DATASETS", "ImageData", "load_dataset", "dataset_defaults", "canonical_name", "balanced_subset",
     "read_idx", "write_idx", "read_cifar_batch", "load_synthetic", "save_synthetic",
-    "to_float", "to_uint8", "random_crop", "random_flip", "augment_batch", "DeviceLoader",
+    "to_float", "as_float01", "to_uint8", "random_crop", "random_flip", "augment_batch", "DeviceLoader",
 ]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "gtsrb")
@@ -281,7 +282,6 @@ def write_idx(path, array) -> Path:
     payload = bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(be).tobytes()
     if str(path).endswith(".gz"):
         payload = gzip.compress(payload)
-    from .utils import atomic_write_bytes
     return atomic_write_bytes(path, payload)
 
 
@@ -528,17 +528,9 @@ def _load_gtsrb(root: Path, download, size: int = 32) -> ImageData:
 # ---------------------------------------------------------------------------------------------
 # synthetic npz shards
 def _atomic_savez(path: Path, **arrays) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _as_numpy(a, what: str) -> np.ndarray:
@@ -702,6 +694,15 @@ def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     if x.dtype != torch.uint8:
         raise TypeError(f"to_float expects uint8 images, got {x.dtype}")
     return x.to(dtype).div_(255.0)
+
+
+def as_float01(x: torch.Tensor) -> torch.Tensor:
+    """Images for a classifier: uint8 -> float [0, 1]; float images pass through (as float32)."""
+    if x.dtype == torch.uint8:
+        return to_float(x)
+    if not torch.is_floating_point(x):
+        raise TypeError(f"images must be uint8 or float in [0,1], got {x.dtype}")
+    return x.float()
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from . import attacks
 from .config import field
+from .data import as_float01
 from .utils import progress, resolve_device, write_json
 
 ATTACKS = ("pgd", "cw", "autoattack")
@@ -50,13 +51,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ValueError(f"precision must be 'auto' or one of {attacks.PRECISIONS}, got {precision!r}")
     return precision
 
-
-def _as_float01(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
-    if not torch.is_floating_point(x):
-        raise TypeError(f"images must be uint8 or float in [0,1], got {x.dtype}")
-    return x.float()
 
 
 def _autoattack(model, x, y, eps, seed, batch_size):
@@ -100,7 +94,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
     try:
         for i in progress(starts, total=len(starts), desc=f"eval {attack}", leave=False,
                           disable=None if show_progress else True):
-            xb = _as_float01(x[i:i + batch_size].to(dev, non_blocking=True))
+            xb = as_float01(x[i:i + batch_size].to(dev, non_blocking=True))
             yb = y[i:i + batch_size].to(dev, non_blocking=True)
             ok = attacks.predict(model, xb, prec).argmax(1) == yb
             if attack == "autoattack":

@@ -29,7 +29,7 @@ def train_classifier(data, model_name: str | None = None, epochs: int = 10, *, b
     from . import data as data_mod
     from . import models
     from .evaluate import resolve_precision
-    from .trades import _epoch_seed, lr_at, make_optimizer
+    from .trades import _epoch_seed, lr_at, make_optimizer, optimizer_step
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -68,14 +68,7 @@ def train_classifier(data, model_name: str | None = None, epochs: int = 10, *, b
             with attacks.autocast(dev, prec):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             step += 1
             bar.update(1)
     bar.close()

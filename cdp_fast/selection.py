@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attacks
+from .data import as_float01
 
 CRITERIA = ("entropy", "gradnorm", "gradnorm-rob", "separability")
 DEFAULT_KEEP = {"entropy": "high", "gradnorm": "high", "gradnorm-rob": "high", "separability": "high"}
@@ -38,13 +39,6 @@ def _criterion(name: str) -> str:
         raise ValueError(f"selection criterion must be one of {CRITERIA}, got {name!r}")
     return name
 
-
-def _float01(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
-    if not torch.is_floating_point(x):
-        raise TypeError(f"images must be uint8 or float in [0,1], got {x.dtype}")
-    return x.float()
 
 
 def _input_grad_norm(model, x, y, precision):
@@ -78,7 +72,7 @@ def scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None =
     out = []
     try:
         for i in range(0, images.shape[0], batch_size):
-            x = _float01(images[i:i + batch_size].to(dev))
+            x = as_float01(images[i:i + batch_size].to(dev))
             if crit in ("entropy", "separability") or labels is None:
                 logits = attacks.predict(model, x, precision)
             if crit == "entropy":

@@ -144,6 +144,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler=None) -> None:
+    """zero_grad, backward and step; through the GradScaler when training in fp16."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, fused: bool):
     groups = param_groups(model, weight_decay)
     kw = dict(lr=lr, momentum=momentum, nesterov=momentum > 0)
@@ -393,14 +405,7 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
                 train_model, x, y, eps=r["eps"], step_size=r["step_size"], steps=r["attack_steps"],
                 beta=r["beta"], precision=prec, init=cfg.attack_init, attack_bn=cfg.attack_bn,
                 generator=gen)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             step += 1
             if ema_model is not None:
                 ema_update(ema_model, model, ema_decay_at(step - 1, warmup, cfg.ema_decay))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -49,3 +50,30 @@ def backend_for(backend: str, *tensors: torch.Tensor | None) -> str:
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU)"
         )
     return "triton"
+
+
+def check_embedding_pair(a, b, name_a: str, name_b: str) -> tuple[int, int]:
+    """Shared argument checks of the contrastive ops: two 2-D float tensors alike in shape, dtype
+    and device, at least one feature, and the temperature; returns (B, d)."""
+    for name, t in ((name_a, a), (name_b, b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, d] embeddings, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} dtypes differ: {a.dtype} vs {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} are on different devices: {a.device} vs {b.device}")
+    if a.shape[1] < 1:
+        raise ValueError("embeddings must have at least one feature (d >= 1)")
+    return int(a.shape[0]), int(a.shape[1])
+
+
+def check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -31,6 +31,7 @@ import math
 import torch
 
 from ._backend import backend_for, interpreting
+from ._tiles import tile_config
 from .hnm_ref import (LOG_NEG_CLAMP, RATIO_CLAMP, ddim_coefficients, hnm_guided_ddim_reference,
                       hnm_loss_reference, validate_hnm_inputs)
 
@@ -48,34 +49,13 @@ __all__ = ["hnm_loss", "hnm_guided_ddim_update"]
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if triton is not None:
-
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        # fp32 inputs on GPU: full-precision products (tf32 would cost ~1e-3 relative error)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        return acc
+    from ._tiles import dot, sim_tile
 
     @triton.jit
     def _local_to_row(li, g, B, G):
         # local index in [0, 2G) of group g -> row of Z: anchors g*G.., then their positives B+g*G..
         return tl.where(li < G, g * G + li, B + g * G + li - G).to(tl.int64)
 
-    @triton.jit
-    def _sim_tile(R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                  IEEE: tl.constexpr):
-        # s[r, c] = <R[rows[r]], C[cols[c]]> * scale, fp32 accumulation over feature chunks
-        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < D
-            a = tl.load(R_PTR + rows[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(C_PTR + cols[None, :] * D + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, IEEE)
-        return acc * scale
 
     @triton.jit
     def _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr):
@@ -116,7 +96,7 @@ if triton is not None:
             lj = c0 + tl.arange(0, BLOCK_C)
             cmask = lj < 2 * G
             cols = _local_to_row(lj, g, B, G)
-            s = _sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s = sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
             valid = rmask[:, None] & cmask[None, :] & (lj[None, :] != li[:, None]) & (lj[None, :] != lpartner[:, None])
             if HAS_LABELS:
                 lab_c = tl.load(LAB + cols, mask=cmask, other=0)
@@ -126,7 +106,7 @@ if triton is not None:
             for c0 in range(0, M, BLOCK_C):
                 cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
                 cmask = cols < M
-                s = _sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+                s = sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
                 valid = rmask[:, None] & cmask[None, :]
                 if BANK_COND:
                     blab = tl.load(BLAB + cols, mask=cmask, other=0)
@@ -207,7 +187,7 @@ if triton is not None:
             lj = c0 + tl.arange(0, BLOCK_C)
             cmask = lj < 2 * G
             cols = _local_to_row(lj, g, B, G)
-            s = _sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s = sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
             inb = rmask[:, None] & cmask[None, :]
             valid = inb & (lj[None, :] != li[:, None]) & (lj[None, :] != lpartner[:, None])
             if HAS_LABELS:
@@ -224,12 +204,12 @@ if triton is not None:
             is_partner = inb & (lj[None, :] == lpartner[:, None])
             gt = tl.where(is_partner, cp_r[:, None] + cp_c[None, :], gt)
             zc = tl.load(Z + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
-            acc = _dot(gt.to(zc.dtype), zc, acc, IEEE)
+            acc = dot(gt.to(zc.dtype), zc, acc, IEEE)
         if HAS_BANK:
             for c0 in range(0, M, BLOCK_C):
                 cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
                 cmask = cols < M
-                s = _sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+                s = sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
                 valid = rmask[:, None] & cmask[None, :]
                 if BANK_COND:
                     blab = tl.load(BLAB + cols, mask=cmask, other=0)
@@ -237,7 +217,7 @@ if triton is not None:
                 act = valid & (s >= LOG_EPS)
                 gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
                 bc = tl.load(BANK + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
-                acc = _dot(gt.to(bc.dtype), bc, acc, IEEE)
+                acc = dot(gt.to(bc.dtype), bc, acc, IEEE)
         acc = acc * scale
         omask = rmask[:, None] & domask[None, :]
         offs = rows[:, None] * D + do[None, :]
@@ -277,7 +257,7 @@ if triton is not None:
         for r0 in range(0, NROWS, BLOCK_C):
             zr = (r0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             zmask = zr < NROWS
-            s = _sim_tile(BANK, mrows, mmask, Z, zr, zmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s = sim_tile(BANK, mrows, mmask, Z, zr, zmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
             valid = mmask[:, None] & zmask[None, :]
             if BANK_COND:
                 lab = tl.load(LAB + zr, mask=zmask, other=0)
@@ -289,22 +269,13 @@ if triton is not None:
             cb = tl.load(CB + zr, mask=zmask, other=0.0)
             gt = _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS, HARD, 1)
             zt = tl.load(Z + zr[:, None] * D + do[None, :], mask=zmask[:, None] & domask[None, :], other=0.0)
-            acc = _dot(gt.to(zt.dtype), zt, acc, IEEE)
+            acc = dot(gt.to(zt.dtype), zt, acc, IEEE)
         tl.store(DBANK + mrows[:, None] * D + do[None, :], acc * scale, mask=mmask[:, None] & domask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _blocks(D: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and warps. Tiny tiles under the interpreter (fast tests, several tiles on small
-    shapes). GPU: chosen so that ptxas (sm_90) reports no or almost no register spills; untuned."""
-    if interpreting():
-        return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4)
-    p2 = max(16, triton.next_power_of_2(D))
-    if dtype == torch.float32:  # fp32 "ieee" dots run on FMA units: smaller row tiles
-        return dict(BLOCK_R=32, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8)
-    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8)
 
 
 class _Prepared:
@@ -322,7 +293,7 @@ class _Prepared:
         self.beta = float(beta)
         self.hard = estimator == "hard"
         self.ieee = self.Z.dtype == torch.float32 and not interpreting()
-        self.blocks = _blocks(self.D, self.Z.dtype)
+        self.blocks = tile_config(self.D, self.Z.dtype)
 
     def flags(self):
         return dict(HARD=self.hard, HAS_LABELS=self.lab is not None, HAS_BANK=self.bank is not None,

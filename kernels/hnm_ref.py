@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._backend import check_embedding_pair, check_temperature
+
 NEG_CLAMP = 1e-4                      # max(exp(s), 1e-4) on every negative similarity
 LOG_NEG_CLAMP = math.log(NEG_CLAMP)   # ... i.e. s' = max(s, ln 1e-4)
 RATIO_CLAMP = 1e-4                    # max(pos / (pos + Ng), 1e-4) inside the log
@@ -49,26 +51,10 @@ def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estima
     read tensor values (NaN/inf, empty conditional negative sets); they synchronise with the device
     and are skipped while a CUDA graph is being captured.
     """
-    for name, t in (("anchor", anchor), ("positive", positive)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [B, d] embeddings, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if anchor.shape != positive.shape:
-        raise ValueError(f"anchor and positive shapes differ: {tuple(anchor.shape)} vs {tuple(positive.shape)}")
-    if anchor.dtype != positive.dtype:
-        raise TypeError(f"anchor and positive dtypes differ: {anchor.dtype} vs {positive.dtype}")
-    if anchor.device != positive.device:
-        raise ValueError(f"anchor and positive are on different devices: {anchor.device} vs {positive.device}")
-    B, d = anchor.shape
+    B, d = check_embedding_pair(anchor, positive, "anchor", "positive")
     if B < 2:
         raise ValueError(f"hnm_loss needs at least 2 anchors (a row needs negatives), got B={B}")
-    if d < 1:
-        raise ValueError("embeddings must have at least one feature (d >= 1)")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     if isinstance(tau_plus, bool) or not isinstance(tau_plus, (int, float)) or not (0.0 <= tau_plus < 1.0):
         raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:

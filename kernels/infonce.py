@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import backend_for, interpreting
+from ._tiles import tile_config
 from .infonce_ref import infonce_loss_reference, validate_infonce_inputs
 
 try:  # the package and the reference backend must work without triton
@@ -34,28 +35,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["infonce_loss"]
 
 if triton is not None:
-
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        # fp32 inputs on GPU: full-precision products (tf32 would cost ~1e-3 relative error)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        return acc
-
-    @triton.jit
-    def _sim_tile(R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                  IEEE: tl.constexpr):
-        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < D
-            a = tl.load(R_PTR + rows[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(C_PTR + cols[None, :] * D + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, IEEE)
-        return acc * scale
+    from ._tiles import dot, sim_tile
 
     @triton.jit
     def _infonce_fwd_kernel(Q, C, DIAG, LSE, NQ, NC, D, scale, INIT_L: tl.constexpr,
@@ -69,7 +49,7 @@ if triton is not None:
         for c0 in range(0, NC, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             cmask = cols < NC
-            s = _sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s = sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
             valid = rmask[:, None] & cmask[None, :]
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -92,11 +72,11 @@ if triton is not None:
         for c0 in range(0, NC, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             cmask = cols < NC
-            s = _sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s = sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
             valid = rmask[:, None] & cmask[None, :]
             pr = tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))
             ct = tl.load(C + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
-            acc = _dot(pr.to(ct.dtype), ct, acc, IEEE)
+            acc = dot(pr.to(ct.dtype), ct, acc, IEEE)
         tl.store(DQ + rows[:, None] * D + do[None, :], acc * gscale, mask=rmask[:, None] & domask[None, :])
 
     @triton.jit
@@ -112,24 +92,15 @@ if triton is not None:
         for r0 in range(0, NQ, BLOCK_C):
             rows = (r0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             rmask = rows < NQ
-            st = _sim_tile(C, cols, cmask, Q, rows, rmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            st = sim_tile(C, cols, cmask, Q, rows, rmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
             lse = tl.load(LSE + rows, mask=rmask, other=0.0)
             valid = cmask[:, None] & rmask[None, :]
             pt = tl.exp(tl.where(valid, st - lse[None, :], float("-inf")))
             qt = tl.load(Q + rows[:, None] * D + do[None, :], mask=rmask[:, None] & domask[None, :], other=0.0)
-            acc = _dot(pt.to(qt.dtype), qt, acc, IEEE)
+            acc = dot(pt.to(qt.dtype), qt, acc, IEEE)
         tl.store(DC + cols[:, None] * D + do[None, :], acc * gscale, mask=cmask[:, None] & domask[None, :])
 
 
-def _blocks(D: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and warps. Tiny tiles under the interpreter (fast tests, several tiles on small
-    shapes). GPU: chosen so that ptxas (sm_90) reports no or almost no register spills; untuned."""
-    if interpreting():
-        return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4)
-    p2 = max(16, triton.next_power_of_2(D))
-    if dtype == torch.float32:  # fp32 "ieee" dots run on FMA units: smaller row tiles
-        return dict(BLOCK_R=32, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8)
-    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8)
 
 
 class _InfoNCEFunction(torch.autograd.Function):
@@ -144,7 +115,7 @@ class _InfoNCEFunction(torch.autograd.Function):
         NQ, D = q.shape
         scale = 1.0 / temperature
         ieee = q.dtype == torch.float32 and not interpreting()
-        bl = _blocks(D, q.dtype)
+        bl = tile_config(D, q.dtype)
         diag = (q.float() * k.float()).sum(-1) * scale
         lse = torch.empty(NQ, dtype=torch.float32, device=q.device)
         _infonce_fwd_kernel[(triton.cdiv(NQ, bl["BLOCK_R"]),)](
@@ -161,7 +132,7 @@ class _InfoNCEFunction(torch.autograd.Function):
         q, k, C, lse, diag = ctx.saved_tensors
         NQ, D = q.shape
         NC = C.shape[0]
-        bl = _blocks(D, q.dtype)
+        bl = tile_config(D, q.dtype)
         gs = grad_out.to(torch.float32) * (ctx.scale / NQ)      # g / T as a device tensor
         # kernels get a unit gscale (graph-safe: no host read of grad_out); scale in PyTorch
         dq = torch.empty(NQ, D, dtype=torch.float32, device=q.device)

@@ -6,33 +6,17 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from ._backend import check_embedding_pair, check_temperature
 
 __all__ = ["infonce_loss_reference", "validate_infonce_inputs"]
 
 
 def validate_infonce_inputs(query, key, *, temperature, negatives, check_values: bool = True) -> None:
-    for name, t in (("query", query), ("key", key)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [B, d] embeddings, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if query.shape != key.shape:
-        raise ValueError(f"query and key shapes differ: {tuple(query.shape)} vs {tuple(key.shape)}")
-    if query.dtype != key.dtype:
-        raise TypeError(f"query and key dtypes differ: {query.dtype} vs {key.dtype}")
-    if query.device != key.device:
-        raise ValueError(f"query and key are on different devices: {query.device} vs {key.device}")
-    B, d = query.shape
-    if d < 1:
-        raise ValueError("embeddings must have at least one feature (d >= 1)")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    B, d = check_embedding_pair(query, key, "query", "key")
+    check_temperature(temperature)
     if negatives is None:
         if B < 2:
             raise ValueError(f"infonce_loss without explicit negatives needs at least 2 pairs, got B={B}")
