@@ -9,6 +9,7 @@ seed begin from the same x_T, image for image.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,8 @@ class GenerateConfig:
     eta: float = field(0.0, help="DDIM eta (0 deterministic)")
     skip: str = field("uniform", help="DDIM timestep spacing", choices=("uniform", "quad"))
     guidance: str = field("none", help="contrastive loss for Contrastive-DP guidance", choices=GUIDANCE)
-    scale: float = field(1e5, help="guidance scale lambda")
+    scale: float | None = field(None, help="guidance scale lambda (None: the loss's default, "
+                                            "1e5 for HNM, 1e3 for InfoNCE)")
     t_min: int | None = field(400, help="guide only steps with t >= t_min (authors' CIFAR-10: 400)")
     t_max: int | None = field(None, help="guide only steps with t < t_max (authors' MNIST: 150)")
     group_size: int | None = field(None, help="contrastive group size (None: 512 or the whole batch)")
@@ -94,8 +96,10 @@ def sample_batches(model, schedule, meta: dict, cfg: GenerateConfig, *, guidance
                 continue
         y = None
         if conditional:
-            y = (torch.arange(n, device=device) + i * cfg.batch_size) % num_classes
-        x0 = sampler.sample(n, (C, H, W), seed=cfg.seed + i, labels=y, device=device)
+            y = (torch.arange(cfg.batch_size, device=device) + i * cfg.batch_size) % num_classes
+        # always a full batch (then trimmed): a short last shard keeps the contrastive groups
+        x0 = sampler.sample(cfg.batch_size, (C, H, W), seed=cfg.seed + i, labels=y, device=device)[:n]
+        y = None if y is None else y[:n]
         imgs = to_uint8((x0.float().clamp(-1, 1) + 1) / 2).cpu()
         if conditional:
             labels, conf = y.cpu(), torch.ones(n)
@@ -129,6 +133,7 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     guidance = make_guidance(cfg, device, features_model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out, cfg)
     t0 = time.perf_counter()
     first, counts = None, np.zeros(int(meta.get("num_classes") or 10), dtype=np.int64)
     for i, imgs, labels, _ in sample_batches(model, schedule, meta, cfg, guidance=guidance,
@@ -145,6 +150,35 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
                "label_counts": counts.tolist(), "device": str(device)}
     write_json(out / "summary.json", summary)
     return summary
+
+
+# settings that change the images of a shard (n only decides how many shards there are)
+_NOT_FINGERPRINTED = ("out", "device", "n", "bf16", "cuda_graphs")
+
+
+def _claim(out: Path, cfg: GenerateConfig) -> None:
+    """Resume only what the same settings made: refuse a folder written with other settings,
+    and drop shards beyond this run's count so the folder holds exactly this set."""
+    from .config import to_dict
+
+    fp = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    path = out / "generate.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old != fp:
+            diff = sorted(k for k in fp if not isinstance(old, dict) or old.get(k) != fp[k])
+            raise ValueError(f"{out} holds shards made with other settings ({', '.join(diff)} differ); "
+                             f"use another --out or delete the folder")
+    elif any(out.glob("shard-*.npz")):
+        raise ValueError(f"{out} holds shards of unknown origin (no generate.json); use another --out")
+    write_json(path, fp)
+    n_shards = -(-cfg.n // cfg.batch_size)
+    for p in out.glob("shard-*.npz"):
+        if int(p.stem.split("-")[1]) >= n_shards:
+            p.unlink()
 
 
 def run(cfg: GenerateConfig) -> dict:

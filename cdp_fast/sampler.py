@@ -46,6 +46,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .kernels._backend import cuda_device_of
 from .schedules import NoiseSchedule
 
 __all__ = ["DDIMSampler", "ddim_timesteps", "ddpm_timesteps", "SKIPS", "METHODS"]
@@ -193,11 +194,13 @@ class DDIMSampler:
         if any(s < 1 for s in shape):
             raise ValueError(f"shape must have positive sizes, got {shape}")
         device, dtype = self._resolve_device_dtype(device, dtype, x_T)
-        run = _Run(self, n, shape, int(seed), labels, x_T, device, dtype)
-        try:
-            return run.loop(progress)
-        finally:
-            run.close()
+        # graphs, side streams and kernel launches all go to the sampling device's GPU
+        with cuda_device_of(torch.device(device)):
+            run = _Run(self, n, shape, int(seed), labels, x_T, device, dtype)
+            try:
+                return run.loop(progress)
+            finally:
+                run.close()
 
     def _resolve_device_dtype(self, device, dtype, x_T):
         params = list(self.model.parameters()) if isinstance(self.model, torch.nn.Module) else []

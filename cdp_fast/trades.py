@@ -63,8 +63,10 @@ class TrainRobustConfig:
     model: str | None = field(None, help="classifier (default: the dataset's, e.g. small-cnn)")
     epochs: int = field(10, help="training epochs (passes over the real training data)")
     batch_size: int = field(128, help="batch size (real + synthetic)")
-    lr: float | None = field(None, help="peak learning rate, SGD Nesterov (default 0.1; digits 0.3)")
+    lr: float | None = field(None, help="peak learning rate (default: SGD 0.1, digits 0.3; AdamW 3e-3)")
     momentum: float = field(0.9, help="SGD momentum")
+    optimizer: str = field("sgd", help="sgd (Nesterov, the field's choice) or adamw",
+                           choices=("sgd", "adamw"))
     weight_decay: float = field(5e-4, help="weight decay (not applied to biases / BN)")
     schedule: str = field("cosine", help="learning-rate schedule", choices=("cosine", "onecycle", "constant"))
     eps: float | None = field(None, help="Linf radius in [0,1] units (default: dataset's, digits 0.3)")
@@ -156,15 +158,22 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler=None) 
         opt.step()
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, fused: bool):
+def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, fused: bool,
+                   kind: str = "sgd"):
+    """SGD Nesterov (the field's choice) or AdamW; fused kernels when available, else foreach."""
     groups = param_groups(model, weight_decay)
-    kw = dict(lr=lr, momentum=momentum, nesterov=momentum > 0)
+    if kind == "sgd":
+        cls, kw = torch.optim.SGD, dict(lr=lr, momentum=momentum, nesterov=momentum > 0)
+    elif kind == "adamw":
+        cls, kw = torch.optim.AdamW, dict(lr=lr)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {kind!r}")
     if fused:
         try:
-            return torch.optim.SGD(groups, fused=True, **kw)
+            return cls(groups, fused=True, **kw)
         except (RuntimeError, TypeError, ValueError):
             pass
-    return torch.optim.SGD(groups, foreach=True, **kw)
+    return cls(groups, foreach=True, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +272,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # Training
 # Peak learning rates when --lr is not given: 0.1 (batch 128, Rice et al.); the tiny digits set
 # has ~11 steps per epoch, so a larger rate (measured: 0.3) is needed to learn in a few epochs.
-_LR_DEFAULTS = {"digits": 0.3}
+_LR_DEFAULTS = {"digits": 0.3}  # SGD
+ADAMW_LR = 3e-3
 
 
 def _resolve(cfg: TrainRobustConfig, data_defaults: dict, data_name: str = "") -> dict:
@@ -275,7 +285,8 @@ def _resolve(cfg: TrainRobustConfig, data_defaults: dict, data_name: str = "") -
              beta=float(pick(cfg.beta, "beta", 6.0)), model=pick(cfg.model, "model", "small-cnn"),
              augment=str(pick(cfg.augment, "augment", "none")),
              padding=int(data_defaults.get("padding", 4)),
-             lr=float(cfg.lr if cfg.lr is not None else _LR_DEFAULTS.get(data_name, 0.1)))
+             lr=float(cfg.lr if cfg.lr is not None else
+                      ADAMW_LR if cfg.optimizer == "adamw" else _LR_DEFAULTS.get(data_name, 0.1)))
     if r["step_size"] is None:
         r["step_size"] = r["eps"] / 4
     r["step_size"] = float(r["step_size"])
@@ -366,7 +377,7 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
             ema_model = ema_model.to(memory_format=torch.channels_last)
         ema_model.load_state_dict(model.state_dict())
         ema_model.eval().requires_grad_(False)
-    opt = make_optimizer(model, r["lr"], cfg.momentum, cfg.weight_decay, cfg.fused_optimizer)
+    opt = make_optimizer(model, r["lr"], cfg.momentum, cfg.weight_decay, cfg.fused_optimizer, cfg.optimizer)
     scaler = torch.amp.GradScaler(dev.type) if prec == "fp16" else None
 
     meta = {"epoch": 0, "step": 0, "best_val": -1.0, "best_epoch": 0}

@@ -16,9 +16,12 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise ValueError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
     return dev
 
 

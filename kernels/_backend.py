@@ -1,6 +1,7 @@
 """Backend selection shared by every op: "reference" (pure PyTorch), "triton" or "auto"."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -77,3 +78,22 @@ def check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def cuda_device_of(t) -> contextlib.AbstractContextManager:
+    """Make the GPU of ``t`` (a tensor or a device) the current one: Triton launches on the
+    current device's stream, so a tensor on cuda:1 while cuda:0 is current would otherwise be
+    launched on the wrong GPU."""
+    dev = t.device if isinstance(t, torch.Tensor) else t
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
+def on_input_device(fn):
+    """Decorator for the public ops: run with the first tensor argument's GPU current."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        with cuda_device_of(first):
+            return fn(first, *args, **kwargs)
+    return wrapper

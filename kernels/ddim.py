@@ -31,7 +31,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._backend import backend_for
+from ._backend import backend_for, on_input_device
 from .ddim_ref import _TINY, _alpha, compute_dtype, ddim_coefficients, ddim_update_ref
 
 try:  # Triton is optional: the reference backend works without it.
@@ -311,6 +311,7 @@ def _reference_noise(x, rng_state, generator):
     return torch.randn(x.shape, generator=g, dtype=dt).to(x.device)
 
 
+@on_input_device
 def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alpha, *,
                 eta: float = 0.0, noise: Optional[torch.Tensor] = None,
                 grad: Optional[torch.Tensor] = None, scale: float = 0.0,

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ._backend import backend_for, interpreting
+from ._backend import backend_for, interpreting, on_input_device
 from ._tiles import tile_config
 from .hnm_ref import (LOG_NEG_CLAMP, RATIO_CLAMP, ddim_coefficients, hnm_guided_ddim_reference,
                       hnm_loss_reference, validate_hnm_inputs)
@@ -418,6 +418,7 @@ class _HNMFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
+@on_input_device
 def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, estimator="hard",
              labels=None, bank=None, bank_labels=None, group_size=None, backend="auto"):
     """Hard-negative-mining contrastive loss of SPEC §3.1 (mean over the 2B rows of [A; P]).
@@ -445,6 +446,7 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
                               float(tau_plus), float(beta), estimator)
 
 
+@on_input_device
 def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=10.0, tau_plus=0.1,
                            beta=1.0, estimator="hard", labels=None, bank=None, bank_labels=None,
                            group_size=None, eta=0.0, noise=None, clip_x0=None, backend="auto"):

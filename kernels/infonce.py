@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import backend_for, interpreting
+from ._backend import backend_for, interpreting, on_input_device
 from ._tiles import tile_config
 from .infonce_ref import infonce_loss_reference, validate_infonce_inputs
 
@@ -157,6 +157,7 @@ class _InfoNCEFunction(torch.autograd.Function):
         return dq, dk, dn, None
 
 
+@on_input_device
 def infonce_loss(query, key, *, temperature=0.1, negatives=None, backend="auto"):
     """InfoNCE of SPEC §3.2: L2-normalise q, k (and negatives); logits_ij = q_i . k_j / T;
     mean_i CE(logits_i, i). With negatives [M, d]: logits_i = [q_i . k_i, q_i . n_1..n_M] / T,

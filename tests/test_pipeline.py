@@ -121,8 +121,36 @@ def test_generate_resumes_from_written_shards(tiny_run, tmp_path, monkeypatch):
     real = sm.DDIMSampler.sample
     monkeypatch.setattr(sm.DDIMSampler, "sample", lambda self, n, *a, **k: calls.append(n) or real(self, n, *a, **k))
     assert cli_main(args) == 0
-    assert calls == [10], f"only the missing shard should be sampled again, sampled {calls}"
+    # only the missing shard is sampled again (as a full batch, trimmed to its 10 images)
+    assert calls == [20], f"only the missing shard should be sampled again, sampled {calls}"
     assert shards[0].read_bytes() == first
+    assert len(np.load(shards[1])["label"]) == 10
+
+
+def test_generate_refuses_a_folder_made_with_other_settings(tiny_run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    base = ["generate", "--checkpoint", str(tiny_run / "diffusion"), "--labeler", str(tiny_run / "classifier"),
+            "--batch-size", "20", "--steps", "3", "--out", str(out)]
+    assert cli_main([*base, "--n", "40"]) == 0
+    # fewer images with the same settings: the extra shard is dropped, the folder holds 20
+    assert cli_main([*base, "--n", "20"]) == 0
+    from cdp_fast.data import load_synthetic
+
+    assert len(load_synthetic(out)[0]) == 20
+    assert cli_main([*base, "--n", "20", "--guidance", "hnm", "--scale", "10"]) == 2
+    assert "guidance" in capsys.readouterr().err
+
+
+def test_guided_generate_with_a_short_last_shard(tiny_run, tmp_path):
+    # 21 = 20 + 1: the last shard still samples a full batch, so its contrastive group is whole
+    out = tmp_path / "gen"
+    assert cli_main(["generate", "--checkpoint", str(tiny_run / "diffusion"), "--labeler",
+                     str(tiny_run / "classifier"), "--features", str(tiny_run / "classifier"),
+                     "--guidance", "hnm", "--scale", "10", "--t-min", "0", "--n", "21", "--batch-size", "20",
+                     "--steps", "3", "--out", str(out)]) == 0
+    from cdp_fast.data import load_synthetic
+
+    assert len(load_synthetic(out)[0]) == 21
 
 
 def test_pipeline_rejects_bad_settings(tmp_path):
