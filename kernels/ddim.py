@@ -89,6 +89,17 @@ def _check_rng_state(rng_state: torch.Tensor) -> None:
 if triton is not None:
 
     @triton.jit
+    def _load_alpha(MODE: tl.constexpr, val, ptr, offs, inner, mask):
+        # MODE 0: a host float; 1: a 0-d device tensor (no host sync); 2: per sample [B]
+        if MODE == 0:
+            a = val
+        elif MODE == 1:
+            a = tl.load(ptr).to(tl.float32)
+        else:
+            a = tl.load(ptr + offs // inner, mask=mask, other=1.0).to(tl.float32)
+        return a
+
+    @triton.jit
     def _ddim_fwd_kernel(x_ptr, eps_ptr, grad_ptr, noise_ptr, out_ptr, x0_ptr,
                          at_ptr, an_ptr, rng_ptr,
                          at_val, an_val, scale, eta, clip, n_elem, inner,
@@ -104,18 +115,8 @@ if triton is not None:
         e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD:
             e += scale * tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if AT_MODE == 0:
-            a_t = at_val
-        elif AT_MODE == 1:
-            a_t = tl.load(at_ptr).to(tl.float32)
-        else:
-            a_t = tl.load(at_ptr + offs // inner, mask=mask, other=1.0).to(tl.float32)
-        if AN_MODE == 0:
-            a_n = an_val
-        elif AN_MODE == 1:
-            a_n = tl.load(an_ptr).to(tl.float32)
-        else:
-            a_n = tl.load(an_ptr + offs // inner, mask=mask, other=1.0).to(tl.float32)
+        a_t = _load_alpha(AT_MODE, at_val, at_ptr, offs, inner, mask)
+        a_n = _load_alpha(AN_MODE, an_val, an_ptr, offs, inner, mask)
 
         one_m_at = 1.0 - a_t
         sa = tl.sqrt(a_t)
