@@ -52,6 +52,21 @@ if triton is not None:
     from ._tiles import dot, sim_tile
 
     @triton.jit
+    def _bank_tile(Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale, BANK_COND: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                   IEEE: tl.constexpr):
+        # one tile of bank columns: similarities and which of them are negatives of each row
+        cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        cmask = cols < M
+        s = sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+        valid = rmask[:, None] & cmask[None, :]
+        if BANK_COND:
+            lab_r = tl.load(LAB + rows, mask=rmask, other=0)
+            blab = tl.load(BLAB + cols, mask=cmask, other=0)
+            valid = valid & (lab_r[:, None] != blab[None, :])
+        return cols, cmask, s, valid
+
+    @triton.jit
     def _local_to_row(li, g, B, G):
         # local index in [0, 2G) of group g -> row of Z: anchors g*G.., then their positives B+g*G..
         return tl.where(li < G, g * G + li, B + g * G + li - G).to(tl.int64)
@@ -104,13 +119,8 @@ if triton is not None:
             m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD)
         if HAS_BANK:
             for c0 in range(0, M, BLOCK_C):
-                cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-                cmask = cols < M
-                s = sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
-                valid = rmask[:, None] & cmask[None, :]
-                if BANK_COND:
-                    blab = tl.load(BLAB + cols, mask=cmask, other=0)
-                    valid = valid & (lab_r[:, None] != blab[None, :])
+                cols, cmask, s, valid = _bank_tile(Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale,
+                                                   BANK_COND, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
                 m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD)
         # l1, l0 >= 1 for any row with a negative (the max term); guard padding rows from log(0)
         l1 = tl.where(l1 > 0, l1, 1.0)
@@ -207,13 +217,8 @@ if triton is not None:
             acc = dot(gt.to(zc.dtype), zc, acc, IEEE)
         if HAS_BANK:
             for c0 in range(0, M, BLOCK_C):
-                cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-                cmask = cols < M
-                s = sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
-                valid = rmask[:, None] & cmask[None, :]
-                if BANK_COND:
-                    blab = tl.load(BLAB + cols, mask=cmask, other=0)
-                    valid = valid & (lab_r[:, None] != blab[None, :])
+                cols, cmask, s, valid = _bank_tile(Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale,
+                                                   BANK_COND, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
                 act = valid & (s >= LOG_EPS)
                 gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
                 bc = tl.load(BANK + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
