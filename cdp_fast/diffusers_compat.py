@@ -29,6 +29,8 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .kernels import ddim_update
+from .kernels.ddim_ref import ddim_coefficients, ddim_step_ref
 from .schedules import NoiseSchedule
 
 __all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "SchedulerConfig"]
@@ -221,11 +223,6 @@ class DDIMScheduler:
     def _alpha_prev(self, prev_t: int) -> torch.Tensor:
         return self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
 
-    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
-        a_t = self.alphas_cumprod[timestep]
-        a_prev = self._alpha_prev(prev_timestep)
-        return ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
-
     # the step ----------------------------------------------------------------------------------
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
              eta: float = 0.0, use_clipped_model_output: bool = False,
@@ -261,11 +258,10 @@ class DDIMScheduler:
             if float(a_t) <= 0.0:
                 raise ValueError(f"alphabar at timestep {t} is 0 (zero terminal SNR): epsilon prediction cannot "
                                  f"recover x0 there; use prediction_type='v_prediction'")
-            from .kernels import ddim_update
             prev, x0 = ddim_update(sample, model_output, float(a_t), float(a_prev), eta=eta,
                                    noise=variance_noise, clip_x0=clip,
                                    eps_from_clipped_x0=bool(use_clipped_model_output), return_x0=True)
-        else:  # "sample" / "v_prediction": plain torch, diffusers' formulas
+        else:  # "sample" / "v_prediction": the model gives x0 (and eps) directly, then METHOD.md §3
             b_t = 1 - a_t
             if ptype == "sample":
                 x0 = model_output
@@ -273,15 +269,11 @@ class DDIMScheduler:
             else:
                 x0 = a_t ** 0.5 * sample - b_t ** 0.5 * model_output
                 e = a_t ** 0.5 * model_output + b_t ** 0.5 * sample
-            if clip is not None:
-                x0 = x0.clamp(-clip, clip)
-            std = eta * self._get_variance(t, prev_t) ** 0.5
-            if use_clipped_model_output:
-                e = (sample - a_t ** 0.5 * x0) / b_t ** 0.5
-            # clamp: rounding can make this slightly negative at alphabar_t ~ 0, eta = 1 (diffusers: NaN)
-            prev = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2).clamp_min(0.0) ** 0.5 * e
-            if variance_noise is not None:
-                prev = prev + std * variance_noise
+            # c2 is clamped at 0: rounding can make 1 - a_prev - c1^2 slightly negative at
+            # alphabar_t ~ 0, eta = 1 (diffusers: NaN)
+            prev, x0 = ddim_step_ref(sample, e, ddim_coefficients(a_t, a_prev, eta), x0=x0, clip_x0=clip,
+                                     eps_from_clipped_x0=bool(use_clipped_model_output),
+                                     noise=variance_noise)
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -1,11 +1,11 @@
-"""Contrastive guidance (the paper's Algorithm 1, SPEC §2/§3), passed to DDIMSampler as ``guidance=``.
+"""Contrastive guidance (the paper's Algorithm 1, METHOD.md §5), passed to DDIMSampler as ``guidance=``.
 
 At a guided step the sampler adds ``scale * grad_{x_t} L`` to the predicted noise, where
 
     L = loss(emb(x_t), emb(positive))          emb(x) = head(f(to_features(x)))  (or f, or pixels)
 
-Losses: "hnm" (SPEC §3.1, hard estimator, T 10, tau_plus 0.1, beta 1), "hnm-easy" (easy
-estimator), "infonce" (SPEC §3.2, T 0.1). With labels (``conditional``, auto = labels given to
+Losses: "hnm" (METHOD.md §6, hard estimator, T 10, tau_plus 0.1, beta 1), "hnm-easy" (easy
+estimator), "infonce" (METHOD.md §8, T 0.1). With labels (``conditional``, auto = labels given to
 ``sample``) a row's negatives are only other classes. Pair strategies (``pair=``):
 "previous" (default: the same sample's previous, noisier state x_{t+1}), "real-positive" (real
 images of the anchor's class; one real image per anchor, drawn from the seed at the start of a run,
@@ -32,7 +32,7 @@ no head, no normalisation) with an HNM loss uses ``kernels.hnm_guided_ddim_updat
 fused into the DDIM update) when ``fused=True`` (on deterministic steps; steps that draw noise use
 the gradient + ``kernels.ddim_update`` path, which has the in-kernel Philox noise).
 
-The authors' settings (SPEC §2 table):
+The authors' settings (METHOD.md §5, §9):
 
     # CIFAR-10, DDIM 100 steps, eta 0
     g = ContrastiveGuidance("hnm", wrn.features, head=True, scale=1e5, t_min=400)   # group 512
@@ -46,21 +46,90 @@ The authors' settings (SPEC §2 table):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ContrastiveGuidance", "EmbeddingHead", "LOSSES", "PAIRS", "default_group_size"]
+from .kernels import hnm_guided_ddim_update, hnm_loss, infonce_loss
+
+__all__ = ["ContrastiveGuidance", "EmbeddingHead", "Guidance", "GuidanceRun", "GuidanceStart", "LOSSES",
+           "PAIRS", "default_group_size"]
 
 LOSSES = ("hnm", "hnm-easy", "infonce")
 PAIRS = ("previous", "real-positive", "real-negative")
 DEFAULT_TEMPERATURE = {"hnm": 10.0, "hnm-easy": 10.0, "infonce": 0.1}
 DEFAULT_SCALE = {"hnm": 1e5, "hnm-easy": 1e5, "infonce": 1e3}  # the authors' lambdas
 AUTHORS_GROUP = 512
+
+
+# ------------------------------------------------------------------------------------------------
+# the sampler <-> guidance contract (docs/ARCHITECTURE.md, "Sampling")
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GuidanceStart:
+    """What the sampler tells the guidance at the start of one sampling run.
+
+    ``n`` samples of ``shape`` (model space) on ``device`` in the state ``dtype``; ``labels`` [n]
+    (or None) as given to ``sample``; ``seed`` of the run (head init, real-positive draws);
+    ``bf16`` autocast for the feature network; ``capturable``: the steps will be captured in
+    CUDA graphs (no host syncs, capturable Adam); ``channels_last`` 4-D samples; ``backend`` of
+    the kernels (None: the guidance's own); ``eps_from_clipped_x0`` and ``clip_x0``: the sampler's
+    DDIM step options (METHOD.md §3), which decide whether the fused pixel-space step applies.
+    """
+
+    n: int
+    shape: tuple
+    labels: Optional[torch.Tensor] = None
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+    bf16: bool = False
+    capturable: bool = False
+    channels_last: bool = False
+    backend: Optional[str] = None
+    eps_from_clipped_x0: bool = False
+    clip_x0: Optional[float] = None
+
+
+class GuidanceRun(Protocol):
+    """The per-run object the sampler drives (returned by :meth:`Guidance.start`)."""
+
+    fused_ok: bool  # fused_update may be called (pixel-space HNM)
+
+    def prime(self, x: torch.Tensor) -> None:
+        """Step before a guided one: remember x, it is the next step's positive x_{t+1}."""
+
+    def gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """grad_x L at a guided step (fp32, x's shape); the sampler adds scale * it to eps."""
+
+    def fused_update(self, x: torch.Tensor, e: torch.Tensor, a_t: torch.Tensor, a_next: torch.Tensor, *,
+                     clip_x0: Optional[float] = None) -> torch.Tensor:
+        """x_next of a deterministic guided step with the gradient fused in (when ``fused_ok``)."""
+
+    def finish(self) -> None:
+        """End of the run (also on error): restore what ``start`` changed."""
+
+
+class Guidance(Protocol):
+    """What :class:`cdp_fast.sampler.DDIMSampler` calls on its ``guidance=`` argument."""
+
+    scale: float  # lambda of Algorithm 1 line 7
+
+    @property
+    def needs_previous(self) -> bool:
+        """True when the positive is the previous state (the sampler then primes the step before)."""
+
+    def guided(self, t: int, index: int) -> bool:
+        """Host-side: is the step at training timestep t (step ``index``) guided?"""
+
+    def start(self, options: GuidanceStart) -> GuidanceRun:
+        """Per-run state for one ``sample`` call."""
 
 
 class EmbeddingHead(nn.Module):
@@ -210,29 +279,30 @@ class ContrastiveGuidance:
                              f"group size {G} (pass an explicit group_size that divides n)")
         return G
 
-    def start(self, n: int, shape: tuple, *, labels=None, device=torch.device("cpu"),
-              dtype=torch.float32, seed: int = 0, bf16: bool = False, capturable: bool = False,
-              channels_last: bool = False, backend: Optional[str] = None, ddpm: bool = False,
-              clip_x0=None) -> "_GuidanceRun":
+    def start(self, options: GuidanceStart) -> "_GuidanceRun":
         """Per-run state (static buffers, head, optimiser); called by the sampler."""
-        return _GuidanceRun(self, n, tuple(shape), labels, torch.device(device), dtype, seed, bf16,
-                            capturable, channels_last, backend or self.backend, ddpm, clip_x0)
+        if not isinstance(options, GuidanceStart):
+            raise TypeError(f"start expects a GuidanceStart, got {type(options).__name__}")
+        return _GuidanceRun(self, options)
 
 
 class _GuidanceRun:
-    def __init__(self, *args):
+    """ContrastiveGuidance's :class:`GuidanceRun`."""
+
+    def __init__(self, g: ContrastiveGuidance, options: GuidanceStart):
         self._restore = []
         try:
-            self._setup(*args)
+            self._setup(g, options)
         except BaseException:
             self.finish()  # never leave the caller's feature net frozen
             raise
 
-    def _setup(self, g: ContrastiveGuidance, n, shape, labels, device, dtype, seed, bf16,
-               capturable, channels_last, backend, ddpm, clip_x0):
+    def _setup(self, g: ContrastiveGuidance, o: GuidanceStart):
+        n, shape, labels, seed = int(o.n), tuple(o.shape), o.labels, o.seed
+        device, dtype = torch.device(o.device), o.dtype
         self.g, self.n, self.shape, self.device, self.dtype = g, n, shape, device, dtype
-        self.bf16, self.backend, self.capturable = bf16, backend, capturable
-        self.channels_last = channels_last and len(shape) == 3
+        self.bf16, self.backend, self.capturable = o.bf16, o.backend or g.backend, o.capturable
+        self.channels_last = o.channels_last and len(shape) == 3
         cond = (labels is not None) if g.conditional is None else g.conditional
         if cond and labels is None:
             raise ValueError("the guidance loss is conditional (conditional=True) but sample() got no labels")
@@ -256,15 +326,11 @@ class _GuidanceRun:
                 self.owner.to(memory_format=torch.channels_last)
 
         # fused pixel-space path? ---------------------------------------------------------------------
-        self.fused_ok = False
-        if (g.fused and f is None and g.head is None and not g.normalize and g.to_features is None
-                and g.loss in ("hnm", "hnm-easy") and g.pair in ("previous", "real-negative")
-                and not (ddpm and clip_x0 is not None)):
-            try:
-                from .kernels import hnm_guided_ddim_update  # noqa: F401
-                self.fused_ok = True
-            except (ImportError, AttributeError):
-                self.fused_ok = False
+        # (the fused step has no eps_from_clipped_x0 option)
+        self.fused_ok = bool(g.fused and f is None and g.head is None and not g.normalize
+                             and g.to_features is None and g.loss in ("hnm", "hnm-easy")
+                             and g.pair in ("previous", "real-negative")
+                             and not (o.eps_from_clipped_x0 and o.clip_x0 is not None))
 
         # real-image features (f is frozen: computed once) ---------------------------------------------
         self.bank = self.bank_labels = self.pos_feats = None
@@ -320,13 +386,11 @@ class _GuidanceRun:
             self.params = [p for p in self.head.parameters() if p.requires_grad]
             for p in self.params:
                 p.grad = torch.zeros_like(p)
-            use_cap = bool(capturable and device.type == "cuda")
+            use_cap = bool(o.capturable and device.type == "cuda")
             self.opt = torch.optim.Adam(self.params, lr=g.head_lr, capturable=use_cap)
 
     # features / embeddings ------------------------------------------------------------------------
     def _autocast(self):
-        import contextlib
-
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
@@ -350,8 +414,6 @@ class _GuidanceRun:
     def _loss(self, za, zp, bank):
         g = self.g
         if g.loss in ("hnm", "hnm-easy"):
-            from .kernels import hnm_loss
-
             loss = hnm_loss(za, zp, temperature=g.temperature, tau_plus=g.tau_plus, beta=g.beta,
                             estimator="hard" if g.loss == "hnm" else "easy", labels=self.labels,
                             bank=bank, bank_labels=self.bank_labels if bank is not None else None,
@@ -361,8 +423,6 @@ class _GuidanceRun:
         for k in range(self.ngroups):  # static host loop: graph-safe
             sl = slice(k * self.G, (k + 1) * self.G)
             if self.labels is None:
-                from .kernels import infonce_loss
-
                 total = total + infonce_loss(za[sl], zp[sl], temperature=g.temperature, negatives=bank,
                                              backend=self.backend)
             else:
@@ -406,8 +466,6 @@ class _GuidanceRun:
     def fused_update(self, x, e, a_t, a_next, *, clip_x0=None):
         """Pixel-space HNM gradient fused into a deterministic (eta = 0) DDIM update
         (kernels.hnm_guided_ddim_update); steps that draw noise use gradient() + ddim_update."""
-        from .kernels import hnm_guided_ddim_update
-
         g = self.g
         out = hnm_guided_ddim_update(
             x, e, a_t, a_next, self.cache.view(x.shape), scale=g.scale * self.ngroups, temperature=g.temperature,

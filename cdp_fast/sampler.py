@@ -1,4 +1,5 @@
-"""DDIM / DDPM-ancestral sampling engine with optional contrastive guidance (SPEC §2, Algorithm 1).
+"""DDIM / DDPM-ancestral sampling engine with optional contrastive guidance (METHOD.md §3-§5;
+Ouyang et al. 2023, Algorithm 1).
 
     sampler = DDIMSampler(model, schedule, steps=100, eta=0.0, skip="uniform", guidance=None)
     x0 = sampler.sample(n, shape, seed=0, labels=None, x_T=None)     # model space, [-1, 1]
@@ -15,8 +16,9 @@ after the smallest goes to alphabar = 1, i.e. ``set_alpha_to_one``):
   respacing (``space_timesteps(T, [steps])``: round(i (T-1)/(steps-1))), the authors'
   MNIST/GTSRB sampler (250 steps). The respaced betas are 1 - abar_i / abar_{i-1}; the step is
   x_next = coef1 x0 + coef2 x_t + sigma z with x0 clipped to [-1, 1] by default. That is exactly
-  a DDIM step with eta = 1 whose direction term is re-derived from the clipped x0, which is how
-  it is computed here (one fused kernel for both methods).
+  a DDIM step with eta = 1 whose direction term is re-derived from the clipped x0
+  (``eps_from_clipped_x0``, METHOD.md §4), which is how it is computed here (one fused kernel
+  for both methods).
 
 Performance (each switch can be turned off so benchmarks can compare; ``None`` = on for CUDA):
 ``cuda_graphs`` (the plain, the guided and the "prime" step are each captured once as a
@@ -46,8 +48,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .guidance import Guidance, GuidanceRun, GuidanceStart
+from .kernels import ddim_update
 from .kernels._backend import cuda_device_of
+from .kernels.ddim_ref import ddim_coefficients, ddim_step_ref
 from .schedules import NoiseSchedule
+from .utils import progress
 
 __all__ = ["DDIMSampler", "ddim_timesteps", "ddpm_timesteps", "SKIPS", "METHODS"]
 
@@ -102,11 +108,13 @@ class DDIMSampler:
     ``model(x, t)`` (``model(x, t, y)`` when ``labels`` are given) returns eps, or an object with
     ``.sample`` (diffusers), or a tuple whose first item is eps. ``clip_x0``: None = the method's
     default (DDIM: no clip; DDPM: 1.0), False = never, a float c = clamp x0 to [-c, c].
-    ``guidance``: a :class:`cdp_fast.guidance.ContrastiveGuidance` (Algorithm 1).
+    ``guidance``: a :class:`cdp_fast.guidance.ContrastiveGuidance` (Algorithm 1), or anything
+    that follows the :class:`cdp_fast.guidance.Guidance` protocol.
     """
 
     def __init__(self, model: Callable, schedule: NoiseSchedule, steps: int = 100, eta: float = 0.0,
-                 skip: str = "uniform", guidance=None, clip_x0=None, *, method: str = "ddim",
+                 skip: str = "uniform", guidance: Optional[Guidance] = None, clip_x0=None, *,
+                 method: str = "ddim",
                  cuda_graphs: Optional[bool] = None, bf16: Optional[bool] = None,
                  channels_last: Optional[bool] = None, fused_kernels: bool = True,
                  nan_check_every: Optional[int] = None, class_conditional: Optional[bool] = None,
@@ -143,8 +151,8 @@ class DDIMSampler:
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not (c > 0) or not math.isfinite(c):
                 raise ValueError(f"clip_x0 must be None, False or a positive float, got {clip_x0!r}")
             self.clip_x0 = float(c)
-        # DDPM: direction term from the clipped x0 == improved-diffusion's posterior mean
-        self.rederive = method == "ddpm"
+        # DDPM: direction term from the clipped x0 == improved-diffusion's posterior mean (§4)
+        self.eps_from_clipped_x0 = method == "ddpm"
         self.cuda_graphs, self.bf16, self.channels_last = cuda_graphs, bf16, channels_last
         self.fused_kernels, self.nan_check_every, self.backend = bool(fused_kernels), nan_check_every, backend
         # None: the model gets y whenever sample() gets labels; False: labels only steer guidance
@@ -163,11 +171,9 @@ class DDIMSampler:
         return len(self.timesteps)
 
     def coefficient_table(self) -> torch.Tensor:
-        """float64 [S, 7]: a_t, a_next, sqrt a_t, sqrt(1 - a_t), sqrt a_next, c1, c2 (SPEC §2)."""
-        at, an, eta = self.a_t, self.a_next, self.eta
-        c1 = eta * ((1 - at / an).clamp_min(0) * (1 - an) / (1 - at)).clamp_min(0).sqrt()
-        c2 = (1 - an - c1 ** 2).clamp_min(0).sqrt()
-        return torch.stack([at, an, at.sqrt(), (1 - at).sqrt(), an.sqrt(), c1, c2], dim=1)
+        """float64 [S, 7]: a_t, a_next, sqrt a_t, sqrt(1 - a_t), sqrt a_next, c1, c2 (METHOD.md §3)."""
+        at, an = self.a_t, self.a_next
+        return torch.stack([at, an, *ddim_coefficients(at, an, self.eta)], dim=1)
 
     def guided_steps(self) -> list[bool]:
         g = self.guidance
@@ -276,12 +282,12 @@ class _Run:
         if dtype == torch.float64:
             self.graphs = False  # fp64 runs the reference kernels, which read their RNG state on the host
 
-        self.grun = None
+        self.grun: Optional[GuidanceRun] = None
         if s.guidance is not None and any(k != "plain" for k in self.kinds):
-            self.grun = s.guidance.start(n, shape, labels=labels, device=device, dtype=dtype, seed=seed,
-                                         bf16=self.bf16, capturable=self.graphs,
-                                         channels_last=self.channels_last, backend=s.backend,
-                                         ddpm=s.rederive, clip_x0=s.clip_x0)
+            self.grun = s.guidance.start(GuidanceStart(
+                n=n, shape=shape, labels=labels, device=device, dtype=dtype, seed=seed, bf16=self.bf16,
+                capturable=self.graphs, channels_last=self.channels_last, backend=s.backend,
+                eps_from_clipped_x0=s.eps_from_clipped_x0, clip_x0=s.clip_x0))
         if self.channels_last and isinstance(s.model, torch.nn.Module):
             s.model.to(memory_format=torch.channels_last)
         self.eager_kinds: set[str] = set()
@@ -362,30 +368,19 @@ class _Run:
     def update(self, x, e, row, grad, scale, draw, noise, rng):
         s = self.s
         if s.fused_kernels:
-            from .kernels import ddim_update
-
             a_t, a_next = row[0], row[1]
             return ddim_update(x, e, a_t, a_next, eta=s.eta if draw else 0.0, noise=None,
-                               grad=grad, scale=scale, clip_x0=s.clip_x0,
-                               rng_state=rng, eps_from_clipped_x0=s.rederive, backend=s.backend)
-        # plain torch with the precomputed (float64-derived) table
-        sa, sb, sn, c1, c2 = (row[k] for k in range(2, 7))
+                               grad=grad, scale=scale, clip_x0=s.clip_x0, rng_state=rng,
+                               eps_from_clipped_x0=s.eps_from_clipped_x0, backend=s.backend)
+        # the reference step with the precomputed (float64-derived) table
         if grad is not None and scale != 0.0:
             e = e + scale * grad.to(x.dtype)
-        x0 = (x - sb * e) / sa
-        if s.clip_x0 is not None:
-            x0 = x0.clamp(-s.clip_x0, s.clip_x0)
-            if s.rederive:
-                e = (x - sa * x0) / sb.clamp_min(1e-15)
-        out = sn * x0 + c2 * e
-        if draw:
-            out = out + c1 * noise
+        out, _ = ddim_step_ref(x, e, tuple(row[k] for k in range(2, 7)), clip_x0=s.clip_x0,
+                               eps_from_clipped_x0=s.eps_from_clipped_x0, noise=noise if draw else None)
         return out
 
     # the loop --------------------------------------------------------------------------------------
     def loop(self, show_progress: bool) -> torch.Tensor:
-        from .utils import progress
-
         s = self.s
         bar = progress(range(s.num_steps), total=s.num_steps, desc="sampling") \
             if show_progress else range(s.num_steps)

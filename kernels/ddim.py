@@ -1,4 +1,4 @@
-"""Fused DDIM update (SPEC §2/§4): one elementwise pass, in-kernel Philox noise.
+"""Fused DDIM update (METHOD.md §3): one elementwise pass, in-kernel Philox noise.
 
 Public entry: :func:`ddim_update`. The pure-PyTorch oracle is :mod:`.ddim_ref`.
 
@@ -100,12 +100,40 @@ if triton is not None:
         return a
 
     @triton.jit
+    def _ddim_coefficients_jit(a_t, a_n, eta):
+        # METHOD.md §3 inside a program (alphas may be device values): the twin of
+        # ddim_ref.ddim_coefficients, same guards
+        one_m_at = 1.0 - a_t
+        sa = tl.sqrt(a_t)
+        sb = tl.sqrt(tl.maximum(one_m_at, 0.0))
+        ratio = tl.maximum(1.0 - a_t / a_n, 0.0) * (1.0 - a_n) / tl.maximum(one_m_at, 1e-30)
+        c1 = eta * tl.sqrt(tl.maximum(ratio, 0.0))
+        c2 = tl.sqrt(tl.maximum(1.0 - a_n - c1 * c1, 0.0))
+        return sa, sb, tl.sqrt(a_n), c1, c2
+
+    @triton.jit
+    def _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP: tl.constexpr,
+                       EPS_FROM_CLIPPED_X0: tl.constexpr, HAS_NOISE: tl.constexpr):
+        # the DDIM update of METHOD.md §3 given its coefficients (fp32): the twin of
+        # ddim_ref.ddim_step_ref, shared by _ddim_fwd_kernel and the fused HNM epilogue (hnm.py)
+        x0 = (x - sb * e) / sa
+        if CLIP:
+            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+            if EPS_FROM_CLIPPED_X0:
+                e = (x - sa * x0) / tl.maximum(sb, 1e-15)
+        out = sn * x0 + c2 * e
+        if HAS_NOISE:
+            out += c1 * z
+        return out, x0
+
+    @triton.jit
     def _ddim_fwd_kernel(x_ptr, eps_ptr, grad_ptr, noise_ptr, out_ptr, x0_ptr,
                          at_ptr, an_ptr, rng_ptr,
                          at_val, an_val, scale, eta, clip, n_elem, inner,
                          AT_MODE: tl.constexpr, AN_MODE: tl.constexpr, HAS_GRAD: tl.constexpr,
-                         NOISE_MODE: tl.constexpr, CLIP: tl.constexpr, REDERIVE: tl.constexpr,
-                         WRITE_X0: tl.constexpr, BLOCK: tl.constexpr):
+                         NOISE_MODE: tl.constexpr, CLIP: tl.constexpr,
+                         EPS_FROM_CLIPPED_X0: tl.constexpr, WRITE_X0: tl.constexpr,
+                         BLOCK: tl.constexpr):
         # AT_MODE/AN_MODE: 0 = scalar argument, 1 = 0-d tensor (pointer), 2 = per-sample [B].
         # NOISE_MODE: 0 = none, 1 = given tensor, 2 = in-kernel Philox from rng_ptr = [seed, offset].
         pid = tl.program_id(0).to(tl.int64)
@@ -117,26 +145,17 @@ if triton is not None:
             e += scale * tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a_t = _load_alpha(AT_MODE, at_val, at_ptr, offs, inner, mask)
         a_n = _load_alpha(AN_MODE, an_val, an_ptr, offs, inner, mask)
-
-        one_m_at = 1.0 - a_t
-        sa = tl.sqrt(a_t)
-        sb = tl.sqrt(tl.maximum(one_m_at, 0.0))
-        ratio = tl.maximum(1.0 - a_t / a_n, 0.0) * (1.0 - a_n) / tl.maximum(one_m_at, 1e-30)
-        c1 = eta * tl.sqrt(tl.maximum(ratio, 0.0))
-        c2 = tl.sqrt(tl.maximum(1.0 - a_n - c1 * c1, 0.0))
-
-        x0 = (x - sb * e) / sa
-        if CLIP:
-            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
-            if REDERIVE:
-                e = (x - sa * x0) / tl.maximum(sb, 1e-15)
-        out = tl.sqrt(a_n) * x0 + c2 * e
+        sa, sb, sn, c1, c2 = _ddim_coefficients_jit(a_t, a_n, eta)
         if NOISE_MODE == 1:
-            out += c1 * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         elif NOISE_MODE == 2:
             seed = tl.load(rng_ptr)
             base = tl.load(rng_ptr + 1)
-            out += c1 * tl.randn(seed, base + offs)
+            z = tl.randn(seed, base + offs)
+        else:
+            z = x  # unused (HAS_NOISE is False)
+        out, x0 = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, EPS_FROM_CLIPPED_X0,
+                                 NOISE_MODE != 0)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if WRITE_X0:
             tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
@@ -166,7 +185,8 @@ def _alpha_arg(a: Alpha):
     return 2, 0.0, a.contiguous().reshape(-1)
 
 
-def _launch(x, eps, grad, noise, a_t, a_next, *, eta, scale, clip_x0, rederive, write_x0, rng_state):
+def _launch(x, eps, grad, noise, a_t, a_next, *, eta, scale, clip_x0, eps_from_clipped_x0, write_x0,
+            rng_state):
     n = x.numel()
     out = torch.empty_like(x)
     x0 = torch.empty_like(x) if write_x0 else out
@@ -188,7 +208,8 @@ def _launch(x, eps, grad, noise, a_t, a_next, *, eta, scale, clip_x0, rederive, 
         rng_state if noise_mode == 2 else x,
         at_val, an_val, float(scale), float(eta), float(clip_x0 if clip_x0 is not None else 0.0), n, inner,
         AT_MODE=at_mode, AN_MODE=an_mode, HAS_GRAD=grad is not None, NOISE_MODE=noise_mode,
-        CLIP=clip_x0 is not None, REDERIVE=bool(rederive and clip_x0 is not None),
+        CLIP=clip_x0 is not None,
+        EPS_FROM_CLIPPED_X0=bool(eps_from_clipped_x0 and clip_x0 is not None),
         WRITE_X0=bool(write_x0), BLOCK=_BLOCK, num_warps=4,
     )
     return out, (x0 if write_x0 else None)
@@ -226,7 +247,7 @@ class _DDIMUpdateFn(torch.autograd.Function):
             m = ((raw >= -clip) & (raw <= clip)).to(dt)
         else:
             m = 1.0
-        if clip is not None and o["rederive"]:
+        if clip is not None and o["eps_from_clipped_x0"]:
             sbp = sb.clamp_min(math.sqrt(_TINY))
             g0 = (sn - c2 * sa / sbp) * gy + gx0
             dx = (c2 / sbp) * gy + m * g0 / sa
@@ -319,10 +340,10 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alpha, *
                 clip_x0: Optional[float] = None, rng_state: Optional[torch.Tensor] = None,
                 return_x0: bool = False, eps_from_clipped_x0: bool = False,
                 generator: Optional[torch.Generator] = None, backend: str = "auto"):
-    """One DDIM step x_t -> x_next (SPEC §2/§4); returns x_next, or (x_next, x0) if ``return_x0``.
+    """One DDIM step x_t -> x_next (METHOD.md §3); returns x_next, or (x_next, x0) if ``return_x0``.
 
     e = eps + scale * grad; x0 = (x - sqrt(1-a_t) e) / sqrt(a_t), clamped to [-clip_x0, clip_x0]
-    if given; x_next = sqrt(a_next) x0 + c1 z + c2 e with c1, c2 of SPEC §2. The direction term
+    if given; x_next = sqrt(a_next) x0 + c1 z + c2 e with c1, c2 of METHOD.md §3. The direction term
     uses the unclipped e, as diffusers' DDIMScheduler does by default; ``eps_from_clipped_x0=True``
     re-derives it from the clipped x0 (diffusers' ``use_clipped_model_output=True``).
 
@@ -377,7 +398,7 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alpha, *
     xd = x if _dense(x) else x.contiguous()
     a_t = a_t.to(xd.device) if isinstance(a_t, torch.Tensor) else a_t
     a_next = a_next.to(xd.device) if isinstance(a_next, torch.Tensor) else a_next
-    opts = dict(eta=eta, scale=scale, clip_x0=clip_x0, rederive=bool(eps_from_clipped_x0),
+    opts = dict(eta=eta, scale=scale, clip_x0=clip_x0, eps_from_clipped_x0=bool(eps_from_clipped_x0),
                 write_x0=bool(return_x0), rng_state=rng_state if draws else None)
     res = _DDIMUpdateFn.apply(xd, _like_x(eps, xd), _like_x(grad, xd), _like_x(noise_used, xd),
                               a_t, a_next, opts)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the DDIM update (SPEC §2/§4): the oracle for the Triton kernel.
+"""Pure-PyTorch reference of the DDIM update (METHOD.md §3): the oracle for the Triton kernel.
 
     e      = eps + scale * grad                           (grad optional)
     x0     = (x - sqrt(1 - a_t) e) / sqrt(a_t)            (clamped to [-clip_x0, clip_x0] if given)
@@ -40,13 +40,47 @@ def _alpha(a: Alpha, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return a.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def ddim_coefficients(a_t: torch.Tensor, a_next: torch.Tensor, eta: float):
-    """(sqrt a_t, sqrt(1-a_t), sqrt a_next, c1, c2) as tensors (same broadcast shape as inputs)."""
+def ddim_coefficients(a_t: Alpha, a_next: Alpha, eta: float):
+    """(sqrt a_t, sqrt(1 - a_t), sqrt a_next, c1, c2) of METHOD.md §3 (Song et al. Eq. 12 / 16).
+
+    The one host-side formula of the coefficients. a_t, a_next: tensors (any broadcastable shape;
+    the result has their dtype and device) or Python numbers (computed as float64 CPU tensors,
+    never touching a device, so callers inside CUDA-graph capture can use it).
+    """
+    if not isinstance(a_t, torch.Tensor):
+        a_t = torch.tensor(float(a_t), dtype=torch.float64)
+    if not isinstance(a_next, torch.Tensor):
+        a_next = torch.tensor(float(a_next), dtype=torch.float64, device=a_t.device)
     one_m_at = 1.0 - a_t
     ratio = (1.0 - a_t / a_next).clamp_min(0.0) * (1.0 - a_next) / one_m_at.clamp_min(_TINY)
     c1 = eta * ratio.clamp_min(0.0).sqrt()
     c2 = (1.0 - a_next - c1 * c1).clamp_min(0.0).sqrt()
     return a_t.sqrt(), one_m_at.clamp_min(0.0).sqrt(), a_next.sqrt(), c1, c2
+
+
+def ddim_step_ref(x: torch.Tensor, e: torch.Tensor, coefficients, *, x0: Optional[torch.Tensor] = None,
+                  clip_x0: Optional[float] = None, eps_from_clipped_x0: bool = False,
+                  noise: Optional[torch.Tensor] = None):
+    """The DDIM update of METHOD.md §3 given its coefficients; returns (x_next, x0).
+
+    ``coefficients`` = (sqrt a_t, sqrt(1 - a_t), sqrt a_next, c1, c2) broadcastable against x (see
+    :func:`ddim_coefficients`); e is the (guided) noise, already in the compute dtype. ``x0``: the
+    predicted x0 when the model gives it directly (diffusers' "sample" / "v_prediction"); None
+    predicts it from e. ``noise`` None adds no c1 z term. Every eager DDIM step in the package
+    (the reference op, the sampler's eager path, hnm_guided_ddim_reference, the diffusers
+    scheduler) is this function; the Triton twin is ``kernels.ddim._ddim_step_jit``.
+    """
+    sa, sb, sn, c1, c2 = coefficients
+    if x0 is None:
+        x0 = (x - sb * e) / sa
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        if eps_from_clipped_x0:
+            e = (x - sa * x0) / sb.clamp_min(math.sqrt(_TINY))
+    out = sn * x0 + c2 * e
+    if noise is not None:
+        out = out + c1 * noise
+    return out, x0
 
 
 def ddim_update_ref(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alpha, *,
@@ -63,22 +97,16 @@ def ddim_update_ref(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alph
     e = eps.to(dt)
     if grad is not None and scale != 0.0:
         e = e + scale * grad.to(dt)
-    at = _alpha(a_t, x, dt)
-    an = _alpha(a_next, x, dt)
-    sa, sb, sn, c1, c2 = ddim_coefficients(at, an, float(eta))
-
-    x0 = (xf - sb * e) / sa
-    if clip_x0 is not None:
-        x0 = x0.clamp(-clip_x0, clip_x0)
-        if eps_from_clipped_x0:
-            e = (xf - sa * x0) / sb.clamp_min(math.sqrt(_TINY))
-    out = sn * x0 + c2 * e
+    coefficients = ddim_coefficients(_alpha(a_t, x, dt), _alpha(a_next, x, dt), float(eta))
+    z = None
     if eta > 0.0:
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, dtype=dt,
                                 device=generator.device if generator is not None else x.device
                                 ).to(x.device)
-        out = out + c1 * noise.to(dt)
+        z = noise.to(dt)
+    out, x0 = ddim_step_ref(xf, e, coefficients, clip_x0=clip_x0,
+                            eps_from_clipped_x0=eps_from_clipped_x0, noise=z)
     out = out.to(x.dtype)
     if return_x0:
         return out, x0.to(x.dtype)

@@ -32,7 +32,7 @@ import torch
 
 from ._backend import backend_for, interpreting, on_input_device
 from ._tiles import tile_config
-from .hnm_ref import (LOG_NEG_CLAMP, RATIO_CLAMP, ddim_coefficients, hnm_guided_ddim_reference,
+from .hnm_ref import (LOG_NEG_CLAMP, RATIO_CLAMP, ddim_coefficients_per_sample, hnm_guided_ddim_reference,
                       hnm_loss_reference, validate_hnm_inputs)
 
 try:  # the package and the reference backend must work without triton
@@ -50,6 +50,7 @@ __all__ = ["hnm_loss", "hnm_guided_ddim_update"]
 # --------------------------------------------------------------------------------------------
 if triton is not None:
     from ._tiles import dot, sim_tile
+    from .ddim import _ddim_step_jit  # the DDIM update of METHOD.md §3, shared with ddim.py
 
     @triton.jit
     def _bank_tile(Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale, BANK_COND: tl.constexpr,
@@ -234,13 +235,12 @@ if triton is not None:
             sb = tl.load(KSB + rows, mask=rmask, other=0.0)[:, None]
             sn = tl.load(KSN + rows, mask=rmask, other=0.0)[:, None]
             c2 = tl.load(KC2 + rows, mask=rmask, other=0.0)[:, None]
-            x0 = (x - sb * e) / sa
-            if CLIP:
-                x0 = tl.minimum(tl.maximum(x0, -clip), clip)
-            out = sn * x0 + c2 * e
             if HAS_NOISE:
                 c1 = tl.load(KC1 + rows, mask=rmask, other=0.0)[:, None]
-                out += c1 * tl.load(NOISE + offs, mask=omask, other=0.0).to(tl.float32)
+                z = tl.load(NOISE + offs, mask=omask, other=0.0).to(tl.float32)
+            else:
+                c1, z = c2, x  # unused without noise
+            out, _ = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, False, HAS_NOISE)
             tl.store(DZ + offs, out, mask=omask)
         else:
             tl.store(DZ + offs, acc, mask=omask)
@@ -501,7 +501,7 @@ def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=
         lse1, lse0, cnt = _forward_stats(p)
         pos_logit = (anchor2.float() * pos2.float()).sum(-1) * p.scale
         _, ca, cb, cp = _row_epilogue(p, lse1, lse0, cnt, pos_logit, float(tau_plus), temperature)
-        coef = ddim_coefficients(a_t, a_next, float(eta), B, x.device)
+        coef = ddim_coefficients_per_sample(a_t, a_next, float(eta), B, x.device)
         out = torch.empty_like(x).contiguous()
         xc = x.detach().contiguous()
         ec = eps.detach().contiguous()

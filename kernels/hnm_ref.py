@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the hard-negative-mining (HNM) contrastive loss, SPEC §3.1.
+"""Pure-PyTorch reference of the hard-negative-mining (HNM) contrastive loss, METHOD.md §6.
 
 This is the oracle the fused Triton kernel (``hnm.py``) is tested against. It builds the dense
 2B x (2B + M) similarity matrix, so it is for tests, benchmarks and CPU work, not for large N.
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import check_embedding_pair, check_temperature
+from .ddim_ref import ddim_coefficients, ddim_step_ref
 
 NEG_CLAMP = 1e-4                      # max(exp(s), 1e-4) on every negative similarity
 LOG_NEG_CLAMP = math.log(NEG_CLAMP)   # ... i.e. s' = max(s, ln 1e-4)
@@ -177,7 +178,7 @@ def hnm_rows_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta
 def hnm_loss_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0,
                        estimator="hard", labels=None, bank=None, bank_labels=None,
                        group_size=None, check: bool = True) -> torch.Tensor:
-    """SPEC §3.1 HNM loss (mean over the 2B rows), differentiable w.r.t. anchor, positive, bank.
+    """METHOD.md §6 HNM loss (mean over the 2B rows), differentiable w.r.t. anchor, positive, bank.
 
     Computed in fp32 (fp64 for fp64 inputs); the scalar is returned in the inputs' dtype for
     fp32/fp64 inputs and in fp32 for half-precision inputs.
@@ -192,8 +193,9 @@ def hnm_loss_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta
     return rows.mean()
 
 
-def ddim_coefficients(a_t, a_next, eta: float, B: int, device) -> tuple[torch.Tensor, ...]:
-    """Per-sample fp32 [B] DDIM coefficients (sqrt a_t, sqrt(1-a_t), sqrt a_next, c1, c2), SPEC §2."""
+def ddim_coefficients_per_sample(a_t, a_next, eta: float, B: int, device) -> tuple[torch.Tensor, ...]:
+    """Per-sample fp32 [B] DDIM coefficients (sqrt a_t, sqrt(1-a_t), sqrt a_next, c1, c2) of
+    METHOD.md §3, computed in float64 by :func:`.ddim_ref.ddim_coefficients`."""
     def per_sample(v, name):
         t = torch.as_tensor(v, dtype=torch.float64, device=device)
         if t.dim() == 0:
@@ -202,19 +204,11 @@ def ddim_coefficients(a_t, a_next, eta: float, B: int, device) -> tuple[torch.Te
             raise ValueError(f"{name} must be a float or a per-sample tensor [B]=[{B}], got shape {tuple(t.shape)}")
         return t
     if not isinstance(a_t, torch.Tensor) and not isinstance(a_next, torch.Tensor):
-        # Python numbers: coefficients on the host, then fills (no host-to-device copy, so this
-        # is safe inside CUDA-graph capture)
-        at, an = float(a_t), float(a_next)
-        c1 = eta * math.sqrt(max((1 - at / an), 0.0) * (1 - an) / max(1 - at, 1e-30)) if eta else 0.0
-        vals = (math.sqrt(at), math.sqrt(max(1 - at, 0.0)), math.sqrt(an), c1,
-                math.sqrt(max(1 - an - c1 * c1, 0.0)))
-        return tuple(torch.full((B,), v, dtype=torch.float32, device=device) for v in vals)
-    at = per_sample(a_t, "a_t")
-    an = per_sample(a_next, "a_next")
-    # clamp_min guards a_t = 1 (0/0) and rounding below zero, as kernels/ddim_ref.py does
-    c1 = eta * torch.sqrt(((1 - at / an).clamp(min=0) * (1 - an) / (1 - at).clamp(min=1e-30)).clamp(min=0))
-    c2 = torch.sqrt((1 - an - c1 ** 2).clamp(min=0))
-    out = (at.sqrt(), (1 - at).clamp(min=0).sqrt(), an.sqrt(), c1, c2)
+        # Python numbers: coefficients on the host (CPU float64), then fills (no host-to-device
+        # copy, so this is safe inside CUDA-graph capture)
+        vals = ddim_coefficients(float(a_t), float(a_next), eta)
+        return tuple(torch.full((B,), float(v), dtype=torch.float32, device=device) for v in vals)
+    out = ddim_coefficients(per_sample(a_t, "a_t"), per_sample(a_next, "a_next"), eta)
     return tuple(v.to(torch.float32) for v in out)
 
 
@@ -222,7 +216,7 @@ def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperatu
                               tau_plus=0.1, beta=1.0, estimator="hard", labels=None, bank=None,
                               bank_labels=None, group_size=None, eta=0.0, noise=None, clip_x0=None):
     """Pixel-space Contrastive-DP step: g = d hnm_loss(x.flatten(1), positive.flatten(1)) / d x,
-    e = eps + scale * g, then the DDIM update of SPEC §2. fp32 math, result in x's dtype."""
+    e = eps + scale * g, then the DDIM update of METHOD.md §3. fp32 math, result in x's dtype."""
     B = x.shape[0]
     anchor = x.detach().flatten(1).float().requires_grad_(True)
     pos = positive.detach().flatten(1).float()
@@ -232,14 +226,10 @@ def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperatu
                                   estimator=estimator, labels=labels, bank=bank32,
                                   bank_labels=bank_labels, group_size=group_size, check=False)
         (g,) = torch.autograd.grad(loss, anchor)
-    sat, s1at, san, c1, c2 = ddim_coefficients(a_t, a_next, eta, B, x.device)
+    coefficients = ddim_coefficients_per_sample(a_t, a_next, eta, B, x.device)
     view = (B,) + (1,) * (x.dim() - 1)
-    sat, s1at, san, c1, c2 = (v.view(view) for v in (sat, s1at, san, c1, c2))
+    coefficients = tuple(v.view(view) for v in coefficients)
     e = eps.detach().float() + scale * g.view(x.shape)
-    x0 = (x.detach().float() - s1at * e) / sat
-    if clip_x0 is not None:
-        x0 = x0.clamp(-clip_x0, clip_x0)
-    out = san * x0 + c2 * e
-    if noise is not None:
-        out = out + c1 * noise.detach().float()
+    out, _ = ddim_step_ref(x.detach().float(), e, coefficients, clip_x0=clip_x0,
+                           noise=None if noise is None else noise.detach().float())
     return out.to(x.dtype)

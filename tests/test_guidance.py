@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from cdp_fast import ContrastiveGuidance, DDIMSampler, NoiseSchedule
 from cdp_fast.gmm import GaussianMixtureEps
-from cdp_fast.guidance import EmbeddingHead, default_group_size
+from cdp_fast.guidance import EmbeddingHead, GuidanceStart, default_group_size
 from cdp_fast.kernels.hnm_ref import hnm_loss_reference
 from cdp_fast.kernels.infonce_ref import infonce_loss_reference
 
@@ -149,7 +149,7 @@ def test_group_gradient_is_sum_of_independent_groups():
 
     def grad(n, rows, G=None):
         g = ContrastiveGuidance("hnm", f, scale=1.0, group_size=G)
-        run = g.start(n, (2,))
+        run = g.start(GuidanceStart(n, (2,)))
         run.prime(x_prev[rows])
         out = run.gradient(x[rows])
         run.finish()
@@ -316,7 +316,7 @@ def test_authors_defaults():
     assert (g.t_min, g.t_max, g.skip_first, g.pair, g.head) == (400, None, True, "previous", None)
     g = ContrastiveGuidance("infonce")
     assert (g.temperature, g.scale) == (0.1, 1e3)
-    run = ContrastiveGuidance("hnm", CountingFeatures(d_out=640), head=True).start(4, (2,))
+    run = ContrastiveGuidance("hnm", CountingFeatures(d_out=640), head=True).start(GuidanceStart(4, (2,)))
     dims = [(m.in_features, m.out_features) for m in run.head.modules() if isinstance(m, nn.Linear)]
     assert dims == [(640, 128), (128, 128)]
     assert isinstance(run.opt, torch.optim.Adam) and run.opt.defaults["lr"] == 1e-2
