@@ -20,19 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .training import PRECISIONS, autocast  # noqa: F401  (PRECISIONS: re-exported)
+
 # Constant loss scale for fp16 attack gradients (sign() ignores it; it only prevents underflow).
 FP16_ATTACK_SCALE = 1024.0
-
-
-def autocast(device: torch.device | str, precision: str):
-    """Autocast context for ``precision`` on ``device`` (a no-op for fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dev = torch.device(device).type
-    return torch.autocast(dev, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import torch.nn as nn
 from . import attacks
 from .config import field
 from .data import as_float01
+from .training import PRECISIONS, resolve_precision
 from .utils import progress, resolve_device, write_json
 
 ATTACKS = ("pgd", "cw", "autoattack")
@@ -32,25 +33,10 @@ class EvalConfig:
     limit: int | None = field(None, help="evaluate only the first N test images")
     batch_size: int = field(256, help="evaluation batch size")
     precision: str = field("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
-                           choices=("auto",) + attacks.PRECISIONS)
+                           choices=("auto",) + PRECISIONS)
     json: str | None = field(None, help="write the result JSON here")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
     seed: int = field(0, help="random seed (attack random starts)")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> bf16 on CUDA, fp32 elsewhere.
-
-    Measured on the 2-core dev CPU (torch 2.13, small-cnn-like net, batch 128, forward + input
-    gradient): fp32 12.9 ms vs bf16 autocast 116 ms at 8x8, 163 ms vs 3040 ms at 28x28, so bf16
-    autocast is 9-19x slower on that CPU and fp32 is the CPU default.
-    """
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in attacks.PRECISIONS:
-        raise ValueError(f"precision must be 'auto' or one of {attacks.PRECISIONS}, got {precision!r}")
-    return precision
-
 
 
 def _autoattack(model, x, y, eps, seed, batch_size):

@@ -9,7 +9,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import attacks
+from . import data as data_mod
+from . import models
+from .attacks import predict
+from .training import (
+    autocast,
+    derive_seed,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    resolve_precision,
+)
 from .utils import progress, resolve_device
 
 
@@ -26,11 +36,6 @@ def train_classifier(data, model_name: str | None = None, epochs: int = 10, *, b
     for a seed-dependent ~70-200 SGD steps on digits (measured), which short runs cannot afford.
     Returns the model in eval mode on ``device``.
     """
-    from . import data as data_mod
-    from . import models
-    from .evaluate import resolve_precision
-    from .trades import _epoch_seed, lr_at, make_optimizer, optimizer_step
-
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     dev = resolve_device(device)
@@ -60,12 +65,12 @@ def train_classifier(data, model_name: str | None = None, epochs: int = 10, *, b
                    leave=False)
     model.train()
     for epoch in range(1, epochs + 1):
-        torch.manual_seed(_epoch_seed(seed, epoch, 2))
-        loader.generator.manual_seed(_epoch_seed(seed, epoch, 1))
+        torch.manual_seed(derive_seed(seed, "torch", epoch))
+        loader.generator.manual_seed(derive_seed(seed, "data", epoch))
         for x, y in loader:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, lr, "cosine")
-            with attacks.autocast(dev, prec):
+            with autocast(dev, prec):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer_step(loss, opt, scaler)
@@ -91,7 +96,7 @@ def pseudo_label(model: nn.Module, images: torch.Tensor, *, batch_size: int = 51
         for i in range(0, images.shape[0], batch_size):
             x = images[i:i + batch_size].to(dev)
             x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-            p = attacks.predict(model, x, precision).softmax(1)
+            p = predict(model, x, precision).softmax(1)
             c, lab = p.max(1)
             labels.append(lab.cpu())
             conf.append(c.cpu())

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +38,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
-from . import attacks
+from . import attacks, models
+from . import data as data_mod
 from .config import field
-from .evaluate import evaluate, resolve_precision
+from .evaluate import evaluate
+from .training import (
+    PRECISIONS,
+    autocast,
+    derive_seed,
+    ema_decay_at,
+    ema_update,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    resolve_precision,
+    unwrap,
+)
 from .utils import atomic_write_bytes, progress, resolve_device, write_json
 
 STATE_FILE = "train_state.safetensors"
@@ -78,7 +93,7 @@ class TrainRobustConfig:
     attack_bn: str = field("eval", help="BatchNorm mode during the attack", choices=("eval", "train"))
     precision: str = field("auto", help="auto (bf16 on CUDA, fp32 on CPU: CPU bf16 autocast is ~10x "
                            "slower), bf16, fp16 (with a grad scaler) or fp32",
-                           choices=("auto",) + attacks.PRECISIONS)
+                           choices=("auto",) + PRECISIONS)
     channels_last: bool | None = field(None, help="channels_last memory format (default: on CUDA only)")
     fused_optimizer: bool = field(True, help="fused SGD kernel (foreach when unsupported)")
     compile: bool = field(False, help="torch.compile the model (pays compile time once)")
@@ -103,80 +118,6 @@ class TrainRobustConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Schedules
-def lr_at(step: int, total: int, lr: float, schedule: str) -> float:
-    """Learning rate for optimiser step ``step`` (0-based) of ``total``."""
-    if schedule == "constant":
-        return lr
-    frac = min(step / max(total, 1), 1.0)
-    if schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-    if schedule == "onecycle":
-        peak = 0.4
-        return lr * (frac / peak if frac < peak else max(0.0, (1.0 - frac) / (1.0 - peak)))
-    raise ValueError(f"schedule must be cosine, onecycle or constant, got {schedule!r}")
-
-
-def ema_decay_at(step: int, warmup_steps: int, decay_max: float = 0.995) -> float:
-    """Gowal et al. EMA decay after optimiser step ``step`` (see the module docstring)."""
-    if step < warmup_steps:
-        return 0.0
-    n = step - warmup_steps
-    return min(decay_max, (1.0 + n) / (10.0 + n))
-
-
-@torch.no_grad()
-def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
-    ep = [p for p in ema_model.parameters()]
-    mp = [p.detach() for p in model.parameters()]
-    if decay == 0.0:
-        torch._foreach_copy_(ep, mp)
-    else:
-        torch._foreach_lerp_(ep, mp, 1.0 - decay)
-    for be, bm in zip(ema_model.buffers(), model.buffers()):
-        be.copy_(bm)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights (ndim > 1) only; none on biases, BN and normalisation params."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler=None) -> None:
-    """zero_grad, backward and step; through the GradScaler when training in fp16."""
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-
-
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, fused: bool,
-                   kind: str = "sgd"):
-    """SGD Nesterov (the field's choice) or AdamW; fused kernels when available, else foreach."""
-    groups = param_groups(model, weight_decay)
-    if kind == "sgd":
-        cls, kw = torch.optim.SGD, dict(lr=lr, momentum=momentum, nesterov=momentum > 0)
-    elif kind == "adamw":
-        cls, kw = torch.optim.AdamW, dict(lr=lr)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {kind!r}")
-    if fused:
-        try:
-            return cls(groups, fused=True, **kw)
-        except (RuntimeError, TypeError, ValueError):
-            pass
-    return cls(groups, foreach=True, **kw)
-
-
-# --------------------------------------------------------------------------------------------
 # The TRADES objective
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
                 steps: int, beta: float, precision: str = "fp32", init: str = "uniform",
@@ -185,7 +126,7 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     x_adv = attacks.trades_attack(model, x, eps=eps, step_size=step_size, steps=steps, init=init,
                                   generator=generator, precision=precision, bn=attack_bn)
     model.train()
-    with attacks.autocast(x.device, precision):
+    with autocast(x.device, precision):
         logits_nat = model(x)
         logits_adv = model(x_adv)
     logits_nat = logits_nat.float()
@@ -195,15 +136,9 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
 
 
 # --------------------------------------------------------------------------------------------
-# Per-epoch randomness from (seed, epoch): epochs are reproducible independently (exact resume)
-def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + salt * 104_729) % (2**63 - 1)
-
-
-# --------------------------------------------------------------------------------------------
 # Checkpoint state
 def _state_tensors(model, ema_model, opt, scaler) -> dict[str, torch.Tensor]:
-    t = {f"model.{k}": v for k, v in _unwrap(model).state_dict().items()}
+    t = {f"model.{k}": v for k, v in unwrap(model).state_dict().items()}
     if ema_model is not None:
         t.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -220,16 +155,11 @@ def _state_tensors(model, ema_model, opt, scaler) -> dict[str, torch.Tensor]:
 
 
 def save_state(path: Path, model, ema_model, opt, scaler, meta: dict) -> None:
-    from safetensors.torch import save as st_save
-
     md = {"version": STATE_VERSION, "meta": json.dumps(meta)}
     atomic_write_bytes(path, st_save(_state_tensors(model, ema_model, opt, scaler), metadata=md))
 
 
 def load_state(path: Path, model, ema_model, opt, scaler, device) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
@@ -244,10 +174,10 @@ def load_state(path: Path, model, ema_model, opt, scaler, device) -> dict:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     try:
-        _unwrap(model).load_state_dict(sub("model."), strict=True)
+        unwrap(model).load_state_dict(sub("model."), strict=True)
         if ema_model is not None:
             ema = sub("ema.")
-            ema_model.load_state_dict(ema if ema else _unwrap(model).state_dict(), strict=True)
+            ema_model.load_state_dict(ema if ema else unwrap(model).state_dict(), strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path} does not match this model/config (resume with the same --model "
                          f"and data): {e}") from None
@@ -262,10 +192,6 @@ def load_state(path: Path, model, ema_model, opt, scaler, device) -> dict:
         sd["_growth_tracker"] = int(tensors["scaler.growth_tracker"][0])
         scaler.load_state_dict(sd)
     return meta
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,9 +240,6 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
     data: an ``ImageData`` (default: ``load_dataset(cfg.data, cfg.data_dir, real_limit=...)``).
     synthetic: (images uint8 NCHW, labels int64) (default: ``load_synthetic(cfg.synthetic)``).
     """
-    from . import data as data_mod
-    from . import models
-
     _check_cfg(cfg)
     dev = resolve_device(cfg.device)
     prec = resolve_precision(cfg.precision, dev)
@@ -400,15 +323,15 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
     end_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     for epoch in range(start_epoch + 1, end_epoch + 1):
         t0 = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, 2))  # dropout etc.: reproducible per epoch
-        gen = torch.Generator(dev).manual_seed(_epoch_seed(cfg.seed, epoch, 3))  # attack starts
+        torch.manual_seed(derive_seed(cfg.seed, "torch", epoch))  # dropout etc.: reproducible per epoch
+        gen = torch.Generator(dev).manual_seed(derive_seed(cfg.seed, "attack", epoch))  # attack starts
         model.train()
         sums = torch.zeros(2, device=dev)  # loss * n, correct (device-side: no sync per step)
         count = 0
         pending: list[torch.Tensor] = []
         bar = progress(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                        disable=None if show_progress else True, leave=False)
-        batches.generator.manual_seed(_epoch_seed(cfg.seed, epoch, 1))  # data order, augmentation
+        batches.generator.manual_seed(derive_seed(cfg.seed, "data", epoch))  # data order, augmentation
         for i, (x, y) in enumerate(batches):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total_steps, r["lr"], cfg.schedule)

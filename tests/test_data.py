@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cdp_fast import data as D
+from cdp_fast.data import datasets as D_datasets
 
 
 # --------------------------------------------------------------------------------------- digits
@@ -364,7 +365,7 @@ def test_random_flip():
     out = D.random_flip(x, torch.Generator().manual_seed(0))
     flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(16)]
     kept = [torch.equal(out[i], x[i]) for i in range(16)]
-    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
 
 
 def test_loader_augmentation_deterministic(digits):
@@ -450,7 +451,7 @@ def test_download_path_through_torchvision(tmp_path, monkeypatch):
             raise OSError("no network")
 
     fake = type("tvd", (), {"MNIST": FakeMNIST, "FashionMNIST": Offline})
-    monkeypatch.setattr(D, "_torchvision", lambda: fake)
+    monkeypatch.setattr(D_datasets, "_torchvision", lambda: fake)
     d = D.load_dataset("mnist", tmp_path / "ok", download=True)
     assert d.x_train.shape == (7, 1, 5, 5) and calls == [True, False]
     with pytest.raises(FileNotFoundError, match="download of fashion-mnist via torchvision failed.*no network"):

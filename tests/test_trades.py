@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cdp_fast import trades
+from cdp_fast import trades, training
 from cdp_fast.trades import TrainRobustConfig, ema_decay_at, ema_update, lr_at
 
 
@@ -96,7 +96,7 @@ def test_lr_schedules():
 
 def test_no_weight_decay_on_bias_and_bn():
     m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3, 2))
-    groups = trades.param_groups(m, 5e-4)
+    groups = training.param_groups(m, 5e-4)
     decayed = {id(p) for p in groups[0]["params"]}
     assert decayed == {id(m[0].weight), id(m[3].weight)}
     assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 4
@@ -251,3 +251,20 @@ def test_synthetic_mixing_and_bad_input(tmp_path):
         trades.train_robust(tiny_cfg(tmp_path / "b", epochs=0), data=data, show_progress=False)
     with pytest.raises(FileNotFoundError, match="resume"):
         trades.train_robust(tiny_cfg(tmp_path / "empty", resume=True, batch_size=16), data=data, show_progress=False)
+
+
+def test_derive_seed_reproduces_the_former_constants():
+    # the former trades._epoch_seed(seed, epoch, salt) and the sampler/guidance offsets
+    def epoch_seed(seed, epoch, salt):
+        return (seed * 1_000_003 + epoch * 7_919 + salt * 104_729) % (2**63 - 1)
+
+    for seed in (0, 1, 12345, 2**40 + 7):
+        for epoch in (1, 2, 400):
+            assert training.derive_seed(seed, "data", epoch) == epoch_seed(seed, epoch, 1)
+            assert training.derive_seed(seed, "torch", epoch) == epoch_seed(seed, epoch, 2)
+            assert training.derive_seed(seed, "attack", epoch) == epoch_seed(seed, epoch, 3)
+        assert training.derive_seed(seed, "sampler-noise") == seed + 0x5EED
+        assert training.derive_seed(seed, "guidance-positives") == seed + 0xC0DE
+        assert training.derive_seed(seed, "guidance-head") == seed + 0x4EAD
+    with pytest.raises(ValueError, match="unknown seed stream"):
+        training.derive_seed(0, "dropout")

@@ -1,10 +1,9 @@
-"""Real datasets, synthetic npz shards, device-side augmentation and real + synthetic mixing.
+"""Real datasets: names and per-dataset defaults, the ``ImageData`` container, image conversions and
+the readers (scikit-learn digits, IDX for the MNIST family, CIFAR-10 python batches, GTSRB folders).
 
 Conventions: datasets are held as uint8 NCHW tensors (``ImageData``); classifiers see float [0, 1]
-NCHW (``to_float``). Synthetic files are ``.npz`` with ``image`` (uint8 N x H x W x C) and ``label``
-(int64), or the authors' ``arr_0``/``arr_1``; they are read with ``allow_pickle=False``. CIFAR-10's
-python batches are pickles: they go through ``read_cifar_batch``, a restricted unpickler that can
-only build dicts/lists/bytes/numbers and numpy arrays.
+NCHW (``to_float``). CIFAR-10's python batches are pickles: they go through ``read_cifar_batch``, a
+restricted unpickler that can only build dicts/lists/bytes/numbers and numpy arrays.
 """
 from __future__ import annotations
 
@@ -15,22 +14,18 @@ import io
 import os
 import pickle
 import struct
-import zipfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .utils import atomic_write_bytes
+from ..utils import atomic_write_bytes
 
 __all__ = [
     "DATASETS", "ImageData", "load_dataset", "dataset_defaults", "canonical_name", "balanced_subset",
-    "read_idx", "write_idx", "read_cifar_batch", "load_synthetic", "save_synthetic",
-    "to_float", "as_float01", "to_uint8", "random_crop", "random_flip", "augment_batch", "DeviceLoader",
+    "read_idx", "write_idx", "read_cifar_batch", "to_float", "as_float01", "to_uint8",
 ]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "gtsrb")
@@ -232,7 +227,7 @@ def _digits_arrays():
     share = counts * 360 / len(y)
     n_test = np.floor(share).astype(int)
     n_test[np.argsort(-(share - n_test), kind="stable")[: 360 - n_test.sum()]] += 1
-    test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, n_test)])
+    test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, n_test, strict=True)])
     is_test = np.zeros(len(y), bool)
     is_test[test] = True
     return x[~is_test], y[~is_test], x[is_test], y[is_test]
@@ -525,168 +520,14 @@ def _load_gtsrb(root: Path, download, size: int = 32) -> ImageData:
     return data
 
 
-# ---------------------------------------------------------------------------------------------
-# synthetic npz shards
 def _atomic_savez(path: Path, **arrays) -> Path:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _as_numpy(a, what: str) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    if isinstance(a, np.ndarray):
-        return a
-    raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(a).__name__}")
-
-
-def _to_nhwc(img: np.ndarray, layout: str, where: str) -> np.ndarray:
-    if img.ndim == 3:
-        return img[..., None]
-    if img.ndim != 4:
-        raise ValueError(f"{where}: images must be 4-D (N,C,H,W or N,H,W,C) or 3-D (N,H,W), got {img.shape}")
-    if layout == "auto":
-        nchw, nhwc = img.shape[1] in (1, 3, 4), img.shape[3] in (1, 3, 4)
-        if nchw and nhwc:  # ambiguous (e.g. 3x3 images): the torch convention wins
-            layout = "NCHW"
-        elif nchw or nhwc:
-            layout = "NCHW" if nchw else "NHWC"
-        else:
-            raise ValueError(f"{where}: cannot tell NCHW from NHWC for shape {img.shape} "
-                             f"(no axis of 1, 3 or 4 channels); pass layout=")
-    if layout == "NCHW":
-        return img.transpose(0, 2, 3, 1)
-    if layout == "NHWC":
-        return img
-    raise ValueError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
-
-
-def save_synthetic(path, images, labels, *, layout: str = "auto", **extra_arrays) -> Path:
-    """Write a synthetic shard ``path`` (.npz) atomically (temp file + rename).
-
-    ``images``: torch tensor or numpy array, NCHW or NHWC (``layout="auto"`` guesses from the
-    channel axis; NCHW when ambiguous), either uint8 0..255 or float in [0, 1] (rounded with
-    ``to_uint8``). ``labels``: N integers. Extra per-image arrays (e.g. ``confidence`` from
-    pseudo-labelling) are stored under their names. Stored: ``image`` uint8 N x H x W x C,
-    ``label`` int64 N. Returns the path (".npz" appended when missing)."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
-    img = _as_numpy(images, "images")
-    if img.dtype != np.uint8:
-        if not np.issubdtype(img.dtype, np.floating):
-            raise TypeError(f"images must be uint8 or float in [0, 1], got {img.dtype}")
-        if img.size and float(img.min()) < -0.5:  # a common slip: diffusion output in [-1, 1]
-            raise ValueError(f"float images must be in [0, 1] (min {float(img.min()):.3f}); map diffusion "
-                             f"samples with (x + 1) / 2 first")
-        img = to_uint8(torch.from_numpy(np.ascontiguousarray(img, np.float32))).numpy()
-    img = np.ascontiguousarray(_to_nhwc(img, layout, "save_synthetic"))
-    lab = _as_numpy(labels, "labels")
-    if lab.ndim != 1 or len(lab) != len(img):
-        raise ValueError(f"labels must have shape [{len(img)}], got {lab.shape}")
-    if lab.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integers, got {lab.dtype}")
-    if len(lab) and lab.min() < 0:
-        raise ValueError(f"labels must be >= 0, found {int(lab.min())}")
-    extra = {}
-    for k, v in extra_arrays.items():
-        if k in ("image", "label"):
-            raise ValueError(f"extra array name {k!r} is reserved")
-        v = _as_numpy(v, k)
-        if len(v) != len(img):
-            raise ValueError(f"extra array {k!r} has {len(v)} rows, images have {len(img)}")
-        extra[k] = v
-    return _atomic_savez(path, image=img, label=lab.astype(np.int64), **extra)
-
-
-def _read_npz(path: Path, like: ImageData | None):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.files)
-            if "image" in keys and "label" in keys:
-                ik, lk = "image", "label"
-            elif "arr_0" in keys and "arr_1" in keys:
-                ik, lk = "arr_0", "arr_1"
-            else:
-                raise KeyError(f"expected arrays 'image' + 'label' (or 'arr_0' + 'arr_1'), found {keys}")
-            img, lab = z[ik], z[lk]
-            extra = {k: z[k] for k in keys if k not in (ik, lk)}
-    except KeyError as e:
-        raise ValueError(f"{path}: {e.args[0]}") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
-        raise ValueError(f"{path}: corrupt or truncated npz (or it holds pickled objects, which are "
-                         f"refused): {e}") from None
-    if img.dtype != np.uint8:
-        raise ValueError(f"{path}: images must be uint8 (0..255), got {img.dtype}")
-    if like is not None and img.ndim == 4:
-        c, h, w = like.shape
-        if img.shape[1:] == (h, w, c):
-            img = img
-        elif img.shape[1:] == (c, h, w):
-            img = img.transpose(0, 2, 3, 1)
-        else:
-            raise ValueError(f"{path}: images have shape {img.shape}, expected N x {h} x {w} x {c} "
-                             f"(N x H x W x C) to match {like.name}")
-    else:
-        img = _to_nhwc(img, "auto", str(path))
-    if lab.ndim == 2 and lab.shape[1] == 1:
-        lab = lab[:, 0]
-    if lab.ndim != 1 or len(lab) != len(img):
-        raise ValueError(f"{path}: expected {len(img)} labels (one per image), got shape {lab.shape}")
-    if lab.dtype.kind == "f" and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
-        lab = lab.astype(np.int64)
-    if lab.dtype.kind not in "iu":
-        raise ValueError(f"{path}: labels must be integers, got {lab.dtype}")
-    lab = lab.astype(np.int64)
-    if len(lab):
-        hi = like.num_classes if like is not None else None
-        if lab.min() < 0 or (hi is not None and lab.max() >= hi):
-            bad = int(lab.min()) if lab.min() < 0 else int(lab.max())
-            raise ValueError(f"{path}: label {bad} out of range [0, {hi if hi is not None else 'inf'})"
-                             + (f" for {like.name}" if like is not None else ""))
-    if like is not None and img.shape[1:] != (like.size, like.size, like.channels):
-        c, h, w = like.shape
-        raise ValueError(f"{path}: images have shape {img.shape}, expected N x {h} x {w} x {c} for {like.name}")
-    extra = {k: v for k, v in extra.items() if v.ndim >= 1 and len(v) == len(img)}
-    return img, lab, extra
-
-
-def load_synthetic(path, *, like: ImageData | None = None, with_extra: bool = False):
-    """Load synthetic images from an npz file or a folder of ``*.npz`` shards (sorted by name).
-
-    Returns ``(images uint8 [N, C, H, W] torch, labels int64 [N] torch)``, plus a dict of extra
-    per-image arrays present in every shard (e.g. ``confidence``) when ``with_extra=True``.
-    With ``like`` (the real dataset) the image shape and the label range are checked against it.
-    Files are read with ``allow_pickle=False``; corrupt files raise ValueError naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no *.npz shards in this folder")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"synthetic data {path} does not exist (an .npz file or a folder of shards)")
-    imgs, labs, extras = [], [], []
-    for f in files:
-        img, lab, extra = _read_npz(f, like)
-        if imgs and img.shape[1:] != imgs[0].shape[1:]:
-            raise ValueError(f"{f}: image shape {img.shape[1:]} differs from {files[0]} ({imgs[0].shape[1:]})")
-        imgs.append(img), labs.append(lab), extras.append(extra)
-    img = imgs[0] if len(imgs) == 1 else np.concatenate(imgs)
-    lab = labs[0] if len(labs) == 1 else np.concatenate(labs)
-    x = torch.from_numpy(np.ascontiguousarray(img.transpose(0, 3, 1, 2)))
-    y = torch.from_numpy(lab)
-    if not with_extra:
-        return x, y
-    common = set.intersection(*(set(e) for e in extras))
-    ex = {k: torch.from_numpy(np.concatenate([e[k] for e in extras])) for k in sorted(common)}
-    return x, y, ex
-
-
 # ---------------------------------------------------------------------------------------------
-# conversions and device-side augmentation
+# conversions
 def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 0..255 -> float in [0, 1]."""
     if isinstance(x, np.ndarray):
@@ -714,141 +555,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     if torch.isnan(x).any():
         raise ValueError("to_uint8: images contain NaN")
     return (x.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batched random crop with zero padding (torchvision RandomCrop(size, padding)), any dtype.
-
-    One offset pair per image, drawn on x's device; two gathers, no per-image Python."""
-    if padding <= 0:
-        return x
-    b, c, h, w = x.shape
-    dev = x.device
-    xp = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
-    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(b, c, h, w + 2 * padding)
-    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(b, c, h, w)
-    return xp.gather(2, rows).gather(3, cols)
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2 (batched)."""
-    m = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
-    return torch.where(m[:, None, None, None], x.flip(3), x)
-
-
-_AUGMENTS = ("none", "crop", "flip", "crop-flip")
-
-
-def augment_batch(x: torch.Tensor, augment: str, padding: int, generator=None) -> torch.Tensor:
-    if augment not in _AUGMENTS:
-        raise ValueError(f"augment must be one of {_AUGMENTS}, got {augment!r}")
-    if "crop" in augment:
-        x = random_crop(x, padding, generator)
-    if "flip" in augment:
-        x = random_flip(x, generator)
-    return x
-
-
-class DeviceLoader:
-    """Batches from uint8 tensors kept on the device; augmentation and mixing on the device.
-
-    Each iteration (``for x, y in loader``) is one epoch = one pass over the real images (without
-    replacement, reshuffled every epoch when ``shuffle``). With ``synthetic=(xs, ys)`` every batch
-    holds exactly ``n_synthetic = round(batch_size * synthetic_fraction)`` synthetic images drawn
-    with replacement and ``n_real = batch_size - n_synthetic`` real ones; the batch is the real
-    images first, then the synthetic. Yields ``(x float [B, C, H, W] in [0, 1], y int64 [B])``.
-    Deterministic given ``generator`` (a torch.Generator on the data's device) or ``seed``.
-
-    ``augment``: "none" | "crop" | "flip" | "crop-flip" (see ``dataset_defaults(name)["augment"]``).
-    ``drop_last`` (default) keeps every batch the same size (static shapes for CUDA graphs); with
-    ``drop_last=False`` the last batch is smaller and its synthetic count is scaled in proportion.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, synthetic=None,
-                 synthetic_fraction: float | None = None, augment: str = "none", padding: int = 4,
-                 shuffle: bool = True, drop_last: bool = True, device=None,
-                 generator: torch.Generator | None = None, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
-        dev = torch.device(device) if device is not None else x.device
-        if x.dtype != torch.uint8 or x.dim() != 4:
-            raise ValueError(f"x must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
-        if y.dim() != 1 or len(y) != len(x):
-            raise ValueError(f"y must be [N={len(x)}] labels, got {tuple(y.shape)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if augment not in _AUGMENTS:
-            raise ValueError(f"augment must be one of {_AUGMENTS}, got {augment!r}")
-        if synthetic_fraction is None:
-            synthetic_fraction = 0.7 if synthetic is not None else 0.0
-        if not 0.0 <= synthetic_fraction <= 1.0:
-            raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
-        self.x, self.y = x.to(dev), y.to(device=dev, dtype=torch.int64)
-        self.n_synthetic = int(round(batch_size * synthetic_fraction))
-        if synthetic is not None:
-            xs, ys = synthetic
-            if xs.dtype != torch.uint8 or xs.shape[1:] != x.shape[1:]:
-                raise ValueError(f"synthetic images must be uint8 {tuple(x.shape[1:])} like the real ones, "
-                                 f"got {xs.dtype} {tuple(xs.shape[1:])}")
-            if ys.dim() != 1 or len(ys) != len(xs) or len(xs) == 0:
-                raise ValueError(f"synthetic labels must be [N={len(xs)}] (N > 0), got {tuple(ys.shape)}")
-            self.xs, self.ys = xs.to(dev), ys.to(device=dev, dtype=torch.int64)
-        else:
-            if self.n_synthetic:
-                raise ValueError(f"synthetic_fraction={synthetic_fraction} but no synthetic data given")
-            self.xs = self.ys = None
-        self.batch_size = batch_size
-        self.n_real = batch_size - self.n_synthetic
-        if self.n_real and drop_last and len(x) < self.n_real:
-            raise ValueError(f"each batch takes {self.n_real} real images but there are only {len(x)}; "
-                             f"lower batch_size or use drop_last=False")
-        self.augment, self.padding = augment, int(padding)
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.dtype, self.channels_last, self.device = dtype, channels_last, dev
-        if generator is None:
-            generator = torch.Generator(device=dev).manual_seed(seed)
-        elif generator.device.type != dev.type:
-            raise ValueError(f"generator is on {generator.device}, data on {dev}")
-        self.generator = generator
-
-    @classmethod
-    def from_data(cls, data: ImageData, batch_size: int, *, train: bool = True, **kw) -> "DeviceLoader":
-        """Training (augmented per ``dataset_defaults``, shuffled) or test (plain, ordered) loader."""
-        if train:
-            d = _DEFAULTS.get(data.name, {})
-            kw.setdefault("augment", d.get("augment", "none"))
-            kw.setdefault("padding", d.get("padding", max(1, data.size // 8)))
-            return cls(data.x_train, data.y_train, batch_size, **kw)
-        kw.setdefault("shuffle", False)
-        kw.setdefault("drop_last", False)
-        return cls(data.x_test, data.y_test, batch_size, **kw)
-
-    def __len__(self) -> int:
-        n, per = len(self.x), (self.n_real or self.batch_size)  # all-synthetic: as many images as real
-        return n // per if self.drop_last else -(-n // per)
-
-    def _finish(self, xb: torch.Tensor) -> torch.Tensor:
-        if self.augment != "none":
-            xb = augment_batch(xb, self.augment, self.padding, self.generator)
-        xb = to_float(xb, self.dtype)
-        return xb.contiguous(memory_format=torch.channels_last) if self.channels_last else xb
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, g, dev = len(self.x), self.generator, self.device
-        nr = self.n_real
-        order = torch.randperm(n, generator=g, device=dev) if self.shuffle else torch.arange(n, device=dev)
-        for i in range(len(self)):
-            if nr:
-                idx = order[i * nr:(i + 1) * nr]
-                xb, yb = self.x[idx], self.y[idx]
-                ns = self.n_synthetic if len(idx) == nr else int(round(len(idx) * self.n_synthetic / nr))
-            else:
-                xb = yb = None
-                ns = self.n_synthetic if (i + 1) * self.batch_size <= n else n - i * self.batch_size
-            if ns:
-                sidx = torch.randint(len(self.xs), (ns,), generator=g, device=dev)
-                xs, ys = self.xs[sidx], self.ys[sidx]
-                xb = xs if xb is None else torch.cat([xb, xs])
-                yb = ys if yb is None else torch.cat([yb, ys])
-            yield self._finish(xb), yb

@@ -1,0 +1,26 @@
+"""Data: real datasets (:mod:`.datasets`), synthetic npz shards (:mod:`.synthetic`) and the device-side
+loader that augments and mixes them (:mod:`.loader`). Every public name is re-exported here, so
+``from cdp_fast.data import X`` works for all of them.
+"""
+from .datasets import (
+    DATASETS,
+    ImageData,
+    as_float01,
+    balanced_subset,
+    canonical_name,
+    dataset_defaults,
+    load_dataset,
+    read_cifar_batch,
+    read_idx,
+    to_float,
+    to_uint8,
+    write_idx,
+)
+from .loader import DeviceLoader, augment_batch, random_crop, random_flip
+from .synthetic import load_synthetic, save_synthetic
+
+__all__ = [
+    "DATASETS", "ImageData", "load_dataset", "dataset_defaults", "canonical_name", "balanced_subset",
+    "read_idx", "write_idx", "read_cifar_batch", "load_synthetic", "save_synthetic",
+    "to_float", "as_float01", "to_uint8", "random_crop", "random_flip", "augment_batch", "DeviceLoader",
+]
