@@ -25,19 +25,26 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from . import config as _config
 from .config import field
+from .models.checkpoint import load_into, read_file
+from .models.ddpm import DDPMUNet
+from .models.external import is_diffusers_folder, load_external
+from .models.unet import UNet
 from .schedules import NoiseSchedule
 from .utils import atomic_write_bytes, progress, resolve_device, seed_everything, write_json
 
 __all__ = ["TrainDiffusionConfig", "run", "train_diffusion", "load_diffusion", "save_diffusion",
-           "resolve_settings",
+           "resolve_settings", "ConvertConfig", "convert", "ARCHS",
            "DATASET_DEFAULTS", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "cdp-fast-diffusion"
+# config.json "arch" -> model class ("unet": trained here; "ddpm": Ho et al.'s released UNet)
+ARCHS = {"unet": UNet, "ddpm": DDPMUNet}
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "gtsrb")
 
 # Per-dataset "auto" values. Schedules follow the authors (linear for CIFAR-10, cosine for
@@ -137,6 +144,7 @@ def save_diffusion(folder, model, meta: dict, loss_log: list | None = None) -> P
     meta = dict(meta, format=CHECKPOINT_FORMAT, version=1, unet=ukw,
                 image_shape=[ukw["in_channels"], ukw["image_size"], ukw["image_size"]])
     meta.setdefault("num_classes", ukw["num_classes"])
+    meta.setdefault("arch", getattr(model, "arch", "unet"))
     meta.setdefault("class_conditional", ukw["num_classes"] is not None)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
@@ -155,7 +163,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     ``data``: an already loaded ``ImageData`` (the pipeline passes the same real_limit-ed data
     its classifiers use); otherwise ``load_dataset(cfg.data, cfg.data_dir, real_limit, seed)``.
     """
-    from .models.unet import UNet, unet_kwargs
+    from .models.unet import unet_kwargs
 
     if data is None:
         from .data import load_dataset
@@ -310,19 +318,22 @@ def _read_meta(folder: Path) -> dict:
     return meta
 
 
-def load_diffusion(folder, device="cpu"):
-    """Load a ``train-diffusion`` checkpoint -> (model in eval mode, NoiseSchedule, meta dict).
+def load_diffusion(path, device="cpu", *, image_size: int | None = None):
+    """Load a diffusion model -> (model in eval mode, NoiseSchedule, meta dict).
 
-    The model maps (x in [-1, 1], t[, y]) to eps. Weights are read with safetensors only.
+    ``path``: a cdp-fast checkpoint folder (``train-diffusion`` / ``convert``), a diffusers
+    ``UNet2DModel`` or pipeline folder, or an original DDPM checkpoint file (see
+    ``cdp_fast.models.external``). The model maps (x in [-1, 1], t[, y]) to eps. Weights are read
+    with safetensors / ``torch.load(weights_only=True)`` only. ``image_size`` overrides the size
+    inferred for an original DDPM file (not stored in its tensors).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .models.unet import UNet
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"diffusion checkpoint folder not found: {folder}")
+    folder = Path(path)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if not folder.exists():
+        raise FileNotFoundError(f"diffusion checkpoint not found: {folder} (a cdp-fast or diffusers "
+                                f"folder, or an original DDPM .ckpt file)")
+    if folder.is_file() or is_diffusers_folder(folder):
+        return load_external(folder, dev, image_size=image_size)
     meta = _read_meta(folder)
     wpath = folder / "model.safetensors"
     if not wpath.is_file():
@@ -332,28 +343,17 @@ def load_diffusion(folder, device="cpu"):
     if not isinstance(ukw, dict) or ukw.get("in_channels") != C or ukw.get("image_size") != H:
         raise ValueError(f"{folder}/config.json: unet settings {ukw} do not match image_shape "
                          f"{meta['image_shape']}")
+    arch = meta.get("arch", "unet")
+    if arch not in ARCHS:
+        raise ValueError(f"{folder}/config.json: unknown arch {arch!r} (known: {sorted(ARCHS)})")
     try:
         with torch.device("meta"):  # no random init: the weights come from the file
-            model = UNet(**ukw)
+            model = ARCHS[arch](**ukw)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{folder}/config.json: invalid unet settings {ukw}: {e}") from e
-    try:
-        state = load_file(str(wpath), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{wpath} is corrupt or not a safetensors file: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what}: {ks[:4]}{' ...' if len(ks) > 4 else ''}" for what, ks in
-                           (("missing", missing), ("unexpected", unexpected),
-                            ("shape mismatch", [f"{k} {got[k]} != {expected[k]}" for k in wrong]))
-                           if ks)
-        raise ValueError(f"{wpath} does not match the UNet described by config.json ({detail})")
-    model.load_state_dict(state, strict=True, assign=True)
-    model = model.to(resolve_device(device) if isinstance(device, str) else device).eval()
+    state = read_file(wpath)
+    load_into(model, state, str(wpath), what="the UNet described by config.json")
+    model = model.to(dev).eval()
     sch = meta["schedule"]
     try:
         sched = NoiseSchedule.from_name(sch["name"], int(sch["num_train_timesteps"]),
@@ -361,6 +361,27 @@ def load_diffusion(folder, device="cpu"):
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder}/config.json: invalid schedule entry {sch}: {e}") from e
     return model, sched, meta
+
+
+@dataclass
+class ConvertConfig:
+    POSITIONAL: ClassVar[str] = "path"  # `cdp-fast convert PATH --out DIR`
+    path: str | None = field(None, help="diffusers folder, original DDPM .ckpt/.pt file or cdp-fast folder")
+    out: str = field("runs/converted", help="cdp-fast checkpoint folder to write")
+    image_size: int | None = field(None, help="image size of an original DDPM file (default: inferred, "
+                                              "16 * 2**attention level)")
+
+
+def convert(cfg: ConvertConfig) -> dict:
+    """``cdp-fast convert``: any loadable diffusion checkpoint -> a cdp-fast safetensors folder."""
+    if not cfg.path:
+        raise ValueError("convert: give the checkpoint to convert (cdp-fast convert PATH --out DIR)")
+    model, _, meta = load_diffusion(cfg.path, "cpu", image_size=cfg.image_size)
+    keep = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "image_shape")}
+    folder = save_diffusion(cfg.out, model, keep)
+    return {"out": str(folder), "source": meta.get("source", "cdp-fast"), "arch": meta.get("arch", "unet"),
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "image_shape": meta["image_shape"], "schedule": meta["schedule"]["name"]}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,10 @@ A checkpoint is a folder holding ``model.safetensors`` (the state dict, incl. th
 buffers) and ``config.json`` (``name``, ``num_classes``, ``in_channels``, ``image_size``,
 ``build_kwargs`` + whatever extra keys the caller gave ``save``). Never a pickle.
 
-The diffusion UNet lives in ``cdp_fast.models.unet`` (imported on demand, not here).
+``load`` also reads external weight files of the robustness codebases (see its docstring); every
+file goes through the one reader of ``cdp_fast.models.checkpoint`` (no pickle code runs, keys and
+shapes checked). The diffusion UNets live in ``cdp_fast.models.unet`` (trained here) and
+``cdp_fast.models.ddpm`` (Ho et al.'s released architecture).
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..utils import atomic_write_bytes, write_json
-from .classifiers import NAMES, Classifier, PreActResNet18, SmallCNN, WideResNet, build
+from .checkpoint import load_into, read_file, read_state_dict
+from .classifiers import NAMES, Classifier, DMWideResNet, PreActResNet18, SmallCNN, WideResNet, build
 
 __all__ = ["build", "save", "load", "read_config", "NAMES", "Classifier", "SmallCNN",
-           "PreActResNet18", "WideResNet"]
+           "PreActResNet18", "WideResNet", "DMWideResNet"]
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 _RESERVED = ("name", "num_classes", "in_channels", "image_size", "build_kwargs")
@@ -82,11 +86,22 @@ def read_config(folder) -> dict:
     return cfg
 
 
-def load(folder, device="cpu") -> nn.Module:
-    """Rebuild the model named in config.json, load the weights, move to ``device``, eval mode."""
-    from safetensors.torch import load_file
+def load(path, device="cpu", *, arch: str | None = None, num_classes: int | None = None,
+         in_channels: int | None = None, image_size: int = 32, mean=None, std=None) -> nn.Module:
+    """Load a classifier -> model on ``device`` in eval mode.
 
-    p = _folder(folder)
+    ``path`` is a cdp-fast checkpoint folder (``model.safetensors`` + ``config.json``: the model is
+    rebuilt from config.json), or an external weights file of the robustness codebases
+    (``.pt``/``.pth``/``.ckpt``/``.safetensors``; ``{'model_state_dict': ...}``, ``{'state_dict': ...}``
+    or a raw state dict, ``module.`` / ``Sequential(Normalization, model)`` prefixes removed), which
+    needs ``arch`` (e.g. ``"wrn-28-10-swish"``). For external files ``num_classes`` and
+    ``in_channels`` default to what the tensors say; the input normalisation is the file's
+    ``Normalization`` when it has one, else ``mean``/``std``, else the architecture's default
+    (CIFAR-10 statistics for 3 channels). Files are never unpickled beyond tensors."""
+    p = Path(path)
+    if p.is_file() and not (p.name in (WEIGHTS, CONFIG) and (p.parent / CONFIG).is_file()):
+        return _load_external(p, device, arch, num_classes, in_channels, image_size, mean, std)
+    p = _folder(p)
     cfg = read_config(p)
     wf = p / WEIGHTS
     if not wf.is_file():
@@ -97,23 +112,34 @@ def load(folder, device="cpu") -> nn.Module:
     except (ValueError, TypeError) as e:
         raise ValueError(f"{p}: config.json does not describe a classifier this package builds "
                          f"(checkpoint of another model?): {e}") from None
-    try:
-        state = load_file(str(wf), device="cpu")
-    except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError, ...)
-        raise ValueError(f"{wf} is corrupt or not a safetensors file: {e}") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        def few(xs):
-            return ", ".join(xs[:8]) + (f" ... (+{len(xs) - 8} more)" if len(xs) > 8 else "")
-        parts = [f"missing keys: {few(missing)}" if missing else "",
-                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
-                 f"shape mismatches: {few(shapes)}" if shapes else ""]
-        raise ValueError(f"{wf} does not match a {cfg['name']} built from {CONFIG} "
-                         f"(checkpoint of another model?); " + "; ".join(x for x in parts if x))
-    model.load_state_dict(state, strict=True)
+    load_into(model, read_file(wf), str(wf), what=f"a {cfg['name']} built from {CONFIG}")
     model.checkpoint_config = cfg
+    return model.to(device).eval()
+
+
+_HEADS = ("logits.weight", "head.weight", "fc.weight", "linear.weight")
+_STEMS = ("init_conv.weight", "stem.weight", "conv1.weight", "conv.0.weight")
+
+
+def _load_external(p: Path, device, arch, num_classes, in_channels, image_size, mean, std) -> nn.Module:
+    if not arch:
+        raise ValueError(f"{p} is a weights file, not a cdp-fast checkpoint folder: give its architecture "
+                         f"(arch=, --features-arch / --labeler-arch), e.g. wrn-28-10-swish")
+    state, norm = read_state_dict(p)
+    if num_classes is None:
+        head = next((state[k] for k in _HEADS if k in state and state[k].ndim == 2), None)
+        if head is None:
+            raise ValueError(f"{p}: cannot tell the number of classes (no {'/'.join(_HEADS)}); pass num_classes=")
+        num_classes = int(head.shape[0])
+    if in_channels is None:
+        stem = next((state[k] for k in _STEMS if k in state and state[k].ndim == 4), None)
+        in_channels = int(stem.shape[1]) if stem is not None else 3
+    if "mean" in norm and "std" in norm:
+        mean, std = norm["mean"].flatten().tolist(), norm["std"].flatten().tolist()
+    kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+    model = build(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kw)
+    # the reference models keep mean/std outside their state dict: ours come from the build
+    load_into(model, state, str(p), allow_missing=("mean", "std"), what=f"a {model.name}")
+    model.checkpoint_config = {"name": model.name, "num_classes": num_classes, "in_channels": in_channels,
+                               "image_size": image_size, "build_kwargs": model.build_kwargs, "source": str(p)}
     return model.to(device).eval()

@@ -11,8 +11,14 @@ penultimate activations) with ``forward(x) = head(features(x))``.
   flatten size is computed from ``image_size`` either way.
 * ``preact-resnet18``: pre-activation ResNet-18 (He et al. 2016), 3x3 stem; global average
   pooling, so any image size >= 1 works (8x8 digits end at 1x1).
-* ``wrn-D-W`` / ``wrn-D-W-swish``: WideResNet (pre-activation blocks), depth D = 6n + 4, widen W;
-  ``-swish`` uses SiLU instead of ReLU (the Gowal et al./Rebuffi et al. variant the authors train).
+* ``wrn-D-W``: WideResNet (Zagoruyko & Komodakis, pre-activation blocks), depth D = 6n + 4, widen W.
+* ``wrn-D-W-swish`` (or ``-relu``): the DeepMind WideResNet of Gowal et al. 2020 as the Contrastive-DP
+  authors, DM-Improves-AT and imrahulr's adversarial_robustness_pytorch define it, with their
+  parameter names (``init_conv``, ``layer.{g}.block.{i}.{batchnorm_0,conv_0,batchnorm_1,conv_1,
+  shortcut}``, ``batchnorm``, ``logits``) so their checkpoints load: manual (1,1,1,1) / (0,1,0,1)
+  padding before the unpadded first conv of each block, BatchNorm momentum 0.01, 8x8 average pool
+  (global pooling for other sizes), 640-d features for WRN-28-10. ``features`` is the logits
+  layer's input.
 """
 from __future__ import annotations
 
@@ -209,8 +215,96 @@ class WideResNet(Classifier):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
+def _same_pad2(h: int, w: int) -> tuple[int, int, int, int]:
+    """TF "SAME" padding of a 3x3 stride-2 conv: (0, 1, 0, 1) for even sizes (the reference's
+    fixed padding), (1, 1, 1, 1) for odd ones (where the fixed padding would break the residual)."""
+    ph, pw = 1 + h % 2, 1 + w % 2  # total = (ceil(n/2) - 1) * 2 + 3 - n
+    return (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+
+
+class _DMBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, act: type[nn.Module]):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"unsupported stride {stride}")
+        self.stride = stride
+        self.batchnorm_0 = nn.BatchNorm2d(cin, momentum=0.01)
+        self.relu_0 = act()
+        self.conv_0 = nn.Conv2d(cin, cout, 3, stride, 0, bias=False)  # padded by hand (TF "SAME")
+        self.batchnorm_1 = nn.BatchNorm2d(cout, momentum=0.01)
+        self.relu_1 = act()
+        self.conv_1 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if cin != cout else None
+
+    def forward(self, x):
+        a = self.relu_0(self.batchnorm_0(x))
+        # with a projection shortcut it sees the activated input, otherwise the raw one
+        sc = self.shortcut(a) if self.shortcut is not None else x
+        a = F.pad(a, (1, 1, 1, 1) if self.stride == 1 else _same_pad2(a.shape[-2], a.shape[-1]))
+        out = self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(a))))
+        return sc + out
+
+
+class _DMBlockGroup(nn.Module):
+    def __init__(self, n: int, cin: int, cout: int, stride: int, act):
+        super().__init__()
+        self.block = nn.Sequential(*[_DMBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, act)
+                                     for i in range(n)])
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class DMWideResNet(Classifier):
+    """Gowal et al. 2020's WideResNet (DeepMind / imrahulr / DM-Improves-AT layout); see the module doc."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *,
+                 depth: int = 28, widen: int = 10, activation: str = "swish", mean=None, std=None):
+        super().__init__(in_channels, *_norm_stats(in_channels, mean, std, identity=False))
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4 (e.g. 16, 28, 34, 70), got {depth}")
+        if widen < 1:
+            raise ValueError(f"WideResNet widen factor must be >= 1, got {widen}")
+        acts = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+        act = acts[activation]
+        n = (depth - 4) // 6
+        w = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.init_conv = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
+        self.layer = nn.Sequential(_DMBlockGroup(n, w[0], w[1], 1, act), _DMBlockGroup(n, w[1], w[2], 2, act),
+                                   _DMBlockGroup(n, w[2], w[3], 2, act))
+        self.batchnorm = nn.BatchNorm2d(w[3], momentum=0.01)
+        self.relu = act()
+        self.logits = nn.Linear(w[3], num_classes)
+        self.feature_dim = w[3]
+        for m in self.modules():  # the reference initialisation
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, (2.0 / k) ** 0.5)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.logits
+
+    @property
+    def act(self) -> nn.Module:
+        return self.relu
+
+    def _features(self, x):
+        out = self.relu(self.batchnorm(self.layer(self.init_conv(x))))
+        if out.shape[-2:] == (8, 8):
+            return F.avg_pool2d(out, 8).flatten(1)  # the reference's pooling (32x32 inputs)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x):
+        return self.logits(self.features(x))
+
+
 _WRN = re.compile(r"^wrn-(\d+)-(\d+)(?:-(swish|silu|relu))?$")
-NAMES = ("small-cnn", "preact-resnet18", "wrn-28-10", "wrn-28-10-swish")
+NAMES = ("small-cnn", "preact-resnet18", "wrn-28-10", "wrn-28-10-swish", "wrn-34-10-swish", "wrn-70-16-swish")
 
 
 def build(name: str, *, num_classes: int, in_channels: int, image_size: int, **kwargs) -> Classifier:
@@ -230,11 +324,13 @@ def build(name: str, *, num_classes: int, in_channels: int, image_size: int, **k
     elif key in ("preact-resnet18", "preactresnet18", "preact-resnet-18"):
         key, model = "preact-resnet18", PreActResNet18(num_classes, in_channels, image_size, **kwargs)
     elif (m := _WRN.match(key)):
-        depth, widen, act = int(m.group(1)), int(m.group(2)), m.group(3) or "relu"
+        depth, widen, act = int(m.group(1)), int(m.group(2)), m.group(3)
         if "activation" in kwargs:
             raise ValueError("give the WRN activation through the name (wrn-D-W-swish), not activation=")
-        model = WideResNet(num_classes, in_channels, image_size, depth=depth, widen=widen,
-                           activation=act, **kwargs)
+        # an activation suffix names the DeepMind WRN (Gowal et al.), none the classic one
+        cls = DMWideResNet if act else WideResNet
+        model = cls(num_classes, in_channels, image_size, depth=depth, widen=widen,
+                    activation=act or "relu", **kwargs)
     else:
         raise ValueError(f"unknown model {name!r}; choose small-cnn, preact-resnet18 or wrn-D-W[-swish] "
                          f"(e.g. {', '.join(NAMES)})")
