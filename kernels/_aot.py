@@ -1,0 +1,491 @@
+"""Ahead-of-time compile gate: every Triton kernel the public ops launch, compiled for real GPU
+targets (sm_90 = H100/H200, sm_80 = A100) on a machine without a GPU.
+
+    python -m cdp_fast.kernels._aot              # the CI share (a representative subset, ~2 min)
+    python -m cdp_fast.kernels._aot --full       # all dtypes x dims x targets x variant flags
+    python -m cdp_fast.kernels._aot --json out.json --table
+
+Run it with TRITON_INTERPRET unset: ``@triton.jit`` builds compilable kernels only then (the
+tests start it in a subprocess).
+
+How: (1) RECORD. The public ops (``hnm_loss`` forward + backward, ``hnm_guided_ddim_update``,
+``infonce_loss`` forward + backward, ``ddim_update``) are called on small CPU tensors with
+``backend="triton"`` while ``JITFunction.run`` is replaced by a recorder and
+``_backend._LAUNCH_ONLY`` lets CPU tensors through. So the launchers themselves choose the tiles
+(``tile_config``), warps and constexpr flags -- the gate has no tile table of its own and follows
+the code. Nothing executes; outputs are garbage. (2) COMPILE. For each target, Triton's driver is
+replaced by a stand-in that reports ``GPUTarget("cuda", arch, 32)`` and every recorded launch is
+replayed through ``JITFunction.run(..., warmup=True)``: Triton's own binder specialises the
+arguments exactly as on a GPU (dtypes, 16-byte alignment, divisibility) and calls
+``triton.compile(ASTSource(...), target=...)`` with the bundled ptxas; identical specialisations
+compile once. (3) CHECK. The bundled ``cuobjdump`` gives registers / local memory (spills) /
+static shared memory and the SASS (HGMMA, HMMA, STL/LDL); the TTIR / TTGIR say how many
+``tt.dot`` there are and how many were lowered to tensor cores (wgmma or mma).
+
+Fails (exit 1) on: a compile error, any spill (local memory or STL/LDL), shared memory above the
+per-block opt-in limit, registers x threads above 64 Ki, or a bf16/fp16 dot not on tensor cores.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import _backend
+from ._backend import interpreting
+from .ddim import ddim_update, make_rng_state
+from .hnm import hnm_guided_ddim_update, hnm_loss
+from .infonce import infonce_loss
+
+try:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver as _triton_driver
+    from triton.runtime.jit import JITFunction
+except ImportError:  # pragma: no cover - the gate needs triton; main() says so
+    triton = None
+
+__all__ = ["Plan", "QUICK", "FULL", "run_gate", "main"]
+
+SMEM_LIMIT = {90: 232448, 80: 166912}   # max dynamic + static shared memory per block (opt-in), bytes
+REGS_PER_SM = 65536
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HNM_VARIANTS = ("plain", "groups", "labels", "bank", "labels+bank", "labels+bank+bank_labels",
+                "groups+labels+bank+bank_labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One slice of the gate: these targets x dtypes x dims, with these op variants."""
+    targets: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    dims: tuple[int, ...]
+    hnm: tuple[str, ...] = HNM_VARIANTS          # hnm_loss variants
+    estimators: tuple[str, ...] = ("hard", "easy")
+    guided: bool = True                          # hnm_guided_ddim_update (fused DDIM epilogue)
+    guided_noise: tuple[str, ...] = ("none", "given", "drawn")
+    guided_clip: tuple = (None, 1.0)
+    infonce: bool = True
+    ddim: str = "cover"                          # "none" | "one" | "cover" | "full"
+    odd_sizes: bool = False                      # batch / group / bank sizes not multiples of 16
+
+
+# The CI share: every kernel once on sm_90 in bf16 at d = 128 (HGMMA), the pixel-space dim in
+# fp16 on sm_80 (HMMA), and fp32 (FMA, the register-hungry path) at the dims that used to spill.
+QUICK = (
+    Plan(targets=(90,), dtypes=("bf16",), dims=(128,), hnm=("groups+labels+bank+bank_labels",), ddim="one"),
+    Plan(targets=(80,), dtypes=("fp16",), dims=(3072,), hnm=("plain",), ddim="none"),
+    Plan(targets=(90,), dtypes=("fp32",), dims=(100,), hnm=("labels+bank+bank_labels",), guided=False,
+         ddim="none", odd_sizes=True),
+)
+FULL = (
+    Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128, 640, 3072), ddim="full"),
+    Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128), ddim="none",
+         odd_sizes=True),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. record
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Launch:
+    kernel: object          # the JITFunction
+    args: tuple
+    kwargs: dict
+    grid: object
+    case: str
+
+
+@contextlib.contextmanager
+def _recording(launches: list, case: list):
+    orig = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, dict(kwargs), grid, case[0]))
+        return None
+
+    JITFunction.run = record
+    old, _backend._LAUNCH_ONLY = _backend._LAUNCH_ONLY, True
+    try:
+        yield
+    finally:
+        JITFunction.run = orig
+        _backend._LAUNCH_ONLY = old
+
+
+def _cases(plan: Plan):
+    """(label, thunk) for every op call of the plan; each thunk makes the op launch its kernels."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dt, grad=False):
+        return torch.randn(*shape, generator=gen).to(dt).requires_grad_(grad)
+
+    sizes = [("pow2", 32, 16, 32)] + ([("odd", 6, 3, 5)] if plan.odd_sizes else [])
+    for (sname, B, G, M), d, dn in itertools.product(sizes, plan.dims, plan.dtypes):
+        dt = DTYPES[dn]
+
+        def hnm_kw(v, d=d, dt=dt, B=B, G=G, M=M):
+            parts = v.split("+")
+            kw = {}
+            if "groups" in parts:
+                kw["group_size"] = G
+            if "labels" in parts:
+                kw["labels"] = torch.arange(B) % 3
+            if "bank" in parts:
+                kw["bank"] = rnd(M, d, dt=dt, grad=True)
+            if "bank_labels" in parts:
+                kw["bank_labels"] = torch.arange(M) % 2 + 1
+            return kw
+
+        for est, v in itertools.product(plan.estimators, plan.hnm):
+            def f(est=est, v=v, B=B, d=d, dt=dt, hnm_kw=hnm_kw):
+                a, p = rnd(B, d, dt=dt, grad=True), rnd(B, d, dt=dt, grad=True)
+                hnm_loss(a, p, estimator=est, backend="triton", **hnm_kw(v)).backward()
+            yield f"hnm_loss {dn} d={d} {sname} {est} {v}", f
+        if plan.guided:
+            gv = plan.hnm if len(plan.hnm) < len(HNM_VARIANTS) else ("plain", "labels+bank+bank_labels")
+            for est, v, noise, clip in itertools.product(plan.estimators, gv, plan.guided_noise, plan.guided_clip):
+                def f(est=est, v=v, noise=noise, clip=clip, B=B, d=d, dt=dt, hnm_kw=hnm_kw):
+                    kw = hnm_kw(v)
+                    if "bank" in kw:
+                        kw["bank"] = kw["bank"].detach()
+                    hnm_guided_ddim_update(rnd(B, d, dt=dt), rnd(B, d, dt=dt), 0.5, 0.6, rnd(B, d, dt=dt),
+                                           scale=2.0, estimator=est, eta=0.0 if noise == "none" else 0.5,
+                                           noise=rnd(B, d, dt=dt) if noise == "given" else None,
+                                           clip_x0=clip, backend="triton", **kw)
+                yield f"hnm_guided_ddim_update {dn} d={d} {sname} {est} {v} noise={noise} clip={clip}", f
+        if plan.infonce:
+            for negs in (None, M):
+                def f(negs=negs, B=B, d=d, dt=dt):
+                    q, k = rnd(B, d, dt=dt, grad=True), rnd(B, d, dt=dt, grad=True)
+                    n = None if negs is None else rnd(negs, d, dt=dt, grad=True)
+                    infonce_loss(q, k, negatives=n, backend="triton").backward()
+                yield f"infonce_loss {dn} d={d} {sname} negatives={negs}", f
+    if plan.ddim != "none":
+        yield from _ddim_cases(plan, rnd)
+
+
+def _ddim_cases(plan: Plan, rnd):
+    alphas = ("float", "tensor0d", "per_sample")
+    noises = ("none", "given", "philox")
+    clips = ("none", "clip", "clip+rederive")
+    if plan.ddim == "full":
+        combos = list(itertools.product(alphas, alphas, noises, clips, (False, True), (False, True)))
+    elif plan.ddim == "cover":
+        base = ("float", "float", "none", "none", False, False)
+        combos = {(a1, a2) + base[2:] for a1, a2 in itertools.product(alphas, alphas)}
+        combos |= {base[:2] + (n, c) + base[4:] for n, c in itertools.product(noises, clips)}
+        combos |= {base[:4] + (g, x0) for g, x0 in itertools.product((False, True), (False, True))}
+        combos = sorted(combos)
+    else:   # "one": every optional input present (the sampler's guided step, per-sample alphas)
+        combos = [("per_sample", "tensor0d", "philox", "clip+rederive", True, True)]
+    shape = (4, 3, 32, 32)
+    for dn, (at_m, an_m, nm, cl, has_grad, x0) in itertools.product(plan.dtypes, combos):
+        dt = DTYPES[dn]
+
+        def alpha(mode, v):
+            if mode == "float":
+                return v
+            if mode == "tensor0d":
+                return torch.tensor(v)
+            return torch.full((shape[0],), v)
+
+        def f(dt=dt, at_m=at_m, an_m=an_m, nm=nm, cl=cl, has_grad=has_grad, x0=x0):
+            ddim_update(rnd(*shape, dt=dt), rnd(*shape, dt=dt), alpha(at_m, 0.5), alpha(an_m, 0.6),
+                        eta=0.0 if nm == "none" else 0.7, noise=rnd(*shape, dt=dt) if nm == "given" else None,
+                        rng_state=make_rng_state(3) if nm == "philox" else None,
+                        grad=rnd(*shape, dt=torch.float32) if has_grad else None, scale=0.3 if has_grad else 0.0,
+                        clip_x0=None if cl == "none" else 1.0, eps_from_clipped_x0=cl == "clip+rederive",
+                        return_x0=x0, backend="triton")
+        yield f"ddim_update {dn} a_t={at_m} a_next={an_m} noise={nm} clip={cl} grad={has_grad} x0={x0}", f
+
+
+def record(plan: Plan) -> tuple[list[Launch], list[str]]:
+    """The launches the public ops make for this plan, and the op calls that raised."""
+    launches: list[Launch] = []
+    errors: list[str] = []
+    case = [""]
+    with _recording(launches, case):
+        for label, thunk in _cases(plan):
+            case[0] = label
+            try:
+                thunk()
+            except Exception as e:  # noqa: BLE001 - an op that cannot launch is a finding
+                errors.append(f"{label}: {type(e).__name__}: {e}")
+    return launches, errors
+
+
+# --------------------------------------------------------------------------------------------
+# 2. compile for a target without a GPU
+# --------------------------------------------------------------------------------------------
+class _TargetDriver:
+    """What JITFunction.run asks of the driver, for a GPU that is not there. The 'device' index is
+    the arch, so each target gets its own JIT cache."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+
+@contextlib.contextmanager
+def _target(arch: int):
+    prev = _triton_driver._active
+    _triton_driver.set_active(_TargetDriver(arch))
+    try:
+        yield
+    finally:
+        _triton_driver._active = prev
+
+
+@contextlib.contextmanager
+def _fresh_cache(tmp: str):
+    """A private, empty Triton cache (every unit really runs ptxas, so its -v log exists; the
+    user's ~/.triton is untouched) and Triton's printing of that log switched on."""
+    old_env = os.environ.get("TRITON_CACHE_DIR")
+    old_dump = knobs.nvidia.dump_ptxas_log
+    os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        yield
+    finally:
+        knobs.nvidia.dump_ptxas_log = old_dump
+        if old_env is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = old_env
+
+
+def _bin(name: str) -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: this triton wheel does not bundle the CUDA tools")
+    return str(path)
+
+
+_PTXAS = {"ptxas_regs": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
+          "spill_loads": r"(\d+) bytes spill loads"}
+
+
+def _compile(launch: Launch):
+    """Compile one launch for the current target; returns (kernel, ptxas -v log). The log is
+    printed by Triton only when ptxas really runs (run_gate uses a fresh cache)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        k = launch.kernel.run(*launch.args, grid=launch.grid, warmup=True, **launch.kwargs)
+    return k, buf.getvalue()
+
+
+def _analyse(kernel, ptxas_log: str, arch: int, workdir: Path) -> dict:
+    """Registers, spills, shared memory and dot lowering of one compiled kernel."""
+    cubin = workdir / f"k{id(kernel)}_sm{arch}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    res = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", str(cubin)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
+    if not m:
+        raise RuntimeError(f"cannot parse cuobjdump --dump-resource-usage output:\n{res[-2000:]}")
+    regs, stack, static_smem, local = map(int, m.groups())
+    sass = subprocess.run([_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                          timeout=300, check=True).stdout
+    ptx = {k: max(map(int, re.findall(rx, ptxas_log)), default=None) for k, rx in _PTXAS.items()}
+    if ptx["spill_stores"] is None:
+        raise RuntimeError("no ptxas -v log captured (was the kernel served from a cache?)")
+    ttgir = kernel.asm.get("ttgir", "")
+    # how each dot was lowered: wgmma (Hopper), tt.dot with an nvidia_mma layout (mma.sync), or FMA
+    mma_aliases = set(re.findall(r"^(#\w+) = #ttg\.nvidia_mma<", ttgir, re.M))
+    dot_layouts = re.findall(r"= tt\.dot .*?-> tensor<[^>]*?, (#\w+)>", ttgir)
+    wgmma = len(re.findall(r"ttng\.warp_group_dot\b", ttgir))
+    return dict(
+        regs=regs, stack=stack, local=local, **ptx,
+        smem=int(getattr(kernel.metadata, "shared", 0) or 0) + static_smem,
+        num_warps=int(kernel.metadata.num_warps), num_stages=int(kernel.metadata.num_stages),
+        stl_ldl=len(re.findall(r"\b(?:STL|LDL)\b", sass)),
+        dots=len(re.findall(r"= tt\.dot\b", kernel.asm.get("ttir", ""))),
+        tc_dots=wgmma + sum(a in mma_aliases for a in dot_layouts),
+        fma_dots=sum(a not in mma_aliases for a in dot_layouts),
+        HGMMA=len(re.findall(r"\bHGMMA\.", sass)), HMMA=len(re.findall(r"\bHMMA\.", sass)),
+    )
+
+
+def _describe(launch: Launch) -> dict:
+    fn = launch.kernel
+    names = [p.name for p in fn.params]
+    bound = dict(zip(names, launch.args))
+    bound.update({k: v for k, v in launch.kwargs.items() if k in names})
+    first = next(v for v in bound.values() if isinstance(v, torch.Tensor))
+    cx = {p.name: bound[p.name] for p in fn.params if p.is_constexpr and p.name in bound}
+    tiles = {k: v for k, v in cx.items() if k.startswith("BLOCK")}
+    flags = {k: v for k, v in cx.items() if not k.startswith("BLOCK") and k != "LOG_EPS"}
+    return dict(kernel=fn.__name__, dtype={v: k for k, v in DTYPES.items()}.get(first.dtype, str(first.dtype)),
+                tiles=tiles, flags=flags)
+
+
+def problems_of(u: dict) -> list[str]:
+    """What the gate rejects in one unit (an empty list: the unit passes)."""
+    if u.get("error"):
+        return ["COMPILE ERROR: " + u["error"][:300]]
+    out = []
+    if u["spill_stores"] or u["spill_loads"] or u["local"]:
+        out.append(f"SPILL (ptxas: {u['spill_stores']} B stores, {u['spill_loads']} B loads; local {u['local']} B)")
+    if u["smem"] > SMEM_LIMIT[u["arch"]]:
+        out.append(f"SMEM {u['smem']} > {SMEM_LIMIT[u['arch']]}")
+    if u["regs"] * 32 * u["num_warps"] > REGS_PER_SM:
+        out.append(f"REGS {u['regs']} x {32 * u['num_warps']} threads > {REGS_PER_SM}")
+    if u["dtype"] in ("bf16", "fp16") and u["dots"]:
+        insn = u["HGMMA"] if u["arch"] >= 90 else u["HMMA"]
+        if u["fma_dots"] or not u["tc_dots"] or insn == 0:
+            out.append(f"TENSOR CORES: {u['fma_dots']} dots on FMA, {u['tc_dots']} on tensor cores, "
+                       f"{'HGMMA' if u['arch'] >= 90 else 'HMMA'} = {insn}")
+    return out
+
+
+def run_gate(plans, *, log=print) -> dict:
+    """Record, compile and check every plan; returns {'units': [...], 'record_errors': [...]}."""
+    units: dict[tuple, dict] = {}
+    record_errors: list[str] = []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="cdp_aot_") as tmp, _fresh_cache(tmp):
+        for plan in plans:
+            launches, errors = record(plan)
+            record_errors += errors
+            for arch in plan.targets:
+                with _target(arch):
+                    for launch in launches:
+                        desc = _describe(launch)
+                        try:
+                            k, ptxas_log = _compile(launch)
+                        except Exception as e:  # noqa: BLE001 - a compile error is the finding
+                            key = (desc["kernel"], arch, launch.case)
+                            units[key] = dict(desc, arch=arch, cases=[launch.case], error=f"{type(e).__name__}: {e}")
+                            continue
+                        key = (desc["kernel"], arch, id(k))
+                        if key not in units:
+                            units[key] = dict(desc, arch=arch, cases=[], _kernel=k)
+                            units[key].update(_analyse(k, ptxas_log, arch, Path(tmp)))
+                            log(f"[aot] {len(units):4d} units  {time.time() - t0:6.1f}s  {desc['kernel']} sm_{arch} "
+                                f"{desc['dtype']} {_flag_str(desc['flags'])}")
+                        units[key]["cases"].append(launch.case)
+    rows = []
+    for u in units.values():
+        u.pop("_kernel", None)
+        u["problems"] = problems_of(u)
+        rows.append(u)
+    rows.sort(key=lambda u: (u["kernel"], -u["arch"], u["dtype"], json.dumps(u["tiles"]), _flag_str(u["flags"])))
+    return {"triton": triton.__version__, "units": rows, "record_errors": record_errors,
+            "seconds": round(time.time() - t0, 1)}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. report
+# --------------------------------------------------------------------------------------------
+def _flag_str(flags: dict) -> str:
+    return ",".join([k for k, v in flags.items() if v is True]
+                    + [f"{k}={v}" for k, v in flags.items() if not isinstance(v, bool)]) or "-"
+
+
+def _tiles_str(t: dict) -> str:
+    if "BLOCK_R" in t:
+        return "/".join(str(t.get(k, "-")) for k in ("BLOCK_R", "BLOCK_C", "BLOCK_K", "BLOCK_DO"))
+    return "/".join(f"{v}" for v in t.values())
+
+
+def _rng(vals) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    return str(min(vals)) if min(vals) == max(vals) else f"{min(vals)}-{max(vals)}"
+
+
+def summary_table(doc: dict) -> str:
+    """One line per kernel x target x dtype x tiles: ranges over the flag variants."""
+    ok = [u for u in doc["units"] if not u.get("error")]
+    hdr = (f"| kernel | sm | dtype | tiles R/C/K/DO | warps | units | regs | smem B | spills | "
+           f"dots tc/fma | HGMMA | HMMA | problems |\n|{'---|' * 13}")
+    lines = [hdr]
+    key = lambda u: (u["kernel"], -u["arch"], u["dtype"], _tiles_str(u["tiles"]), u["num_warps"])  # noqa: E731
+    for (kern, arch, dt, tiles, nw), grp in itertools.groupby(sorted(ok, key=key), key=key):
+        grp = list(grp)
+        spills = sum(1 for u in grp if u["spill_stores"] or u["spill_loads"] or u["local"])
+        nprob = sum(1 for u in grp if u["problems"])
+        lines.append(f"| {kern} | {-arch} | {dt} | {tiles} | {nw} | {len(grp)} | {_rng([u['regs'] for u in grp])} | "
+                     f"{_rng([u['smem'] for u in grp])} | {spills} | "
+                     f"{sum(u['tc_dots'] for u in grp)}/{sum(u['fma_dots'] for u in grp)} | "
+                     f"{_rng([u['HGMMA'] for u in grp])} | {_rng([u['HMMA'] for u in grp])} | {nprob} |")
+    for u in doc["units"]:
+        if u.get("error"):
+            lines.append(f"| {u['kernel']} | {u['arch']} | {u['dtype']} | {_tiles_str(u['tiles'])} | - | 1 | - | - | - "
+                         f"| - | - | - | COMPILE ERROR |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cdp_fast.kernels._aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true", help="every dtype x dim x target x variant (long)")
+    ap.add_argument("--targets", nargs="+", type=int, default=None, help="override the plans' targets")
+    ap.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None, help="override the plans' dtypes")
+    ap.add_argument("--dims", nargs="+", type=int, default=None, help="override the plans' feature dims")
+    ap.add_argument("--table", action="store_true", help="also print every compile unit")
+    ap.add_argument("--json", default=None, help="write every unit's numbers here")
+    args = ap.parse_args(argv)
+    if triton is None:
+        print("aot: triton is not installed", file=sys.stderr)
+        return 2
+    if interpreting():
+        print("aot: unset TRITON_INTERPRET (the kernels must be imported as compilable JIT functions)",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = its default
+    plans = FULL if args.full else QUICK
+    over = {k: tuple(v) for k, v in (("targets", args.targets), ("dtypes", args.dtypes), ("dims", args.dims)) if v}
+    plans = tuple(dataclasses.replace(p, **over) for p in plans)
+    doc = run_gate(plans)
+    bad = [u for u in doc["units"] if u["problems"]]
+    if args.table or bad:
+        print("\nunit | sm | dtype | tiles | warps | flags | regs | smem | spill st/ld B | dots tc/fma | HGMMA | HMMA")
+        for u in (doc["units"] if args.table else bad):
+            if u.get("error"):
+                print(f"{u['kernel']} | {u['arch']} | {u['dtype']} | {u['cases'][0]} | {u['problems'][0]}")
+                continue
+            print(f"{u['kernel']} | {u['arch']} | {u['dtype']} | {_tiles_str(u['tiles'])} | {u['num_warps']} | "
+                  f"{_flag_str(u['flags'])} | {u['regs']} | {u['smem']} | {u['spill_stores']}/{u['spill_loads']} | "
+                  f"{u['tc_dots']}/{u['fma_dots']} | {u['HGMMA']} | {u['HMMA']}"
+                  + (f" | {'; '.join(u['problems'])}" if u["problems"] else ""))
+    print()
+    print(summary_table(doc))
+    for e in doc["record_errors"]:
+        print(f"RECORD ERROR {e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=repr))
+    n = len(doc["units"])
+    verdict = "PASS" if not bad and not doc["record_errors"] else "FAIL"
+    print(f"\nAOT GATE: {verdict} triton {doc['triton']}: {n} compile units, "
+          f"{sum(1 for u in doc['units'] if u.get('error'))} compile errors, "
+          f"{sum(1 for u in bad if any(p.startswith('SPILL') for p in u['problems']))} spilling, "
+          f"{len(bad)} with a problem, {len(doc['record_errors'])} record errors, {doc['seconds']}s")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
