@@ -110,3 +110,48 @@ def markdown_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def guidance_sweep_figures(rows: Sequence[Mapping], strip: Mapping[float, np.ndarray],
+                           metrics_path: str | Path, images_path: str | Path, *,
+                           reference: Mapping | None = None, chosen: float | None = None,
+                           title: str = "") -> tuple[Path, Path]:
+    """The guidance-scale sweep: every metric against lambda (symlog x axis: log above the smallest
+    positive scale, linear down to 0; dashed = the real training images; dotted = the chosen scale),
+    and the same initial noise across the scales (one row of images per scale)."""
+    plt = _plt()
+    keys = [("pixel_change", "pixel change |x_l - x_0|"), ("separability", "Fisher ratio (separability)"),
+            ("probe_accuracy", "linear-probe accuracy"), ("diversity", "within-class spread (diversity)"),
+            ("fidelity", "feature Frechet distance to test"), ("confidence", "pseudo-label confidence")]
+    ok = [r for r in rows if not r.get("broken")]
+    pos = [r["scale"] for r in rows if r["scale"] > 0]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4), squeeze=False)
+    for ax, (k, label) in zip(axes.flat, keys):
+        ax.plot([r["scale"] for r in ok], [r[k] for r in ok], "o-")
+        for r in rows:
+            if r.get("broken"):
+                ax.axvline(r["scale"], color="red", alpha=0.25, lw=4)
+        if reference is not None and reference.get(k) is not None:
+            ax.axhline(reference[k], color="gray", ls="--", label="real train")
+        if chosen is not None:
+            ax.axvline(chosen, color="green", ls=":", label="chosen")
+        if pos:
+            ax.set_xscale("symlog", linthresh=min(pos))
+        ax.set_xlabel("guidance scale lambda")
+        ax.set_title(label, fontsize=10)
+    axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title + " (red band: sampling broke)")
+    fig.tight_layout()
+    p1 = _save(fig, metrics_path)
+    names = sorted(strip)
+    fig, axes = plt.subplots(len(names), 1, figsize=(6, 0.75 * len(names) + 0.6), squeeze=False)
+    for ax, s in zip(axes[:, 0], names):
+        g = _grid(np.asarray(strip[s]), len(strip[s]))
+        ax.imshow(g, cmap="gray" if g.ndim == 2 else None, interpolation="nearest")
+        ax.set_ylabel(f"{s:g}", rotation=0, ha="right", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("same initial noise, lambda per row")
+    fig.tight_layout()
+    return p1, _save(fig, images_path)

@@ -1,0 +1,110 @@
+"""The guidance-scale sweep: metrics on data with known answers, the choice rule, bad input,
+the command end to end at a tiny size, and the pipeline's cached sweep stage."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cdp_fast import sweep
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _blobs(n, d, delta, sigma, seed=0):
+    """Two equal classes: N(0, s^2 I) and N(delta e_1, s^2 I) in d dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    x = sigma * torch.randn(2 * n, d, generator=g, dtype=torch.float64)
+    y = torch.arange(2 * n) % 2
+    x[y == 1, 0] += delta
+    return x, y
+
+
+def test_fisher_ratio_two_blobs_closed_form():
+    d, delta, sigma = 4, 3.0, 1.5
+    x, y = _blobs(20000, d, delta, sigma)
+    # tr(S_B) = delta^2 / 4, tr(S_W) = d sigma^2
+    assert sweep.fisher_ratio(x, y) == pytest.approx(delta ** 2 / (4 * d * sigma ** 2), rel=0.03)
+    # identical classes: nothing between them
+    x0, y0 = _blobs(20000, d, 0.0, sigma)
+    assert sweep.fisher_ratio(x0, y0) < 1e-3
+
+
+def test_within_class_spread_is_exact_rms_pairwise_distance():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0] * 12 + [1] * 18)
+    want = 0.0
+    for c, n in ((0, 12), (1, 18)):
+        xc = x[y == c]
+        d2 = torch.cdist(xc, xc).square()
+        want += n * math.sqrt(float(d2.sum() / (n * (n - 1))))  # mean over i != j
+    assert sweep.within_class_spread(x, y) == pytest.approx(want / 30, rel=1e-10)
+    # Gaussian blobs: E|x_i - x_j|^2 = 2 d sigma^2
+    xb, yb = _blobs(20000, 3, 5.0, 0.7)
+    assert sweep.within_class_spread(xb, yb) == pytest.approx(math.sqrt(2 * 3 * 0.7 ** 2), rel=0.02)
+
+
+def test_probe_accuracy_matches_bayes_accuracy():
+    # equal isotropic classes delta apart: the Bayes (and LDA) accuracy is Phi(delta / (2 sigma))
+    delta, sigma = 2.0, 1.0
+    x, y = _blobs(4000, 3, delta, sigma)
+    bayes = 0.5 * (1 + math.erf(delta / (2 * sigma) / math.sqrt(2)))
+    assert sweep.probe_accuracy(x, y) == pytest.approx(bayes, abs=0.02)
+    far, yf = _blobs(500, 3, 40.0, 1.0)
+    assert sweep.probe_accuracy(far, yf) == 1.0
+    same, ys = _blobs(4000, 3, 0.0, 1.0)
+    assert abs(sweep.probe_accuracy(same, ys) - 0.5) < 0.04
+
+
+def test_frechet_distance_closed_form():
+    d = 6
+    mu1, mu2 = torch.zeros(d), torch.full((d,), 0.5)
+    a, b = 1.0, 2.0
+    # N(mu1, a^2 I) vs N(mu2, b^2 I): |mu1 - mu2|^2 + d (a - b)^2
+    exact = sweep.frechet_from_stats(mu1, a ** 2 * torch.eye(d), mu2, b ** 2 * torch.eye(d))
+    assert exact == pytest.approx(d * 0.25 + d * (a - b) ** 2, rel=1e-9)
+    # non-commuting covariances against scipy's sqrtm
+    scipy = pytest.importorskip("scipy.linalg")
+    g = np.random.default_rng(0)
+    A, B = g.normal(size=(d, d)), g.normal(size=(d, d))
+    c1, c2 = A @ A.T, B @ B.T
+    want = np.trace(c1 + c2 - 2 * scipy.sqrtm(c1 @ c2).real)
+    assert sweep.frechet_from_stats(np.zeros(d), c1, np.zeros(d), c2) == pytest.approx(want, rel=1e-6)
+    # from samples
+    x1 = torch.randn(20000, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * a
+    x2 = torch.randn(20000, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * b + 0.5
+    assert sweep.frechet_distance(x1, x2) == pytest.approx(d * 0.25 + d * (a - b) ** 2, rel=0.05)
+    assert sweep.frechet_distance(x1, x1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_grids_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        sweep.validate_scales([])
+    with pytest.raises(ValueError, match=">= 0"):
+        sweep.validate_scales([0, 1e3, -5.0])
+    with pytest.raises(ValueError, match="finite"):
+        sweep.validate_scales([0, float("nan")])
+    with pytest.raises(ValueError, match="no positive"):
+        sweep.validate_scales([0.0])
+    assert sweep.validate_scales([1e4, 10, 10]) == [0.0, 10.0, 1e4]  # 0 added, sorted, unique
+
+
+def _row(scale, change, fid, broken=False):
+    return {"scale": scale, "pixel_change": change, "fidelity": fid, "broken": broken}
+
+
+def test_choose_scale_rule():
+    rows = [_row(0, 0.0, 10.0), _row(1e3, 0.005, 10.5), _row(1e4, 0.02, 14.0), _row(1e5, 0.1, 40.0),
+            _row(1e6, None, None, broken=True)]
+    c = sweep.choose_scale(rows, tolerance=0.5, min_change=0.01)
+    assert c["scale"] == 1e4 and c["visible"] and c["note"] == ""
+    # tighter limit: the visible scale is excluded, and the report must say the change is invisible
+    c = sweep.choose_scale(rows, tolerance=0.1, min_change=0.01)
+    assert c["scale"] == 1e3 and not c["visible"] and "only" in c["note"]
+    # nothing within the limit: the smallest positive scale, said plainly
+    c = sweep.choose_scale([_row(0, 0.0, 10.0), _row(1e3, 0.2, 50.0)], tolerance=0.1)
+    assert c["scale"] == 1e3 and "No positive scale" in c["note"]
