@@ -1,6 +1,7 @@
 """ContrastiveGuidance: fast path == a literal re-implementation of the authors' loop, scale 0 ==
 plain DDIM, feature caching, frozen f, groups, pairs, conditional losses, windows, bad input."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -339,3 +340,55 @@ def test_pixel_guidance_on_image_shapes(sched, eta, dtype):
     assert outs[0].dtype == dtype and torch.isfinite(outs[0]).all()
     assert (outs[1] - plain).abs().max() > 1e-4
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+class _RecordingGuidance:
+    """Not a ContrastiveGuidance: only what the Guidance protocol declares, recording the calls."""
+
+    scale = 0.5
+    needs_previous = True
+
+    def __init__(self):
+        self.calls, self.options = [], None
+
+    def guided(self, t, index):
+        return index > 0 and t >= 500
+
+    def start(self, options):
+        self.options = options
+        rec = self
+
+        class Run:
+            fused_ok = False
+
+            def prime(self, x):
+                rec.calls.append("prime")
+
+            def gradient(self, x):
+                rec.calls.append("gradient")
+                return torch.ones_like(x)
+
+            def fused_update(self, *a, **k):  # pragma: no cover - fused_ok is False
+                raise AssertionError("fused_update called although fused_ok is False")
+
+            def finish(self):
+                rec.calls.append("finish")
+
+        return Run()
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_sampler_drives_any_guidance_through_the_declared_contract(sched, gmm, method):
+    g = _RecordingGuidance()
+    s = DDIMSampler(gmm, sched, steps=10, method=method, guidance=g)
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    out = s.sample(4, (2,), x_T=x_T)
+    plain = DDIMSampler(gmm, sched, steps=10, method=method).sample(4, (2,), x_T=x_T)
+    o = g.options
+    assert isinstance(o, GuidanceStart) and (o.n, o.shape, o.seed) == (4, (2,), 0)
+    assert o.eps_from_clipped_x0 == (method == "ddpm") and o.clip_x0 == (1.0 if method == "ddpm" else None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.n = 5
+    guided = s.guided_steps()
+    assert g.calls == ["prime"] + ["gradient"] * sum(guided) + ["finish"]
+    assert not torch.equal(out, plain)
