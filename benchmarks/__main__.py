@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from . import report
-from .common import (Budget, Ctx, Settings, Telemetry, device_name, device_peaks, device_slug,
-                     sfu_exp_per_s, triton_version)
+from .device import Telemetry, device_name, device_peaks, device_slug, sfu_exp_per_s, triton_version
 from .suite import BENCH_NAMES, cases_for, run_cases
+from .timing import Budget, Ctx, Settings
 
 PKG_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = PKG_DIR / "results"

@@ -1,7 +1,7 @@
 """A faithful re-implementation of the authors' Contrastive-DP sampling loop: the baseline of
 ``sample_guided`` / ``sample_unguided``.
 
-What makes it the authors' loop (SPEC §2, as their code does it), and therefore slow:
+What makes it the authors' loop (METHOD.md §5, as their code does it), and therefore slow:
 - fp32 everywhere, eager PyTorch, one Python-level DDIM step per timestep;
 - at a guided step f (the feature network) runs forward on BOTH states, x_t and the previous
   x_{t+1} (no feature cache), through the embedding head;
@@ -9,11 +9,12 @@ What makes it the authors' loop (SPEC §2, as their code does it), and therefore
   and of the head as well as the gradient w.r.t. x_t (f's are then zeroed, the head takes one Adam
   step, lr 1e-2, after the x gradient was read);
 - the HNM loss is the dense 2B x 2B formula of Robinson et al.'s code (exp of the full similarity
-  matrix, masked_select of the negatives), with SPEC §3.1's clamps;
+  matrix, masked_select of the negatives), with the clamps of METHOD.md §6;
 - the state is copied to the host after every step (their loop keeps the trajectory as numpy);
 - the batch is the authors' 512 (= the contrastive group); a larger batch is several such runs.
 
-Nothing here is used by the engine; it exists so the speed-up is measured against the real thing.
+Nothing here is used by the engine; it exists so the speed-up is measured against the real thing
+(and tests/test_guidance.py checks the engine's gradient against ``authors_loop``).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ AUTHORS_BATCH = 512
 
 
 class AuthorsHead(nn.Module):
-    """Linear(640,128)-ReLU-Linear(128,128), L2-normalised output (SPEC §2 table)."""
+    """Linear(640,128)-ReLU-Linear(128,128), L2-normalised output (METHOD.md §9)."""
 
     def __init__(self, in_dim: int = 640, hidden: int = 128, out_dim: int = 128):
         super().__init__()
@@ -50,7 +51,7 @@ def hnm_loss_authors(out_1: torch.Tensor, out_2: torch.Tensor, *, tau_plus: floa
                      beta: float = 1.0, temperature: float = 10.0,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Robinson et al.'s hard-negative loss as written in their code (dense, exp-space), with the
-    clamps of SPEC §3.1: neg >= 1e-4 and pos / (pos + Ng) >= 1e-4."""
+    clamps of METHOD.md §6: neg >= 1e-4 and pos / (pos + Ng) >= 1e-4."""
     batch_size = out_1.shape[0]
     out = torch.cat([out_1, out_2], dim=0)
     neg = torch.exp(torch.mm(out, out.t().contiguous()) / temperature)
@@ -68,6 +69,51 @@ def hnm_loss_authors(out_1: torch.Tensor, out_2: torch.Tensor, *, tau_plus: floa
     return (-torch.log(torch.clamp(pos / (pos + Ng), min=1e-4))).mean()
 
 
+def authors_loop(eps_model: Callable, alphas_cumprod: torch.Tensor, x_T: torch.Tensor, *, steps: int,
+                 features: Callable, head: nn.Module, loss_fn: Callable, scale: float,
+                 guided: Optional[Callable[[int, int], bool]], head_lr: float = 1e-2,
+                 copy_to_host: bool = False) -> torch.Tensor:
+    """The authors' guided DDIM loop (eta 0, uniform skip), literally; returns x0.
+
+    At a guided step (``guided(t, i)``, never without a previous state): f and ``head`` on x_t AND
+    on x_{t+1}, ``loss_fn(z_cur, z_prev)``, zero_grad, backward (weight gradients of f and of the
+    head too), read x_t.grad, one Adam step of the head, then e += scale * grad and the DDIM update
+    of METHOD.md §3 written out. ``head`` is trained in place (pass a copy to keep yours). The
+    oracle of tests/test_guidance.py and the baseline of ``AuthorsSampler``.
+    """
+    abar = alphas_cumprod.double()
+    T = abar.numel()
+    seq = list(range(0, T, T // steps))
+    seq_next = [-1] + seq[:-1]
+    opt = torch.optim.Adam(head.parameters(), lr=head_lr)
+    x, x_prev, n = x_T, None, x_T.shape[0]
+    trajectory = []
+    for i, (t, t_next) in enumerate(zip(reversed(seq), reversed(seq_next))):
+        with torch.no_grad():
+            e = eps_model(x, torch.full((n,), t, device=x.device, dtype=torch.long))
+        if guided is not None and x_prev is not None and guided(t, i):
+            x_in = x.detach().requires_grad_(True)
+            z_cur = head(features((x_in + 1) / 2))
+            z_prev = head(features((x_prev + 1) / 2))  # f on the previous state again
+            loss = loss_fn(z_cur, z_prev)
+            opt.zero_grad()
+            if isinstance(features, nn.Module):
+                features.zero_grad()
+            loss.backward()  # weight gradients of f and of the head, and d loss / d x_t
+            grad = x_in.grad.detach()
+            opt.step()
+            e = e + scale * grad
+        a_t = float(abar[t])
+        a_next = 1.0 if t_next < 0 else float(abar[t_next])
+        x0 = (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
+        x_new = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * e
+        x_prev = x
+        x = x_new.detach()
+        if copy_to_host:
+            trajectory.append(x.cpu().numpy())  # the state goes to the host every step
+    return x
+
+
 class AuthorsSampler:
     """DDIM (eta = 0) with the authors' contrastive guidance, step by step in eager fp32.
 
@@ -80,46 +126,15 @@ class AuthorsSampler:
                  feature_dim: int = 640, head_lr: float = 1e-2, copy_to_host: bool = True):
         self.unet, self.features = unet, features
         self.abar = alphas_cumprod.double()
-        T = self.abar.numel()
-        self.seq = list(range(0, T, T // steps))  # the authors' uniform skip
+        self.steps = steps
         self.scale, self.guided = float(scale), guided
         self.feature_dim, self.head_lr, self.copy_to_host = feature_dim, head_lr, copy_to_host
-
-    def _alpha(self, t: int) -> float:
-        return 1.0 if t < 0 else float(self.abar[t])
-
-    @torch.no_grad()
-    def _eps(self, x, t):
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return self.unet(x, tt)
 
     def sample(self, n: int, shape, *, device, seed: int = 0) -> torch.Tensor:
         g = torch.Generator(device=device).manual_seed(seed)
         x = torch.randn((n,) + tuple(shape), generator=g, device=device)
         head = AuthorsHead(self.feature_dim).to(device)
-        opt = torch.optim.Adam(head.parameters(), lr=self.head_lr)
         mask = get_negative_mask(n, device) if self.guided is not None else None
-        seq_next = [-1] + self.seq[:-1]
-        x_prev = None
-        trajectory = []
-        for i, (t, t_next) in enumerate(zip(reversed(self.seq), reversed(seq_next))):
-            e = self._eps(x, t)
-            if self.guided is not None and x_prev is not None and self.guided(t, i):
-                x_in = x.detach().requires_grad_(True)
-                z_cur = head(self.features((x_in + 1) / 2))
-                z_prev = head(self.features((x_prev + 1) / 2))  # f on the previous state again
-                loss = hnm_loss_authors(z_cur, z_prev, mask=mask)
-                opt.zero_grad()
-                self.features.zero_grad()
-                loss.backward()  # weight gradients of f and of the head, and d loss / d x_t
-                grad = x_in.grad.detach()
-                opt.step()
-                e = e + self.scale * grad
-            a_t, a_next = self._alpha(t), self._alpha(t_next)
-            x0 = (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
-            x_new = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * e
-            x_prev = x
-            x = x_new.detach()
-            if self.copy_to_host:
-                trajectory.append(x.cpu().numpy())  # the state goes to the host every step
-        return x
+        return authors_loop(self.unet, self.abar, x, steps=self.steps, features=self.features, head=head,
+                            loss_fn=lambda a, b: hnm_loss_authors(a, b, mask=mask), scale=self.scale,
+                            guided=self.guided, head_lr=self.head_lr, copy_to_host=self.copy_to_host)

@@ -12,7 +12,7 @@ HNM, forward + backward, fused kernel (SPEC §3.3):
   total    : 8 N^2 d FLOPs, 6 N^2 exps (lower-order row terms and the N vs N - 2 columns ignored)
   bound    : max(FLOPs / matmul peak, exps / exp peak), matmul peak = bf16 tensor core for
              bf16 inputs, fp32 FMA for fp32 inputs (the kernel's tl.dot is "ieee" for fp32); exp peak = 16 MUFU.EX2 per clock per SM
-             at the max SM clock (see common.SFU_EXP_PER_CLK_PER_SM). "% of bound" = bound / time.
+             at the max SM clock (see device.SFU_EXP_PER_CLK_PER_SM). "% of bound" = bound / time.
   The same counts are used for the eager reference's achieved rate (it materialises N x N).
 
 InfoNCE (B = N / 2 queries and keys), same convention: 8 B^2 d FLOPs (forward 2, backward
@@ -31,8 +31,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import (BenchTimeout, Ctx, bench_graph, bench_kernel, dtype_name, free_memory, is_oom,
-                     make_result, matmul_peak_tflops, peak_extra_mb, rel_err)
+from .device import matmul_peak_tflops
+from .timing import (
+    BenchTimeout,
+    Ctx,
+    bench_graph,
+    bench_kernel,
+    dtype_name,
+    free_memory,
+    is_oom,
+    make_result,
+    peak_extra_mb,
+    rel_err,
+)
 
 HNM_MODULES = ("cdp_fast.kernels.hnm", "cdp_fast.kernels.hnm_ref")
 INFONCE_MODULES = ("cdp_fast.kernels.infonce", "cdp_fast.kernels.infonce_ref")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .common import BenchTimeout, Ctx, free_memory, is_oom, make_result
+from .timing import BenchTimeout, Ctx, free_memory, is_oom, make_result
 
 SAMPLING_MODULES = ("cdp_fast.sampler", "cdp_fast.guidance", "cdp_fast.models", "cdp_fast.models.unet")
 STEPS = 100

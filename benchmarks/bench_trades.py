@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import BenchTimeout, Ctx, bench_long, free_memory, is_oom, make_result, peak_extra_mb
+from .timing import BenchTimeout, Ctx, bench_long, free_memory, is_oom, make_result, peak_extra_mb
 
 TRADES_MODULES = ("cdp_fast.trades", "cdp_fast.attacks", "cdp_fast.models")
 

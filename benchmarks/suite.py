@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from .common import (BenchTimeout, Ctx, error_entry, free_memory, import_status, is_oom,
-                     telemetry_delta, time_limit)
+from .device import telemetry_delta
+from .timing import BenchTimeout, Ctx, error_entry, free_memory, import_status, is_oom, time_limit
 
 BENCH_NAMES = ("hnm_fwd_bwd", "infonce_fwd_bwd", "ddim_update", "sample_guided", "sample_unguided",
                "trades_step")

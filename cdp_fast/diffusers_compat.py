@@ -22,7 +22,6 @@ we clamp it to 0 (finite result) where diffusers returns NaN.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Union
 

@@ -1,10 +1,13 @@
 """PNG figures people would rather look at than JSON (matplotlib, Agg backend, no display)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from .utils import atomic_write_bytes
 
 
 def _plt():
@@ -155,3 +158,114 @@ def guidance_sweep_figures(rows: Sequence[Mapping], strip: Mapping[float, np.nda
     axes[0, 0].set_title("same initial noise, lambda per row")
     fig.tight_layout()
     return p1, _save(fig, images_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# ``cdp-fast simulate`` (METHOD.md §11)
+def _save_tight(fig, path) -> Path:
+    """PNG with a tight bounding box, written atomically (simulate's figures)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def figure1_scatter(res: Mapping, samples: Mapping, path: str | Path) -> Path:
+    """Figure 1: the 2-D mixture sampled with DDIM (a) and with conditional HNM guidance (b).
+
+    ``res``: simulate's ``results["figure1"]``; ``samples``: {"ddim", "contrastive-dp": [n, 2]
+    tensors, "labels": [n]}.
+    """
+    plt = _plt()
+    mu = np.asarray(res["mu"])
+    lab = np.asarray(samples["labels"])
+    allx = np.concatenate([np.asarray(samples["ddim"]), np.asarray(samples["contrastive-dp"])])
+    lo, hi = np.percentile(allx, 0.5, axis=0), np.percentile(allx, 99.5, axis=0)
+    pad = 0.1 * (hi - lo)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharex=True, sharey=True)
+    for ax, (key, title) in zip(axes, (("ddim", "(a) DDIM"),
+                                       ("contrastive-dp", "(b) DDIM + conditional HNM guidance"))):
+        x = np.asarray(samples[key])
+        st = res["arms"][key]
+        for k, col in ((0, "tab:blue"), (1, "tab:orange")):
+            sel = lab == k
+            ax.scatter(x[sel, 0], x[sel, 1], s=5, alpha=0.5, c=col, label=f"class {'+' if k == 0 else '-'}1")
+        for sgn in (1, -1):
+            ax.plot(*(sgn * mu), "k*", ms=12)
+        ax.plot([-1.5 * mu[0], 1.5 * mu[0]], [-1.5 * mu[1], 1.5 * mu[1]], "k--", lw=0.8, alpha=0.6)
+        ax.set_title(f"{title}\nc = {st['c']:.3f}, var = {st['var']:.3f} "
+                     f"(par {st['var_parallel']:.2f}, orth {st['var_orth']:.2f})", fontsize=9)
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+        ax.set_aspect("equal", adjustable="box")
+        ax.legend(loc="upper left", fontsize=8, markerscale=2)
+    mu_s = "(" + ", ".join(f"{v:g}" for v in mu) + ")"
+    fig.suptitle(f"2-D Gaussian mixture +-mu = +-{mu_s}, sigma = {res['sigma']:g}; "
+                 f"{res['steps']} DDIM steps, HNM T = {res['temperature']:g}, lambda = {res['lambda']:g} "
+                 f"on t in [{min(res['guided_timesteps'], default=0)}, {max(res['guided_timesteps'], default=0)}] "
+                 "(stars: true means)", fontsize=10)
+    return _save_tight(fig, path)
+
+
+def lemma3_errors(lem: Mapping, thm: Mapping, path: str | Path) -> Path:
+    """Lemma 3 / Lemma 2 / Theorem panels from simulate's ``results["lemma3"]`` and ``["theorem"]``."""
+    plt = _plt()
+    rows = lem["rows"]
+    factors = sorted({r["std_factor"] for r in rows})
+    f_ref = min(factors, key=lambda f: abs(f - 1.0))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    for ax, key, title in ((axes[0, 0], "standard_error", "standard error vs c"),
+                           (axes[0, 1], "robust_error", "robust error vs c")):
+        for fam, mk in (("c*mu", "o-"), ("c*(mu-eps)", "s-")):
+            pts = sorted((r["c"], r[key], r[key + "_se"]) for r in rows
+                         if r["family"] == fam and r["std_factor"] == f_ref)
+            c, v, se = map(np.asarray, zip(*pts))
+            ax.errorbar(c, v, yerr=2 * se, fmt=mk, capsize=3, label=f"mu~ = {fam}")
+        for fam, ls in (("orthogonal to mu", ":"), ("orthogonal to mu-eps", "-.")):
+            r = next(r for r in rows if r["family"] == fam and r["std_factor"] == f_ref)
+            ax.axhline(r[key], color="gray", ls=ls, label=f"mu~ {fam}")
+        opt = lem["optimal"]["standard_error_theta_mu"] if key == "standard_error" else \
+            lem["optimal"]["robust_error_theta_mu_minus_eps"]
+        ax.axhline(opt, color="k", lw=0.8,
+                   label="optimal theta" + (" (= mu)" if key == "standard_error" else " (= mu - eps)"))
+        ax.axhline(lem["theta_int"][key], color="r", lw=0.8, ls="--", label="theta_int (real only)")
+        ax.set_xscale("log")
+        cs_all = sorted({r["c"] for r in rows if r["c"] is not None})
+        ax.set_xticks(cs_all, [f"{c:g}" for c in cs_all])
+        ax.minorticks_off()
+        ax.set_xlabel("c")
+        ax.set_ylabel(f"E[{key.replace('_', ' ')}] of theta_final")
+        ax.set_title(f"{title} (synthetic std = {f_ref:g} sigma)", fontsize=10)
+        ax.legend(fontsize=7)
+    ax = axes[1, 0]
+    cs_ = sorted({r["c"] for r in rows if r["family"] == "c*mu"})
+    for c in cs_:
+        pts = sorted((r["std_factor"], r["standard_error"], r["robust_error"]) for r in rows
+                     if r["family"] == "c*mu" and r["c"] == c)
+        f, s, rb = map(np.asarray, zip(*pts))
+        line, = ax.plot(f, s, "o-", label=f"standard, c={c:g}")
+        ax.plot(f, rb, "s--", color=line.get_color(), label=f"robust, c={c:g}")
+    ax.set_xlabel("synthetic std / sigma")
+    ax.set_ylabel("E[error] of theta_final (mu~ = c mu)")
+    ax.set_title("Lemma 2: smaller synthetic variance", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    ax = axes[1, 1]
+    sim = thm["simulated"]
+    ns = np.array([s["n_syn"] for s in sim])
+    rb = np.array([s["robust_error"] for s in sim])
+    se = np.array([s["robust_error_se"] for s in sim])
+    ax.errorbar(ns, rb, yerr=2 * se, fmt="o-", capsize=3, label="simulated E[robust error]")
+    ax.axhline(thm["target"], color="r", ls="--", label="1e-3 target")
+    ax.axhline(thm["optimal_robust_error"], color="k", lw=0.8, label="optimal (theta = mu)")
+    ax.axvline(thm["n_syn_bound"], color="g", ls=":", label="bound 288n/(c eps^2) sqrt(d/n)")
+    ax.axvline(thm["n_syn_bound_eps2_numerator"], color="m", ls=":", label="288n eps^2/c sqrt(d/n)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("synthetic points n~")
+    ax.set_title(f"Theorem: n={thm['n']}, d={thm['d']}, eps={thm['eps']}, c={thm['c']}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Lemma 3 (d={lem['settings']['d']}, n={lem['settings']['n']}, "
+                 f"n~={lem['settings']['n_syn']}, eps={lem['settings']['eps']}, "
+                 f"{lem['settings']['trials']} trials; bars: 2 s.e.)", fontsize=11)
+    fig.tight_layout()
+    return _save_tight(fig, path)

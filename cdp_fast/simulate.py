@@ -1,4 +1,4 @@
-"""``cdp-fast simulate``: the paper's Gaussian theory (SPEC §7), runnable in under a minute on a CPU.
+"""``cdp-fast simulate``: the paper's Gaussian theory (METHOD.md §11), runnable in under a minute on a CPU.
 
 Three parts, all written to ``<out>/results.json`` (schema below) plus two PNG figures:
 
@@ -9,7 +9,7 @@ Three parts, all written to ``<out>/results.json`` (schema below) plus two PNG f
    Theorem's scaling (||mu||^2 = d, sigma = (n d)^(1/4)); and the Theorem: its sample-size bound,
    its preconditions and the simulated robust error at (and below) that many synthetic points;
 3. Figure 1: a 2-D two-class Gaussian mixture sampled with plain DDIM and with conditional HNM
-   guidance (features = identity, positive = previous state, the fused
+   guidance through ``DDIMSampler`` (features = identity, positive = previous state, the fused
    ``hnm_guided_ddim_update`` step), exact score (``GaussianMixtureEps``), same initial noise.
    Per class: mean alignment c = <class mean, y mu> / ||mu||^2 and variances; downstream errors of
    theta_final trained on pseudo-labelled (and on label-conditioned) samples of each set.
@@ -45,8 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import theory
+from . import figures, theory
 from .config import field
+from .gmm import GaussianMixtureEps
+from .guidance import ContrastiveGuidance
+from .kernels._backend import BACKENDS
+from .sampler import DDIMSampler
+from .schedules import NoiseSchedule
 from .utils import progress, resolve_device, write_json
 
 __all__ = ["SimulateConfig", "run", "sample_figure1", "figure1_stats"]
@@ -90,11 +95,11 @@ class SimulateConfig:
                                     "this keeps the push per sample independent of n_samples)")
     guide_t_min: int = field(400, help="Figure 1: guide the steps with t >= this (never the first)")
     guide_t_max: int = field(1000, help="Figure 1: ... and t <= this")
-    temperature: float = field(1.0, help="Figure 1: HNM temperature T (SPEC's 10 is too flat for raw 2-D "
+    temperature: float = field(1.0, help="Figure 1: HNM temperature T (the authors' 10 is too flat for raw 2-D "
                                          "points: it mostly inflates the variance; 1 shows the paper's effect)")
     tau_plus: float = field(0.1, help="HNM tau_plus")
     beta: float = field(1.0, help="HNM beta (hardness)")
-    backend: str = field("auto", help="kernel backend", choices=("auto", "reference", "triton"))
+    backend: str = field("auto", help="kernel backend", choices=BACKENDS)
 
 
 _QUICK = dict(d=20, n=5, n_syn=100, trials=40, cs=(0.5, 1.0, 2.0), std_factors=(0.5, 1.0),
@@ -234,7 +239,7 @@ def _theorem(cfg: SimulateConfig) -> dict:
     return {
         "n": n, "d": d, "eps": eps, "c": c, "sigma": sigma, "synthetic_std": sigma,
         "n_syn_bound": bound, "n_syn_bound_eps2_numerator": alt,
-        "bound_note": "SPEC §7 form 288 n/(c eps^2) sqrt(d/n); the extract is garbled and Carmon et "
+        "bound_note": "METHOD.md §11 form 288 n/(c eps^2) sqrt(d/n); the extract is garbled and Carmon et "
                       "al. (2019) put eps^2 in the numerator, so both are simulated",
         "bound_simulated": bound <= cfg.theorem_max_syn,
         "preconditions": theory.theorem_preconditions(n, d, eps, sigma, mu),
@@ -246,53 +251,36 @@ def _theorem(cfg: SimulateConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # 3. Figure 1
-def _timesteps(steps: int, T: int = 1000) -> list[int]:
-    stride = T // steps
-    return list(range(0, stride * steps, stride))[::-1]
-
-
 def sample_figure1(mu, sigma: float, n_samples: int, *, steps: int = 50, scale: float = 0.0,
                    guide_t_min: int = 400, guide_t_max: int = 1000, temperature: float = 10.0,
                    tau_plus: float = 0.1, beta: float = 1.0, seed: int = 0, device="cpu",
                    backend: str = "auto", show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Class-conditional DDIM (eta = 0) on the mixture 0.5 N(mu, s^2) + 0.5 N(-mu, s^2), exact eps.
 
-    scale > 0 adds conditional HNM guidance (features = identity; conditional negatives = the other
-    class; positive = the sample's previous, noisier state) on the steps with guide_t_min <= t <=
-    guide_t_max except the first, through the fused ``hnm_guided_ddim_update``. The initial noise
+    Runs :class:`DDIMSampler` (the authors' uniform plan, linear schedule, T = 1000). scale > 0
+    adds conditional pixel-space HNM guidance (:class:`ContrastiveGuidance` with features =
+    identity, negatives = the other class, positive = the sample's previous, noisier state, one
+    group) on the steps with guide_t_min <= t <= guide_t_max except the first; the sampler takes
+    the fused ``hnm_guided_ddim_update`` step there (METHOD.md §5, §11). The initial noise
     depends only on ``seed``, so scale 0 and scale > 0 start from the same x_T.
     Returns (x0 [n, 2] float32 on CPU, labels [n] (0 -> +mu, 1 -> -mu), guided timesteps).
     """
-    from .gmm import GaussianMixtureEps
-    from .kernels import ddim_update, hnm_guided_ddim_update
-    from .schedules import NoiseSchedule
-
     dev = torch.device(device)
     mu_t = torch.as_tensor(mu, dtype=torch.float64)
     sched = NoiseSchedule.linear(1000)
     model = GaussianMixtureEps(torch.stack([mu_t, -mu_t]), [sigma, sigma], [0.5, 0.5], sched).to(dev)
-    abar = sched.alphas_cumprod
     labels = (torch.arange(n_samples) % 2).to(dev)
     gen = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(n_samples, mu_t.numel(), generator=gen, dtype=torch.float32).to(dev)
-    ts = _timesteps(steps)
-    x_prev, guided = None, []
-    it = progress(range(len(ts)), total=len(ts), desc=f"DDIM{' + HNM' if scale else ''}",
-                  disable=None if show_progress else True, leave=False)
-    with torch.no_grad():
-        for i in it:
-            t = ts[i]
-            a_t = float(abar[t])
-            a_next = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0   # set_alpha_to_one
-            e = model(x, torch.full((n_samples,), t, device=dev), labels)
-            if scale and x_prev is not None and guide_t_min <= t <= guide_t_max:
-                x_new = hnm_guided_ddim_update(x, e, a_t, a_next, x_prev, scale=float(scale),
-                                               temperature=temperature, tau_plus=tau_plus, beta=beta,
-                                               labels=labels, backend=backend)
-                guided.append(t)
-            else:
-                x_new = ddim_update(x, e, a_t, a_next, backend=backend)
-            x_prev, x = x, x_new
+    x_T = torch.randn(n_samples, mu_t.numel(), generator=gen, dtype=torch.float32).to(dev)
+    guidance = None
+    if scale:
+        guidance = ContrastiveGuidance(
+            "hnm", None, scale=float(scale), temperature=temperature, tau_plus=tau_plus, beta=beta,
+            when=lambda t, i: guide_t_min <= t <= guide_t_max, group_size=n_samples, backend=backend)
+    sampler = DDIMSampler(model, sched, steps=steps, guidance=guidance, backend=backend)
+    x = sampler.sample(n_samples, (mu_t.numel(),), seed=int(seed), labels=labels, x_T=x_T, device=dev,
+                       dtype=torch.float32, progress=show_progress)
+    guided = [t for t, g in zip(sampler.timesteps, sampler.guided_steps()) if g]
     return x.float().cpu(), labels.cpu(), guided
 
 
@@ -390,124 +378,6 @@ def _figure1(cfg: SimulateConfig, device: torch.device) -> tuple[dict, dict]:
     return res, {"true": x_true, "ddim": x_ddim, "contrastive-dp": x_cdp, "labels": lab}
 
 
-# ----------------------------------------------------------------------------------------------
-# figures
-def _png(fig, path: Path) -> Path:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from .utils import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def _plot_figure1(res: dict, samples: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    mu = np.asarray(res["mu"])
-    lab = samples["labels"].numpy()
-    allx = torch.cat([samples["ddim"], samples["contrastive-dp"]]).numpy()
-    lo, hi = np.percentile(allx, 0.5, axis=0), np.percentile(allx, 99.5, axis=0)
-    pad = 0.1 * (hi - lo)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharex=True, sharey=True)
-    for ax, (key, title) in zip(axes, (("ddim", "(a) DDIM"),
-                                       ("contrastive-dp", "(b) DDIM + conditional HNM guidance"))):
-        x = samples[key].numpy()
-        st = res["arms"][key]
-        for k, col in ((0, "tab:blue"), (1, "tab:orange")):
-            sel = lab == k
-            ax.scatter(x[sel, 0], x[sel, 1], s=5, alpha=0.5, c=col, label=f"class {'+' if k == 0 else '-'}1")
-        for sgn in (1, -1):
-            ax.plot(*(sgn * mu), "k*", ms=12)
-        ax.plot([-1.5 * mu[0], 1.5 * mu[0]], [-1.5 * mu[1], 1.5 * mu[1]], "k--", lw=0.8, alpha=0.6)
-        ax.set_title(f"{title}\nc = {st['c']:.3f}, var = {st['var']:.3f} "
-                     f"(par {st['var_parallel']:.2f}, orth {st['var_orth']:.2f})", fontsize=9)
-        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
-        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
-        ax.set_aspect("equal", adjustable="box")
-        ax.legend(loc="upper left", fontsize=8, markerscale=2)
-    mu_s = "(" + ", ".join(f"{v:g}" for v in mu) + ")"
-    fig.suptitle(f"2-D Gaussian mixture +-mu = +-{mu_s}, sigma = {res['sigma']:g}; "
-                 f"{res['steps']} DDIM steps, HNM T = {res['temperature']:g}, lambda = {res['lambda']:g} "
-                 f"on t in [{min(res['guided_timesteps'], default=0)}, {max(res['guided_timesteps'], default=0)}] "
-                 "(stars: true means)", fontsize=10)
-    return _png(fig, path)
-
-
-def _plot_lemma3(lem: dict, thm: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    rows = lem["rows"]
-    factors = sorted({r["std_factor"] for r in rows})
-    f_ref = min(factors, key=lambda f: abs(f - 1.0))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
-    for ax, key, title in ((axes[0, 0], "standard_error", "standard error vs c"),
-                           (axes[0, 1], "robust_error", "robust error vs c")):
-        for fam, mk in (("c*mu", "o-"), ("c*(mu-eps)", "s-")):
-            pts = sorted((r["c"], r[key], r[key + "_se"]) for r in rows
-                         if r["family"] == fam and r["std_factor"] == f_ref)
-            c, v, se = map(np.asarray, zip(*pts))
-            ax.errorbar(c, v, yerr=2 * se, fmt=mk, capsize=3, label=f"mu~ = {fam}")
-        for fam, ls in (("orthogonal to mu", ":"), ("orthogonal to mu-eps", "-.")):
-            r = next(r for r in rows if r["family"] == fam and r["std_factor"] == f_ref)
-            ax.axhline(r[key], color="gray", ls=ls, label=f"mu~ {fam}")
-        opt = lem["optimal"]["standard_error_theta_mu"] if key == "standard_error" else \
-            lem["optimal"]["robust_error_theta_mu_minus_eps"]
-        ax.axhline(opt, color="k", lw=0.8,
-                   label="optimal theta" + (" (= mu)" if key == "standard_error" else " (= mu - eps)"))
-        ax.axhline(lem["theta_int"][key], color="r", lw=0.8, ls="--", label="theta_int (real only)")
-        ax.set_xscale("log")
-        cs_all = sorted({r["c"] for r in rows if r["c"] is not None})
-        ax.set_xticks(cs_all, [f"{c:g}" for c in cs_all])
-        ax.minorticks_off()
-        ax.set_xlabel("c")
-        ax.set_ylabel(f"E[{key.replace('_', ' ')}] of theta_final")
-        ax.set_title(f"{title} (synthetic std = {f_ref:g} sigma)", fontsize=10)
-        ax.legend(fontsize=7)
-    ax = axes[1, 0]
-    cs_ = sorted({r["c"] for r in rows if r["family"] == "c*mu"})
-    for c in cs_:
-        pts = sorted((r["std_factor"], r["standard_error"], r["robust_error"]) for r in rows
-                     if r["family"] == "c*mu" and r["c"] == c)
-        f, s, rb = map(np.asarray, zip(*pts))
-        line, = ax.plot(f, s, "o-", label=f"standard, c={c:g}")
-        ax.plot(f, rb, "s--", color=line.get_color(), label=f"robust, c={c:g}")
-    ax.set_xlabel("synthetic std / sigma")
-    ax.set_ylabel("E[error] of theta_final (mu~ = c mu)")
-    ax.set_title("Lemma 2: smaller synthetic variance", fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
-    ax = axes[1, 1]
-    sim = thm["simulated"]
-    ns = np.array([s["n_syn"] for s in sim])
-    rb = np.array([s["robust_error"] for s in sim])
-    se = np.array([s["robust_error_se"] for s in sim])
-    ax.errorbar(ns, rb, yerr=2 * se, fmt="o-", capsize=3, label="simulated E[robust error]")
-    ax.axhline(thm["target"], color="r", ls="--", label="1e-3 target")
-    ax.axhline(thm["optimal_robust_error"], color="k", lw=0.8, label="optimal (theta = mu)")
-    ax.axvline(thm["n_syn_bound"], color="g", ls=":", label="bound 288n/(c eps^2) sqrt(d/n)")
-    ax.axvline(thm["n_syn_bound_eps2_numerator"], color="m", ls=":", label="288n eps^2/c sqrt(d/n)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("synthetic points n~")
-    ax.set_title(f"Theorem: n={thm['n']}, d={thm['d']}, eps={thm['eps']}, c={thm['c']}", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.suptitle(f"Lemma 3 (d={lem['settings']['d']}, n={lem['settings']['n']}, "
-                 f"n~={lem['settings']['n_syn']}, eps={lem['settings']['eps']}, "
-                 f"{lem['settings']['trials']} trials; bars: 2 s.e.)", fontsize=11)
-    fig.tight_layout()
-    return _png(fig, path)
-
-
 def _bar(it, total=None, desc=""):
     return progress(it, total=total, desc=desc, leave=False)
 
@@ -538,8 +408,8 @@ def run(cfg: SimulateConfig) -> dict:
     lem = _lemma3(cfg)
     thm = _theorem(cfg)
     fig1, samples = _figure1(cfg, device)
-    figs = {"figure1": str(_plot_figure1(fig1, samples, out / "figure1.png")),
-            "lemma3_errors": str(_plot_lemma3(lem, thm, out / "lemma3_errors.png"))}
+    figs = {"figure1": str(figures.figure1_scatter(fig1, samples, out / "figure1.png")),
+            "lemma3_errors": str(figures.lemma3_errors(lem, thm, out / "lemma3_errors.png"))}
     a_d, a_c = fig1["arms"]["ddim"], fig1["arms"]["contrastive-dp"]
     results = {
         "out": str(out),

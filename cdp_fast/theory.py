@@ -1,4 +1,4 @@
-"""The paper's Gaussian model (SPEC §7), runnable: closed-form errors, Lemma 3 by Monte Carlo, the
+"""The paper's Gaussian model (METHOD.md §11; Ouyang et al. Eq. 6, Lemma 3, Theorem), runnable: closed-form errors, Lemma 3 by Monte Carlo, the
 Theorem's sample-size bound.
 
 Model: y = +-1 uniformly, x | y ~ N(y mu, sigma^2 I_d); a linear classifier predicts sign(theta.x).
@@ -301,10 +301,10 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 # the Theorem
 def theorem_sample_bound(n: int, d: int, eps: float, c: float = 1.0) -> float:
-    """The Theorem's synthetic sample size, as SPEC §7 states it: 288 n / (c eps^2) * sqrt(d / n).
+    """The Theorem's synthetic sample size, as METHOD.md §11 states it: 288 n / (c eps^2) * sqrt(d / n).
 
     (The extracted paper text is garbled here; Carmon et al. 2019's analogous bound has eps^2 in
-    the numerator, 288 n eps^2 sqrt(d/n). SPEC wins; ``simulate`` reports both.)
+    the numerator, 288 n eps^2 sqrt(d/n). We follow the project's reading; ``simulate`` reports both.)
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")

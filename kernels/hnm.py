@@ -32,8 +32,14 @@ import torch
 
 from ._backend import backend_for, interpreting, on_input_device
 from ._tiles import tile_config
-from .hnm_ref import (LOG_NEG_CLAMP, RATIO_CLAMP, ddim_coefficients_per_sample, hnm_guided_ddim_reference,
-                      hnm_loss_reference, validate_hnm_inputs)
+from .hnm_ref import (
+    LOG_NEG_CLAMP,
+    RATIO_CLAMP,
+    ddim_coefficients_per_sample,
+    hnm_guided_ddim_reference,
+    hnm_loss_reference,
+    validate_hnm_inputs,
+)
 
 try:  # the package and the reference backend must work without triton
     import triton

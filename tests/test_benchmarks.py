@@ -10,8 +10,9 @@ import torch
 
 from cdp_fast.benchmarks import report
 from cdp_fast.benchmarks.__main__ import main
-from cdp_fast.benchmarks.common import device_peaks, make_result, sfu_exp_per_s, slugify
+from cdp_fast.benchmarks.device import device_peaks, sfu_exp_per_s, slugify
 from cdp_fast.benchmarks.suite import BENCH_NAMES
+from cdp_fast.benchmarks.timing import make_result
 
 
 @pytest.fixture(scope="module")

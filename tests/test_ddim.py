@@ -1,4 +1,4 @@
-"""DDIM update: Triton kernel (interpreter on CPU) vs the PyTorch reference vs the SPEC formula."""
+"""DDIM update: Triton kernel (interpreter on CPU) vs the PyTorch reference vs the METHOD.md §3 formula."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,10 @@ import torch
 from cdp_fast.kernels import ddim_update
 from cdp_fast.kernels._backend import interpreting, triton_available
 from cdp_fast.kernels.ddim import advance_rng, make_rng_state
+from cdp_fast.kernels.ddim_ref import ddim_coefficients
+from cdp_fast.kernels.hnm_ref import ddim_coefficients_per_sample
+from cdp_fast.sampler import DDIMSampler
+from cdp_fast.schedules import NoiseSchedule
 
 needs_triton = pytest.mark.skipif(
     not (triton_available() and (interpreting() or torch.cuda.is_available())),
@@ -39,8 +43,9 @@ def _alphas(mode, B):
     return a_t, a_n
 
 
-def _spec(x, eps, a_t, a_next, *, eta=0.0, z=None, grad=None, scale=0.0, clip=None, rederive=False):
-    """SPEC §2 written out independently, in float64, per-sample loop over the batch."""
+def _spec(x, eps, a_t, a_next, *, eta=0.0, z=None, grad=None, scale=0.0, clip=None,
+          eps_from_clipped_x0=False):
+    """METHOD.md §3 written out independently, in float64, per-sample loop over the batch."""
     B = x.shape[0]
     at = torch.as_tensor(a_t, dtype=torch.float64).expand(B) if not isinstance(a_t, torch.Tensor) or a_t.numel() == 1 \
         else a_t.double()
@@ -54,7 +59,7 @@ def _spec(x, eps, a_t, a_next, *, eta=0.0, z=None, grad=None, scale=0.0, clip=No
         x0 = (x[b].double() - math.sqrt(1 - A) * e) / math.sqrt(A)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
-            if rederive:
+            if eps_from_clipped_x0:
                 e = (x[b].double() - math.sqrt(A) * x0) / math.sqrt(1 - A)
         c1 = eta * math.sqrt((1 - A / N) * (1 - N) / (1 - A))
         c2 = math.sqrt(max(1 - N - c1 ** 2, 0.0))
@@ -76,7 +81,7 @@ VARIANTS = {
     "plain": dict(),
     "guided": dict(grad=True, scale=0.37),
     "clip": dict(clip=0.8),
-    "clip-rederive": dict(clip=0.8, rederive=True),
+    "clip-eps-from-clipped-x0": dict(clip=0.8, eps_from_clipped_x0=True),
     "eta": dict(eta=0.6, z=True),
     "all": dict(grad=True, scale=-0.2, clip=1.0, eta=1.0, z=True),
 }
@@ -84,7 +89,8 @@ VARIANTS = {
 
 def _kw(v, grad, z):
     return dict(eta=v.get("eta", 0.0), noise=z if v.get("z") else None, grad=grad if v.get("grad") else None,
-                scale=v.get("scale", 0.0), clip_x0=v.get("clip"), eps_from_clipped_x0=v.get("rederive", False))
+                scale=v.get("scale", 0.0), clip_x0=v.get("clip"),
+                eps_from_clipped_x0=v.get("eps_from_clipped_x0", False))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -96,7 +102,8 @@ def test_reference_matches_spec(shape, amode, variant):
     v = VARIANTS[variant]
     out, x0 = ddim_update(x, eps, a_t, a_n, return_x0=True, backend="reference", **_kw(v, grad, z))
     want, want_x0 = _spec(x, eps, a_t, a_n, eta=v.get("eta", 0.0), z=z, grad=grad if v.get("grad") else None,
-                          scale=v.get("scale", 0.0), clip=v.get("clip"), rederive=v.get("rederive", False))
+                          scale=v.get("scale", 0.0), clip=v.get("clip"),
+                          eps_from_clipped_x0=v.get("eps_from_clipped_x0", False))
     _close(out, want, 1e-5, "x_next")
     _close(x0, want_x0, 1e-5, "x0")
     if v.get("clip"):
@@ -194,7 +201,7 @@ def test_default_rng_follows_torch_seed():
 
 # ---------------------------------------------------------------- autograd
 @needs_triton
-@pytest.mark.parametrize("variant", ["plain", "guided", "clip", "clip-rederive", "all"])
+@pytest.mark.parametrize("variant", ["plain", "guided", "clip", "clip-eps-from-clipped-x0", "all"])
 @pytest.mark.parametrize("amode", ["float", "per-sample"])
 def test_autograd_matches_reference(variant, amode):
     shape = (3, 4, 5)
@@ -211,7 +218,7 @@ def test_autograd_matches_reference(variant, amode):
     for name, a, b in zip(("x", "eps", "grad", "noise"), grads["triton"], grads["reference"]):
         _close(a, b, 1e-5, f"d{name}")
     if VARIANTS[variant].get("clip"):
-        assert (grads["reference"][0] == 0).any() or VARIANTS[variant].get("rederive")
+        assert (grads["reference"][0] == 0).any() or VARIANTS[variant].get("eps_from_clipped_x0")
 
 
 @needs_triton
@@ -312,3 +319,24 @@ def test_cuda_graph_replay_draws_fresh_noise():
     g.replay()
     assert (out - first).abs().max() > 0.1
     assert st[1].item() == 3 * x.numel()  # warm-up + two replays (capture does not run)
+
+
+def test_one_coefficient_formula_for_every_caller():
+    """kernels.ddim_ref.ddim_coefficients is the one host-side formula (METHOD.md §3): the fused
+    HNM step's per-sample helper (float and tensor alphas) and the sampler's table are it, and it
+    is the literal float64 formula."""
+    at, an, eta = 0.37, 0.61, 0.8
+    c1 = eta * math.sqrt((1 - at / an) * (1 - an) / (1 - at))
+    literal = [math.sqrt(at), math.sqrt(1 - at), math.sqrt(an), c1, math.sqrt(1 - an - c1 * c1)]
+    # (torch's float64 sqrt and math.sqrt may differ in the last bit)
+    assert [float(v) for v in ddim_coefficients(at, an, eta)] == pytest.approx(literal, rel=1e-15)
+    from_floats = ddim_coefficients_per_sample(at, an, eta, 3, "cpu")
+    from_tensor = ddim_coefficients_per_sample(torch.full((3,), at, dtype=torch.float64), an, eta, 3, "cpu")
+    for a, b, want in zip(from_floats, from_tensor, ddim_coefficients(at, an, eta)):
+        assert torch.equal(a, b) and torch.equal(a, torch.full((3,), float(want), dtype=torch.float32))
+    s = DDIMSampler(lambda x, t: x, NoiseSchedule.linear(), steps=10, eta=0.5)
+    table = s.coefficient_table()
+    for i in (0, 4, s.num_steps - 1):  # the last step goes to a_next = 1: c1 = c2 = 0
+        want = ddim_coefficients(float(s.a_t[i]), float(s.a_next[i]), 0.5)
+        assert table[i, 2:].tolist() == [float(v) for v in want]
+    assert table[-1, 5:].tolist() == [0.0, 0.0]

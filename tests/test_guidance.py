@@ -1,13 +1,14 @@
 """ContrastiveGuidance: fast path == a literal re-implementation of the authors' loop, scale 0 ==
 plain DDIM, feature caching, frozen f, groups, pairs, conditional losses, windows, bad input."""
 import copy
-import math
+import dataclasses
 
 import pytest
 import torch
 import torch.nn as nn
 
 from cdp_fast import ContrastiveGuidance, DDIMSampler, NoiseSchedule
+from cdp_fast.benchmarks.authors_loop import authors_loop
 from cdp_fast.gmm import GaussianMixtureEps
 from cdp_fast.guidance import EmbeddingHead, GuidanceStart, default_group_size
 from cdp_fast.kernels.hnm_ref import hnm_loss_reference
@@ -48,41 +49,19 @@ def _head(d_in=8, seed=1):
     return EmbeddingHead(d_in, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-def authors_loop(model, sched, steps, f, head, x_T, *, scale, t_min, lr=1e-2, loss="hnm",
-                 labels=None, temperature=None):
-    """The authors' order of operations, literally: DDIM (eta 0, uniform skip); at a guided step
-    forward f on x_t AND on x_{t+1} (f's weights require grad), head, loss, zero_grad, backward
-    (weight grads included), take x_t.grad, head Adam step, then e += scale * grad and update."""
+def _authors(model, sched, steps, f, head, x_T, *, scale, t_min, loss="hnm", labels=None):
+    """benchmarks.authors_loop on copies of f (weights requiring grad, as theirs) and of the head."""
     f, head = copy.deepcopy(f), copy.deepcopy(head)
     for p in f.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    seq = list(range(0, 1000, 1000 // steps))
-    seq_next = [-1] + seq[:-1]
-    ab = sched.alphas_cumprod
-    x, x_prev = x_T.clone(), None
-    n = x.shape[0]
-    for idx, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
-        at = float(ab[i])
-        an = 1.0 if j < 0 else float(ab[j])
-        e = model(x, torch.full((n,), i, dtype=torch.long))
-        if i >= t_min and idx > 0:
-            xt = x.detach().requires_grad_(True)
-            za = head(f((xt + 1) / 2))
-            zp = head(f((x_prev + 1) / 2))
-            if loss == "hnm":
-                L = hnm_loss_reference(za, zp, temperature=temperature or 10.0, labels=labels)
-            else:
-                L = infonce_loss_reference(za, zp, temperature=temperature or 0.1)
-            opt.zero_grad()
-            L.backward()
-            grad = xt.grad
-            opt.step()
-            e = e + scale * grad
-        x_prev = x
-        x0 = (x - math.sqrt(1 - at) * e) / math.sqrt(at)
-        x = math.sqrt(an) * x0 + math.sqrt(1 - an) * e
-    return x
+    if loss == "hnm":
+        def loss_fn(za, zp):
+            return hnm_loss_reference(za, zp, temperature=10.0, labels=labels)
+    else:
+        def loss_fn(za, zp):
+            return infonce_loss_reference(za, zp, temperature=0.1)
+    return authors_loop(model, sched.alphas_cumprod, x_T.clone(), steps=steps, features=f, head=head,
+                        loss_fn=loss_fn, scale=scale, guided=lambda t, i: t >= t_min)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +73,7 @@ def test_fast_path_equals_authors_loop(sched, gmm, loss, conditional):
     head0 = copy.deepcopy(head.state_dict())
     labels = torch.arange(n) % 3 if conditional else None
     x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(7))
-    ref = authors_loop(gmm, sched, steps, f, head, x_T, scale=scale, t_min=t_min, loss=loss, labels=labels)
+    ref = _authors(gmm, sched, steps, f, head, x_T, scale=scale, t_min=t_min, loss=loss, labels=labels)
     plain = DDIMSampler(gmm, sched, steps=steps).sample(n, (2,), x_T=x_T)
 
     g = ContrastiveGuidance(loss, f, head=head, scale=scale, t_min=t_min)
@@ -203,7 +182,9 @@ def test_real_data_pairs_run_and_guide(sched, gmm, pair, loss, with_labels):
                             real_images=real, real_labels=real_labels)
     x_T = torch.randn(8, 2, generator=gen)
     plain = DDIMSampler(gmm, sched, steps=12).sample(8, (2,), x_T=x_T)
-    model = (lambda x, t, y=None: gmm(x, t))
+    def model(x, t, y=None):
+        return gmm(x, t)
+
     a = DDIMSampler(model, sched, steps=12, guidance=g).sample(8, (2,), x_T=x_T, labels=labels)
     b = DDIMSampler(model, sched, steps=12, guidance=g).sample(8, (2,), x_T=x_T, labels=labels)
     assert torch.isfinite(a).all()
@@ -359,3 +340,55 @@ def test_pixel_guidance_on_image_shapes(sched, eta, dtype):
     assert outs[0].dtype == dtype and torch.isfinite(outs[0]).all()
     assert (outs[1] - plain).abs().max() > 1e-4
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+class _RecordingGuidance:
+    """Not a ContrastiveGuidance: only what the Guidance protocol declares, recording the calls."""
+
+    scale = 0.5
+    needs_previous = True
+
+    def __init__(self):
+        self.calls, self.options = [], None
+
+    def guided(self, t, index):
+        return index > 0 and t >= 500
+
+    def start(self, options):
+        self.options = options
+        rec = self
+
+        class Run:
+            fused_ok = False
+
+            def prime(self, x):
+                rec.calls.append("prime")
+
+            def gradient(self, x):
+                rec.calls.append("gradient")
+                return torch.ones_like(x)
+
+            def fused_update(self, *a, **k):  # pragma: no cover - fused_ok is False
+                raise AssertionError("fused_update called although fused_ok is False")
+
+            def finish(self):
+                rec.calls.append("finish")
+
+        return Run()
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_sampler_drives_any_guidance_through_the_declared_contract(sched, gmm, method):
+    g = _RecordingGuidance()
+    s = DDIMSampler(gmm, sched, steps=10, method=method, guidance=g)
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    out = s.sample(4, (2,), x_T=x_T)
+    plain = DDIMSampler(gmm, sched, steps=10, method=method).sample(4, (2,), x_T=x_T)
+    o = g.options
+    assert isinstance(o, GuidanceStart) and (o.n, o.shape, o.seed) == (4, (2,), 0)
+    assert o.eps_from_clipped_x0 == (method == "ddpm") and o.clip_x0 == (1.0 if method == "ddpm" else None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.n = 5
+    guided = s.guided_steps()
+    assert g.calls == ["prime"] + ["gradient"] * sum(guided) + ["finish"]
+    assert not torch.equal(out, plain)

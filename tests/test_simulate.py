@@ -1,4 +1,4 @@
-"""`cdp-fast simulate` end to end at a tiny size, and the Figure-1 sampler (SPEC §7)."""
+"""`cdp-fast simulate` end to end at a tiny size, and the Figure-1 sampler (METHOD.md §11)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,10 @@ import pytest
 import torch
 
 from cdp_fast import simulate as S
+from cdp_fast.gmm import GaussianMixtureEps
+from cdp_fast.kernels import ddim_update, hnm_guided_ddim_update
+from cdp_fast.sampler import ddim_timesteps
+from cdp_fast.schedules import NoiseSchedule
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -63,7 +67,7 @@ def test_simulate_cli_end_to_end_tiny(tmp_path, capsys):
     # Figure 1: three arms with per-class stats and downstream errors
     f1 = res["figure1"]
     assert set(f1["arms"]) == {"true", "ddim", "contrastive-dp"}
-    assert f1["guided_timesteps"] and S._timesteps(10)[0] not in f1["guided_timesteps"]
+    assert f1["guided_timesteps"] and max(ddim_timesteps(1000, 10)) not in f1["guided_timesteps"]
     for arm in f1["arms"].values():
         assert len(arm["per_class"]) == 2 and sum(p["count"] for p in arm["per_class"]) == 32
         for kind in ("pseudo_label", "true_label"):
@@ -85,7 +89,7 @@ def test_ddim_recovers_mixture_and_guidance_separates():
     x0, lab, g0 = S.sample_figure1(mu, sig, n, scale=0.0, **kw)
     x1, lab1, g1 = S.sample_figure1(mu, sig, n, scale=cfg.scale * n, **kw)
     assert g0 == [] and g1 and torch.equal(lab, lab1)
-    assert S._timesteps(steps)[0] not in g1  # the first step is never guided: no previous state
+    assert max(ddim_timesteps(1000, steps)) not in g1  # the first step is never guided: no previous state
     th = torch.tensor(mu) + 0.5 * torch.randn(20, 2, dtype=torch.float64,
                                               generator=torch.Generator().manual_seed(0))
     s0 = S.figure1_stats(x0, lab, mu, sig, 0.5, theta_ints=th, subsets=(4,))
@@ -120,3 +124,41 @@ def test_bad_config_raises(tmp_path, field, value):
     cfg = S.SimulateConfig(out=str(tmp_path / "x"), **{field: value})
     with pytest.raises(ValueError, match=field.split("_")[0]):
         S.run(cfg)
+
+
+def _figure1_loop(mu, sigma, n, steps, scale, t_lo, t_hi, temperature, seed):
+    """simulate's own DDIM loop before it went through DDIMSampler (kept here as the oracle)."""
+    mu_t = torch.as_tensor(mu, dtype=torch.float64)
+    sched = NoiseSchedule.linear(1000)
+    model = GaussianMixtureEps(torch.stack([mu_t, -mu_t]), [sigma, sigma], [0.5, 0.5], sched)
+    abar = sched.alphas_cumprod
+    labels = torch.arange(n) % 2
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    ts = ddim_timesteps(1000, steps)[::-1]
+    x_prev, guided = None, []
+    for i, t in enumerate(ts):
+        a_t, a_next = float(abar[t]), (float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0)
+        e = model(x, torch.full((n,), t), labels)
+        if scale and x_prev is not None and t_lo <= t <= t_hi:
+            x_new = hnm_guided_ddim_update(x, e, a_t, a_next, x_prev, scale=scale, temperature=temperature,
+                                           labels=labels)
+            guided.append(t)
+        else:
+            x_new = ddim_update(x, e, a_t, a_next)
+        x_prev, x = x, x_new
+    return x, guided
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.0])
+def test_sample_figure1_through_sampler_matches_the_direct_loop(scale):
+    """sample_figure1 now runs DDIMSampler + ContrastiveGuidance: same x0 as the direct loop
+    (bit-equal unguided; guided, the sampler hands fp32 alphas to the fused step: ~1e-6)."""
+    mu, n, steps, kw = [2.0, 1.0], 16, 12, dict(t_lo=300, t_hi=900, temperature=1.0, seed=5)
+    x, lab, guided = S.sample_figure1(mu, 1.0, n, steps=steps, scale=scale, guide_t_min=kw["t_lo"],
+                                      guide_t_max=kw["t_hi"], temperature=1.0, seed=5, show_progress=False)
+    ref, ref_guided = _figure1_loop(mu, 1.0, n, steps, scale, **kw)
+    assert guided == ref_guided and (not scale or guided)
+    if scale:
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(x, ref)

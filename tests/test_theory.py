@@ -1,4 +1,4 @@
-"""Gaussian theory lab (SPEC §7): closed forms vs integration / Monte Carlo, Lemma 3, the bound."""
+"""Gaussian theory lab (METHOD.md §11): closed forms vs integration / Monte Carlo, Lemma 3, the bound."""
 from __future__ import annotations
 
 import math
