@@ -17,6 +17,15 @@ from cdp_fast.models.ddpm import DDPM_CONFIGS, DDPMUNet, infer_config
 
 diffusers = pytest.importorskip("diffusers")
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: intra-op threads only add contention on a shared CI machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # google/ddpm-cifar10-32's block structure (attention at 16x16 = level 1), small channels
 DDPM_CIFAR_LIKE = dict(
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
