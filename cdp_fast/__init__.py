@@ -11,6 +11,8 @@ _LAZY = {
     "DDIMSampler": ".sampler",
     "DDIMScheduler": ".diffusers_compat",
     "ContrastiveGuidance": ".guidance",
+    "DDIMPipeline": ".ddim_pipeline",
+    "load_diffusion": ".diffusion_train",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                      "mixed-precision TRADES adversarial training on real (+ synthetic) data"),
     "eval": ("cdp_fast.evaluate", "EvalConfig", "run",
              "clean and robust accuracy of a checkpoint (PGD, CW, AutoAttack)"),
+    "convert": ("cdp_fast.diffusion_train", "ConvertConfig", "convert",
+                "a diffusers folder or original DDPM checkpoint -> a cdp-fast safetensors checkpoint"),
     "simulate": ("cdp_fast.simulate", "SimulateConfig", "run",
                  "the paper's Gaussian theory: closed forms, Lemma 3 Monte Carlo, Figure 1"),
 }
@@ -77,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"cdp-fast {cmd}", description=COMMANDS[cmd][3])
     p.add_argument("--config", default=None, help="JSON or TOML file of settings (flags win)")
     _config.add_arguments(p, cls)
+    pos = getattr(cls, "POSITIONAL", None)  # e.g. `cdp-fast convert PATH`: PATH fills that field
+    if pos:
+        p.add_argument("_positional", nargs="?", default=None, metavar=pos.upper(), help=f"same as --{pos}")
     ns = p.parse_args(argv[1:])
+    if pos and ns._positional is not None:
+        setattr(ns, pos, ns._positional)
     try:
         cfg = _config.from_args(cls, ns)
     except (ValueError, TypeError, FileNotFoundError) as e:
