@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import field
-from .utils import write_json
+from .utils import atomic_write_bytes, write_json
 
 FORMAT = "cdp-fast-shards/1"
 MANIFEST = "manifest.json"
@@ -130,7 +130,11 @@ def write_manifest(out: Path, *, fingerprint: str, n: int, batch_size: int,
     doc = {"format": FORMAT, "fingerprint": fingerprint, "n": n, "batch_size": batch_size,
            "num_shards": num, "complete": len(shards) == num and images == n, "images": images,
            "shards": shards}
-    write_json(out / MANIFEST, doc)
+    # one line per shard: readable, and small for 100k shards
+    head = json.dumps({k: v for k, v in doc.items() if k != "shards"}, indent=2)[:-2]
+    rows = ",\n    ".join(json.dumps(r) for r in shards)
+    text = f'{head},\n  "shards": [\n    {rows}\n  ]\n}}\n' if shards else json.dumps(doc, indent=2) + "\n"
+    atomic_write_bytes(out / MANIFEST, text.encode())
     return doc
 
 
