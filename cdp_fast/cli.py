@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "a diffusers folder or original DDPM checkpoint -> a cdp-fast safetensors checkpoint"),
     "simulate": ("cdp_fast.simulate", "SimulateConfig", "run",
                  "the paper's Gaussian theory: closed forms, Lemma 3 Monte Carlo, Figure 1"),
+    "verify": ("cdp_fast.manifest", "VerifyConfig", "run",
+               "check a generate folder against its manifest (cdp-fast verify OUT)"),
 }
 
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help / errors for unknown commands
         parser.print_help()
         return 0 if not argv else 2
+    if cmd == "verify" and len(argv) > 1 and not argv[1].startswith("-"):
+        argv[1:2] = ["--folder", argv[1]]  # `cdp-fast verify OUT`
     cls = _config_class(cmd)
     p = argparse.ArgumentParser(prog=f"cdp-fast {cmd}", description=COMMANDS[cmd][3])
     p.add_argument("--config", default=None, help="JSON or TOML file of settings (flags win)")

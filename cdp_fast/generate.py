@@ -1,23 +1,77 @@
 """`cdp-fast generate`: a synthetic data set (npz shards) from a diffusion checkpoint.
 
 DDIM (or DDPM ancestral) sampling, optionally with contrastive guidance (Contrastive-DP,
-Algorithm 1). Each batch is written as its own shard ``shard-NNNNN.npz`` (``image`` uint8 NHWC,
-``label`` int64, ``confidence`` float32) the moment it is finished, atomically, so a crash or a
-Ctrl-C loses nothing already written and a rerun resumes at the first missing shard. Shard i
-starts from the noise of seed ``seed + i``: a DDIM run and a Contrastive-DP run with the same
-seed begin from the same x_T, image for image.
+Algorithm 1), pseudo-labelled by a classifier unless the model is class-conditional.
+
+**Shards.** The set is cut into shards of ``batch_size`` images, ``shard-NNNNN.npz`` (``image``
+uint8 NHWC, ``label`` int64, ``confidence`` float32). Shard i depends only on the settings and on
+its seed ``seed + i`` (initial noise, noise draws, guidance head): never on which process made it,
+in which order, or how often the run was interrupted. A DDIM and a Contrastive-DP run with the
+same seed start from the same x_T, image for image. One sampler serves every shard of a process.
+
+**Several processes.** ``torchrun --nproc_per_node K -m cdp_fast generate ...`` (multi-node
+torchrun too, with ``--out`` on a filesystem every node sees). Shard i belongs to rank
+``i mod world``: a static split, no work queue, no collective while sampling. torch.distributed
+(gloo on CPU, nccl on GPU) gives rank and world and two barriers (after the resume check, before
+the final manifest). ``--device auto``/``cuda`` puts each rank on ``cuda:LOCAL_RANK``. Rank 0
+shows images/s and the ETA over all ranks (from the shard records on disk) and a per-step bar
+inside its shards.
+
+**Records, resume, faults** (formats in ``cdp_fast.manifest``). Each shard is written atomically
+(temp file + rename), then recorded (images, bytes, sha256) in ``manifest.d/`` by its rank; rank 0
+merges the records into ``manifest.json``. A rerun of the same command checks every recorded
+shard (size + sha256), regenerates a missing, truncated or corrupt one, and ignores with a warning
+(then replaces) a shard file without a record. SIGINT/SIGTERM stop with a hint to rerun; a
+SIGKILL leaves at most a hidden temp file. Settings are validated before anything is written; the
+folder is claimed (``generate.json``: settings, fingerprint, provenance of model, features and
+labeler) with the first shard, and a folder holding shards of other settings is refused. A full
+disk or an unwritable folder is a clear error that leaves no partial shard; NaN/inf in a batch
+stops before its shard is written, naming the shard, the step and the timestep.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
-from .config import field
-from .utils import progress, resolve_device, write_json
+from . import models
+from .config import field, to_dict
+from .data import load_synthetic, save_synthetic, to_uint8
+from .diffusion_train import load_diffusion
+from .figures import sample_grids
+from .guidance import ContrastiveGuidance
+from .manifest import (
+    FORMAT,
+    RECORDS,
+    SETTINGS,
+    check_shard,
+    read_json,
+    read_records,
+    record_names,
+    remove_record,
+    shard_images,
+    shard_index,
+    shard_name,
+    write_manifest,
+    write_record,
+)
+from .pseudolabel import pseudo_label
+from .sampler import DDIMSampler
+from .utils import progress, resolve_device, settings_fingerprint, write_json
 
 GUIDANCE = ("none", "hnm", "hnm-easy", "infonce")
 
@@ -25,7 +79,8 @@ GUIDANCE = ("none", "hnm", "hnm-easy", "infonce")
 @dataclass
 class GenerateConfig:
     checkpoint: str = field("runs/pipeline/diffusion", help="diffusion checkpoint folder (train-diffusion)")
-    out: str = field("runs/generate", help="output folder for the npz shards, grid.png, summary.json")
+    out: str = field("runs/generate", help="output folder for the npz shards, manifest.json, grid.png, "
+                                           "summary.json")
     n: int = field(1000, help="number of images")
     batch_size: int = field(500, help="images per sampling batch (= one shard)")
     steps: int = field(100, help="sampling steps")
@@ -34,7 +89,7 @@ class GenerateConfig:
     eta: float = field(0.0, help="DDIM eta (0 deterministic)")
     skip: str = field("uniform", help="DDIM timestep spacing", choices=("uniform", "quad"))
     guidance: str = field("none", help="contrastive loss for Contrastive-DP guidance", choices=GUIDANCE)
-    scale: float | None = field(None, help="guidance scale lambda (None: the loss's default, "
+    scale: float | None = field(None, help="guidance scale lambda >= 0 (None: the loss's default, "
                                             "1e5 for HNM, 1e3 for InfoNCE)")
     t_min: int | None = field(400, help="guide only steps with t >= t_min (authors' CIFAR-10: 400)")
     t_max: int | None = field(None, help="guide only steps with t < t_max (authors' MNIST: 150)")
@@ -44,142 +99,412 @@ class GenerateConfig:
     head: bool = field(True, help="online embedding head (Linear-ReLU-Linear-L2) trained during sampling")
     labeler: str | None = field(None, help="classifier checkpoint folder for pseudo-labels "
                                            "(class-conditional models use their conditioning labels)")
-    seed: int = field(0, help="seed of the first shard's initial noise")
-    device: str = field("auto", help="auto | cpu | cuda[:i]")
+    seed: int = field(0, help="seed of the first shard's initial noise (shard i: seed + i)")
+    device: str = field("auto", help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
     bf16: bool | None = field(None, help="bf16 autocast for the networks (None: on CUDA)")
     cuda_graphs: bool | None = field(None, help="capture the sampling steps as CUDA graphs (None: on CUDA)")
+
+    def __post_init__(self):
+        # checked at construction, so a bad flag fails before anything is written
+        for name, lo in (("n", 1), ("batch_size", 1), ("steps", 1)):
+            _check_int(name, getattr(self, name), lo)
+        for name in ("t_min", "t_max"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0)
+        if self.group_size is not None:
+            _check_int("group_size", self.group_size, 2)
+        _check_int("seed", self.seed, None)
+        _check_number("eta", self.eta)
+        if self.scale is not None:
+            _check_number("scale", self.scale, lo=None)
+            if self.scale < 0:
+                raise ValueError(f"--scale must be >= 0, got {self.scale}: a negative guidance scale pulls "
+                                 "each sample towards its negatives and the sampler ends in NaN")
+
+
+def _check_int(name, v, lo):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"--{name.replace('_', '-')} must be an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+
+
+def _check_number(name, v, lo=0.0):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v!r}")
+    if lo is not None and v < lo:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v!r}")
+
+
+def shard_seed(seed: int, i: int) -> int:
+    """Seed of shard ``i``: a function of the run's seed and the shard index only."""
+    return seed + i
 
 
 def make_guidance(cfg: GenerateConfig, device: torch.device, features_model=None):
     """ContrastiveGuidance from the config (None when cfg.guidance == 'none')."""
     if cfg.guidance == "none":
         return None
-    from .guidance import ContrastiveGuidance
-
     feats = features_model
     if feats is None and cfg.features != "identity":
-        from . import models
-
         feats = models.load(cfg.features, device=device).features
     return ContrastiveGuidance(cfg.guidance, feats, head=bool(cfg.head) and feats is not None,
                                scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max,
                                group_size=cfg.group_size)
 
 
-def sample_batches(model, schedule, meta: dict, cfg: GenerateConfig, *, guidance=None, labeler=None,
-                   device=None, out: Path | None = None, desc: str = "generate"):
-    """Yield (shard index, images uint8 NCHW, labels, confidence) batch by batch.
+# ------------------------------------------------------------------------------------------------
+# provenance and the folder claim
+# ------------------------------------------------------------------------------------------------
+def weights_sha256(module: nn.Module) -> str:
+    """Short sha256 of a module's state (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{tuple(v.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
-    With ``out``, a shard already on disk is read back instead of sampled again (resume).
-    """
-    from .data import load_synthetic, save_synthetic, to_uint8
-    from .sampler import DDIMSampler
 
+def provenance(obj, source: str | None) -> dict | None:
+    """What a model / features callable is: its class (and method), a hash of its weights, and
+    the checkpoint folder it came from (``source``) or that it was passed as an object."""
+    if obj is None:
+        return None
+    module, attr = obj, None
+    if not isinstance(obj, nn.Module) and isinstance(getattr(obj, "__self__", None), nn.Module):
+        module, attr = obj.__self__, obj.__func__.__name__
+    d: dict = {"source": source or "object passed to generate()"}
+    if isinstance(module, nn.Module):
+        d["class"] = type(module).__name__ + (f".{attr}" if attr else "")
+        d["weights_sha256"] = weights_sha256(module)
+    else:
+        d["callable"] = getattr(obj, "__qualname__", type(obj).__name__)
+    return d
+
+
+# settings that never change a shard's images (n only decides how many shards there are; the
+# model, features and labeler are recorded by content in "used", their paths in "paths")
+_NOT_FINGERPRINTED = ("out", "device", "n", "bf16", "cuda_graphs", "checkpoint", "features", "labeler")
+
+
+def settings_doc(cfg: GenerateConfig, *, model, model_source, features, features_source, labeler,
+                 labeler_source, guidance, conditional) -> dict:
+    """The content of ``generate.json``: what determines the images, and what was used."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    used = {
+        "model": provenance(model, model_source),
+        "features": None if guidance is None else (
+            provenance(features, features_source) if features is not None else "identity (pixel space)"),
+        "labeler": "the class-conditional model's conditioning labels" if conditional
+        else provenance(labeler, labeler_source),
+        "scale": None if guidance is None else float(guidance.scale),
+    }
+    fp = settings_fingerprint({"settings": settings, "used": used})
+    return {"format": FORMAT, "fingerprint": fp, "settings": settings, "used": used,
+            "paths": {"checkpoint": cfg.checkpoint, "features": cfg.features, "labeler": cfg.labeler}}
+
+
+def _check_folder(out: Path, doc: dict) -> bool:
+    """Read-only check before any work: is ``out`` free, ours (True), or someone else's (error)?"""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    anc = out
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"--out {out}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {anc} is not writable; choose another --out")
+    if not out.is_dir():
+        return False
+    cur = read_json(out / SETTINGS)
+    fp = doc["fingerprint"]
+    if isinstance(cur, dict) and cur.get("fingerprint") == fp:
+        return True
+    if isinstance(cur, dict) and "fingerprint" in cur:
+        # another run's folder: refused only while it holds shards of those settings
+        held = [r for r in read_records(out).values()
+                if r.get("fingerprint") == cur["fingerprint"] and (out / str(r.get("file"))).is_file()]
+        if held:
+            diff = sorted({k for k in doc["settings"] if cur.get("settings", {}).get(k) != doc["settings"][k]}
+                          | {f"used.{k}" for k in doc["used"] if cur.get("used", {}).get(k) != doc["used"][k]})
+            raise ValueError(f"{out} holds shards made with other settings ({', '.join(diff) or 'fingerprint'} "
+                             f"differ); use another --out or delete the folder")
+        return False
+    if any(out.glob("shard-*.npz")):
+        what = "an older cdp-fast (no fingerprint)" if isinstance(cur, dict) else "unknown origin (no generate.json)"
+        raise ValueError(f"{out} holds shards of {what}; use another --out")
+    return False
+
+
+def _claim(out: Path, doc: dict, rank: int, world: int) -> None:
+    """Make the folder ours: with the first shard a process writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    cur = read_json(out / SETTINGS)
+    if not (isinstance(cur, dict) and cur.get("fingerprint") == doc["fingerprint"]):
+        write_json(out / SETTINGS, doc)
+    for name in record_names(out):  # records of other settings, of the shards this rank owns
+        i = shard_index(name[:-5] + ".npz")
+        if i is not None and i % world == rank:
+            rec = read_json(out / RECORDS / name)
+            if not isinstance(rec, dict) or rec.get("fingerprint") != doc["fingerprint"]:
+                remove_record(out, i)
+
+
+def _tidy(out: Path, n_shards: int, rank: int, world: int) -> None:
+    """In a folder of ours: drop this rank's recorded shards beyond the set (an earlier run with a
+    larger --n) and its temp files of killed writes. Unrecorded files are left alone."""
+    for i in read_records(out):
+        if i >= n_shards and i % world == rank:
+            remove_record(out, i)  # record first: a kill in between leaves a stray, never a lie
+            (out / shard_name(i)).unlink(missing_ok=True)
+    for p in list(out.glob(".shard-*.npz.*.tmp")):
+        i = shard_index(p.name[1:].split(".npz.")[0] + ".npz")
+        if i is not None and i % world == rank:
+            p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# processes and signals
+# ------------------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+@dataclass
+class _Ranks:
+    rank: int = 0
+    world: int = 1
+    group: bool = False  # torch.distributed in use
+    owned: bool = False  # initialised here (and destroyed here)
+
+    def barrier(self, device: torch.device) -> None:
+        if self.group:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[device.index or 0])
+            else:
+                dist.barrier()
+
+
+def _device(name: str) -> torch.device:
+    device = resolve_device(name)
+    local = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local is not None and int(os.environ.get(
+            "WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(local))
+    return device
+
+
+def _ranks(device: torch.device) -> _Ranks:
+    if dist.is_available() and dist.is_initialized():
+        return _Ranks(dist.get_rank(), dist.get_world_size(), group=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Ranks()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # long timeout: the final barrier waits for the slowest rank's last shard
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(days=7))
+    return _Ranks(dist.get_rank(), dist.get_world_size(), group=True, owned=True)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling and writing one shard
+# ------------------------------------------------------------------------------------------------
+def sample_shard(sampler: DDIMSampler, cfg: GenerateConfig, meta: dict, i: int, *, labeler=None,
+                 device=None, show: bool = False):
+    """Images uint8 NCHW, labels, confidence of shard ``i`` (not written)."""
     C, H, W = meta["image_shape"]
     conditional = bool(meta.get("class_conditional"))
     num_classes = int(meta.get("num_classes") or 10)
-    if not conditional and labeler is None:
-        raise ValueError("an unconditional diffusion model needs a --labeler classifier checkpoint "
-                         "to pseudo-label the synthetic images")
-    sampler = DDIMSampler(model, schedule, steps=cfg.steps, eta=cfg.eta, skip=cfg.skip,
-                          guidance=guidance, method=cfg.method, bf16=cfg.bf16,
-                          cuda_graphs=cfg.cuda_graphs)
-    n_shards = -(-cfg.n // cfg.batch_size)
-    for i in progress(range(n_shards), desc=desc, unit="shard"):
-        n = min(cfg.batch_size, cfg.n - i * cfg.batch_size)
-        path = None if out is None else out / f"shard-{i:05d}.npz"
-        if path is not None and path.exists():
-            imgs, labels, extra = load_synthetic(path, with_extra=True)
-            if len(imgs) == n:
-                conf = extra.get("confidence", np.ones(n, np.float32))
-                yield i, imgs, labels, torch.as_tensor(conf)
-                continue
-        y = None
-        if conditional:
-            y = (torch.arange(cfg.batch_size, device=device) + i * cfg.batch_size) % num_classes
-        # always a full batch (then trimmed): a short last shard keeps the contrastive groups
-        x0 = sampler.sample(cfg.batch_size, (C, H, W), seed=cfg.seed + i, labels=y, device=device)[:n]
-        y = None if y is None else y[:n]
-        imgs = to_uint8((x0.float().clamp(-1, 1) + 1) / 2).cpu()
-        if conditional:
-            labels, conf = y.cpu(), torch.ones(n)
-        else:
-            from .pseudolabel import pseudo_label
+    n, bs = shard_images(i, cfg.n, cfg.batch_size), cfg.batch_size
+    y = None
+    if conditional:
+        y = (torch.arange(bs, device=device) + i * bs) % num_classes
+    try:
+        # always a full batch (then trimmed): a short last shard keeps whole contrastive groups
+        x0 = sampler.sample(bs, (C, H, W), seed=shard_seed(cfg.seed, i), labels=y, device=device,
+                            progress=show)[:n]
+    except ValueError as e:
+        raise ValueError(f"{shard_name(i)} (shard {i}, seed {shard_seed(cfg.seed, i)}) not written: {e}") from e
+    imgs = to_uint8((x0.float().clamp(-1, 1) + 1) / 2).cpu()
+    if conditional:
+        labels, conf = y[:n].cpu(), torch.ones(n)
+    else:
+        labels, conf = pseudo_label(labeler, imgs.to(device))
+        labels, conf = labels.cpu(), conf.cpu().float()
+        if not bool(torch.isfinite(conf).all()):
+            raise ValueError(f"{shard_name(i)} (shard {i}) not written: the labeler gave non-finite confidences")
+    return imgs, labels, conf
 
-            labels, conf = pseudo_label(labeler, imgs.to(device))
-            labels, conf = labels.cpu(), conf.cpu()
-        if path is not None:
-            save_synthetic(path, imgs, labels, confidence=conf.numpy().astype(np.float32))
-        yield i, imgs, labels, conf
+
+def _write_failed(out: Path, what: str, err: OSError) -> ValueError:
+    return ValueError(f"cannot write {what} in {out}: {err.strerror or err}. No partial file was left and "
+                      f"the shards written before are intact; free space or fix the folder, then rerun the "
+                      f"same command to resume")
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+# ------------------------------------------------------------------------------------------------
+_MANIFEST_EVERY_S = 5.0  # rank 0 rewrites manifest.json at most this often while shards land
 
 
 def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, features_model=None,
              labeler=None) -> dict:
-    """Sample ``cfg.n`` images into ``cfg.out``; returns a summary dict (also summary.json)."""
-    import time
-
-    from .diffusion_train import load_diffusion
-    from .figures import sample_grids
-
-    if cfg.n < 1 or cfg.batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}")
-    device = resolve_device(cfg.device)
+    """Sample ``cfg.n`` images into ``cfg.out`` (this process's share of the shards under
+    torchrun); returns a summary dict (rank 0 also writes it to summary.json)."""
+    out = Path(cfg.out)
+    device = _device(cfg.device)
+    model_source = None
     if model is None:
         model, schedule, meta = load_diffusion(cfg.checkpoint, device=device)
-    if labeler is None and cfg.labeler:
-        from . import models
-
+        model_source = cfg.checkpoint
+    elif schedule is None or meta is None:
+        raise ValueError("generate(model=...) also needs schedule= and meta= (see load_diffusion)")
+    conditional = bool(meta.get("class_conditional"))
+    labeler_source = None
+    if labeler is None and cfg.labeler and not conditional:
         labeler = models.load(cfg.labeler, device=device)
-    guidance = make_guidance(cfg, device, features_model)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _claim(out, cfg)
+        labeler_source = cfg.labeler
+    if not conditional and labeler is None:
+        raise ValueError("an unconditional diffusion model needs a --labeler classifier checkpoint "
+                         "to pseudo-label the synthetic images")
+    features, features_source = features_model, None
+    if features is None and cfg.guidance != "none" and cfg.features != "identity":
+        features = models.load(cfg.features, device=device).features
+        features_source = cfg.features
+    guidance = make_guidance(cfg, device, features)
+    # validates steps against the schedule, eta, method/skip: before anything is written
+    sampler = DDIMSampler(model, schedule, steps=cfg.steps, eta=cfg.eta, skip=cfg.skip,
+                          guidance=guidance, method=cfg.method, bf16=cfg.bf16,
+                          cuda_graphs=cfg.cuda_graphs)
+    doc = settings_doc(cfg, model=model, model_source=model_source, features=features,
+                       features_source=features_source, labeler=labeler, labeler_source=labeler_source,
+                       guidance=guidance, conditional=conditional)
+    claimed = _check_folder(out, doc)
+
+    ranks = _ranks(device)
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _generate(cfg, out, doc, claimed, ranks, sampler, meta, labeler, device)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if ranks.owned:
+            # tearing down after an error must not mask that error
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def _generate(cfg, out, doc, claimed, ranks, sampler, meta, labeler, device) -> dict:
+    fp, n, bs = doc["fingerprint"], cfg.n, cfg.batch_size
+    n_shards = -(-n // bs)
+    rank0 = ranks.rank == 0
+    num_classes = int(meta.get("num_classes") or 10)
+
+    # 1. resume check of this rank's shards (read-only until the folder is ours)
+    todo = []
+    records = read_records(out) if claimed else {}
+    if claimed:
+        try:
+            _tidy(out, n_shards, ranks.rank, ranks.world)
+        except OSError as e:
+            raise _write_failed(out, "(tidying stale shards)", e) from e
+    for i in range(ranks.rank, n_shards, ranks.world):
+        rec = records.get(i)
+        if rec is not None and rec.get("fingerprint") == fp:
+            bad = check_shard(out, rec, shard_images(i, n, bs))
+            if bad is None:
+                continue
+            warnings.warn(f"{out / shard_name(i)}: {bad}; regenerating it", RuntimeWarning, stacklevel=3)
+            remove_record(out, i)
+        elif (out / shard_name(i)).exists():
+            warnings.warn(f"{out / shard_name(i)}: not in the manifest (left by an interrupted run, or put "
+                          f"there by hand); ignored, it will be regenerated", RuntimeWarning, stacklevel=3)
+        todo.append(i)
+    ranks.barrier(device)  # every rank's bad records are gone before rank 0 counts records
+
+    # 2. sampling: this rank's missing shards, in order
+    cache: dict[str, dict] = {}
+
+    def global_images() -> int:
+        recs = read_records(out, cache) if out.is_dir() else {}
+        return sum(r["images"] for i, r in recs.items() if i < n_shards and r.get("fingerprint") == fp)
+
     t0 = time.perf_counter()
-    first, counts = None, np.zeros(int(meta.get("num_classes") or 10), dtype=np.int64)
-    for i, imgs, labels, _ in sample_batches(model, schedule, meta, cfg, guidance=guidance,
-                                             labeler=labeler, device=device, out=out,
-                                             desc=f"generate ({cfg.guidance})"):
-        first = imgs[:100] if first is None else first
-        counts += np.bincount(labels.numpy(), minlength=len(counts))[:len(counts)]
+    start_images = global_images() if rank0 else 0
+    bar = progress(total=n, initial=start_images, desc=f"generate ({cfg.guidance}, {ranks.world} proc)",
+                   unit="img", disable=None if rank0 else True)
+    last_manifest, made = 0.0, 0
+    try:
+        for i in todo:
+            imgs, labels, conf = sample_shard(sampler, cfg, meta, i, labeler=labeler, device=device,
+                                              show=rank0 and not bar.disable)
+            counts = np.bincount(labels.numpy(), minlength=num_classes)
+            try:
+                if not claimed:
+                    _claim(out, doc, ranks.rank, ranks.world)
+                    claimed = True
+                save_synthetic(out / shard_name(i), imgs, labels, confidence=conf.numpy().astype(np.float32))
+                write_record(out, i, images=len(labels), seed=shard_seed(cfg.seed, i), label_counts=counts,
+                             fingerprint=fp)
+                made += len(labels)
+                if rank0:
+                    bar.update(global_images() - bar.n)
+                    if time.perf_counter() - last_manifest >= _MANIFEST_EVERY_S:
+                        write_manifest(out, fingerprint=fp, n=n, batch_size=bs, records=read_records(out, cache))
+                        last_manifest = time.perf_counter()
+            except OSError as e:
+                raise _write_failed(out, shard_name(i), e) from e
+    finally:
+        bar.close()
+    ranks.barrier(device)  # every shard has landed
     wall = time.perf_counter() - t0
-    sample_grids({f"{cfg.guidance if cfg.guidance != 'none' else cfg.method}": first.numpy()},
-                 out / "grid.png")
-    summary = {"n": cfg.n, "shards": -(-cfg.n // cfg.batch_size), "out": str(out),
-               "guidance": cfg.guidance, "wall_s": round(wall, 2),
-               "images_per_s": round(cfg.n / wall, 2) if wall > 0 else None,
-               "label_counts": counts.tolist(), "device": str(device)}
-    write_json(out / "summary.json", summary)
+    if not rank0:
+        return {"rank": ranks.rank, "world_size": ranks.world, "images_made": made, "wall_s": round(wall, 2)}
+
+    # 3. rank 0: the final manifest, grid and summary from the records
+    try:
+        records = read_records(out)
+        manifest = write_manifest(out, fingerprint=fp, n=n, batch_size=bs, records=records)
+        if not manifest["complete"]:
+            raise ValueError(f"{out}: only {manifest['images']} of {n} images are recorded after every rank "
+                             f"finished; rerun the same command (see `cdp-fast verify {out}`)")
+        first, k = [], 0
+        while sum(len(x) for x in first) < 100 and k < n_shards:
+            first.append(load_synthetic(out / shard_name(k))[0])
+            k += 1
+        sample_grids({f"{cfg.guidance if cfg.guidance != 'none' else cfg.method}": torch.cat(first)[:100].numpy()},
+                     out / "grid.png")
+        counts = np.zeros(num_classes, dtype=np.int64)
+        for r in manifest["shards"]:
+            counts += np.asarray(r["label_counts"][:num_classes], dtype=np.int64)
+        images_made = manifest["images"] - start_images
+        summary = {"n": n, "shards": n_shards, "out": str(out), "guidance": cfg.guidance,
+                   "wall_s": round(wall, 2), "images_made": images_made,
+                   "images_per_s": round(images_made / wall, 2) if wall > 0 and images_made > 0 else None,
+                   "label_counts": counts.tolist(), "device": str(device), "world_size": ranks.world,
+                   "fingerprint": fp}
+        write_json(out / "summary.json", summary)
+    except OSError as e:
+        raise _write_failed(out, "manifest.json / grid.png / summary.json", e) from e
     return summary
 
 
-# settings that change the images of a shard (n only decides how many shards there are)
-_NOT_FINGERPRINTED = ("out", "device", "n", "bf16", "cuda_graphs")
-
-
-def _claim(out: Path, cfg: GenerateConfig) -> None:
-    """Resume only what the same settings made: refuse a folder written with other settings,
-    and drop shards beyond this run's count so the folder holds exactly this set."""
-    from .config import to_dict
-
-    fp = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    path = out / "generate.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old != fp:
-            diff = sorted(k for k in fp if not isinstance(old, dict) or old.get(k) != fp[k])
-            raise ValueError(f"{out} holds shards made with other settings ({', '.join(diff)} differ); "
-                             f"use another --out or delete the folder")
-    elif any(out.glob("shard-*.npz")):
-        raise ValueError(f"{out} holds shards of unknown origin (no generate.json); use another --out")
-    write_json(path, fp)
-    n_shards = -(-cfg.n // cfg.batch_size)
-    for p in out.glob("shard-*.npz"):
-        if int(p.stem.split("-")[1]) >= n_shards:
-            p.unlink()
-
-
 def run(cfg: GenerateConfig) -> dict:
-    return generate(cfg)
+    try:
+        return generate(cfg)
+    except KeyboardInterrupt as e:
+        how = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\ncdp-fast generate: interrupted ({how}). Finished shards are kept and nothing "
+                  f"half-written is visible: rerun the same command to resume "
+                  f"(`cdp-fast verify {cfg.out}` shows what is there).", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None

@@ -13,7 +13,6 @@ was made with; a rerun reuses every stage whose settings are unchanged (and redo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from .config import field, to_dict
-from .utils import resolve_device, seed_everything, write_json
+from .utils import resolve_device, seed_everything, settings_fingerprint, write_json
 
 ARMS = ("real", "ddim", "contrastive-dp")
 
@@ -77,7 +76,7 @@ class PipelineConfig:
 
 
 def _key(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return settings_fingerprint(d)
 
 
 class _Stage:

@@ -1,6 +1,8 @@
-"""Small shared helpers: device choice, seeding, progress bars, atomic file writes."""
+"""Small shared helpers: device choice, seeding, progress bars, atomic file writes, settings
+fingerprints."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -70,3 +72,10 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def settings_fingerprint(settings: dict, length: int = 16) -> str:
+    """Short sha256 of a settings dict (key order and JSON-unfriendly values don't matter): the one
+    cache key of ``pipeline`` stages and of ``generate`` folders."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
