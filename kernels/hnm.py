@@ -32,8 +32,8 @@ import torch
 
 from ._backend import backend_for, interpreting, on_input_device
 from ._tiles import tile_config
-from .hnm_ref import (LOG_NEG_CLAMP, RATIO_CLAMP, ddim_coefficients, hnm_guided_ddim_reference,
-                      hnm_loss_reference, validate_hnm_inputs)
+from .hnm_ref import (LOG_NEG_CLAMP, RATIO_CLAMP, check_negative_counts, ddim_coefficients,
+                      hnm_guided_ddim_reference, hnm_loss_reference, validate_hnm_inputs)
 
 try:  # the package and the reference backend must work without triton
     import triton
@@ -321,6 +321,7 @@ def _forward_stats(p: _Prepared):
     _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
                           BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
                           num_warps=bl["num_warps"], **p.flags())
+    check_negative_counts(cnt, p.lab)   # a row without negatives: from the kernel's own counts
     return lse1, lse0, cnt
 
 
@@ -445,9 +446,9 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
     [M]): extra negatives for every row. group_size G: B/G independent groups. backend:
     "reference" | "triton" | "auto" (auto: Triton for CUDA fp32/fp16/bf16 tensors, the reference
     otherwise, fp64 included). Differentiable w.r.t. anchor, positive and bank. Returns a 0-d
-    tensor (fp32 for half-precision inputs, else the inputs' dtype). The value checks (NaN/inf,
-    empty conditional negative sets) synchronise with the device; they are skipped during
-    CUDA-graph capture.
+    tensor (fp32 for half-precision inputs, else the inputs' dtype). The value checks (NaN/inf;
+    empty conditional negative sets, from the forward's negative counts) synchronise with the
+    device twice per call; they are skipped during CUDA-graph capture.
     """
     G = validate_hnm_inputs(anchor, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
                             estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
@@ -456,7 +457,7 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
               labels=labels, bank=bank, bank_labels=bank_labels, group_size=group_size)
     resolved = backend_for(backend, anchor, positive, bank)
     if resolved == "reference" or (backend == "auto" and anchor.dtype == torch.float64):
-        return hnm_loss_reference(anchor, positive, check=False, **kw)
+        return hnm_loss_reference(anchor, positive, check=False, check_counts=True, **kw)
     if anchor.dtype == torch.float64:
         raise TypeError("the triton backend of hnm_loss takes fp32/fp16/bf16 embeddings; use backend='reference' for fp64")
     return _HNMFunction.apply(anchor, positive, bank, labels, bank_labels, G, float(temperature),
