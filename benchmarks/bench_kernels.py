@@ -68,6 +68,20 @@ def _unit_rows(n: int, d: int, dtype, device, seed: int) -> torch.Tensor:
     return x.to(device=device, dtype=dtype).requires_grad_(True)
 
 
+def _correlated_rows(a: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    """Unit rows near those of ``a`` (positives that resemble their anchors)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = a.detach().float().cpu() + noise * torch.randn(a.shape, generator=g)
+    return F.normalize(x, dim=1).to(device=a.device, dtype=a.dtype).requires_grad_(True)
+
+
+# Correctness of hnm_fwd_bwd is checked at T = 0.1 with positives near their anchors: at the timed
+# T = 10 on unit rows every ratio pos / (pos + Ng) is below the 1e-4 clamp once N >= 16384
+# (s / T lies in [-0.1, 0.1], so Ng ~ N while pos <= e^0.1), the loss is constant (9.210341) and
+# both gradients are exactly zero -- a comparison of zeros.
+HNM_CHECK = {"temperature": 0.1, "positive_noise": 0.5}
+
+
 def _grads_of(fn, leaves):
     for t in leaves:
         t.grad = None
@@ -114,6 +128,7 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
     P = _unit_rows(B, d, dtype, dev, seed=2)
     leaves = [A, P]
     fb = fused_backend(ctx)
+    check_leaves = leaves
     if name == "hnm_fwd_bwd":
         from cdp_fast.kernels.hnm import hnm_loss
         from cdp_fast.kernels.hnm_ref import hnm_loss_reference
@@ -123,6 +138,14 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
 
         def ref_loss_of(a, p):
             return hnm_loss_reference(a, p, check=False)
+
+        check_leaves = [A, _correlated_rows(A, HNM_CHECK["positive_noise"], seed=3)]
+
+        def fused_check():
+            return hnm_loss(*check_leaves, temperature=HNM_CHECK["temperature"], backend=fb)
+
+        def ref_check():
+            return hnm_loss_reference(*check_leaves, temperature=HNM_CHECK["temperature"], check=False)
 
         flops, exps = 8.0 * N * N * d, 6.0 * N * N
         params = {"N": N, "B": B, "d": d, "temperature": 10.0, "tau_plus": 0.1, "beta": 1.0,
@@ -139,6 +162,10 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
 
         flops, exps = 8.0 * B * B * d, 2.0 * B * B
         params = {"N": N, "B": B, "d": d, "temperature": 0.1}
+        fused_check = fused_loss
+
+        def ref_check():
+            return ref_loss_of(A, P)
 
     def ref_loss():
         return ref_loss_of(A, P)
@@ -155,7 +182,7 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
     # Fused first: it must work at every size. Its very first call (Triton compile) is timed
     # apart by bench_kernel, so it runs before the correctness check.
     tf = bench_kernel(ctx, fused, grad_to_none=leaves)
-    f_out = _grads_of(fused_loss, leaves)
+    f_out = _grads_of(fused_check, check_leaves)
     metric["fused_first_call_ms"] = tf["first_call_ms"]
     metric["timer"] = tf["timer"]
     mem_f = peak_extra_mb(ctx, fused, grad_to_none=leaves)
@@ -165,7 +192,14 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
     ref_ms = mem_r = None
     try:
         tr = bench_kernel(ctx, ref, grad_to_none=leaves)
-        r_out = _grads_of(ref_loss, leaves)
+        r_out = _grads_of(ref_check, check_leaves)
+        ref_grad_norm = max(float(g.float().norm()) for g in r_out[1:])
+        metric["check_reference_grad_norm"] = ref_grad_norm
+        if not ref_grad_norm > 0:
+            raise RuntimeError(f"{name}: the reference gradient of the correctness check is exactly zero "
+                               "(a clamp binds everywhere); the check would compare zeros")
+        if check_leaves is not leaves:
+            metric["check_params"] = dict(HNM_CHECK)
         metric["loss_fused"] = float(f_out[0])
         metric["loss_reference"] = float(r_out[0])
         metric["loss_rel_err"] = abs(float(f_out[0]) - float(r_out[0])) / max(abs(float(r_out[0])), 1e-30)
@@ -182,7 +216,7 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
         metric["note"] = f"eager reference ran out of memory at N={N}, d={d} ({type(e).__name__})"
         ref_ms = mem_r = None
     finally:
-        for t in leaves:
+        for t in leaves + check_leaves:
             t.grad = None
         free_memory()
 

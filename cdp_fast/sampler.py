@@ -60,6 +60,8 @@ __all__ = ["DDIMSampler", "ddim_timesteps", "ddpm_timesteps", "SKIPS", "METHODS"
 SKIPS = ("uniform", "quad")
 METHODS = ("ddim", "ddpm")
 _WARMUP = 2  # eager runs of a step kind before it is captured (CUDA graph recipe)
+# torch.optim warning of a capturable optimiser stepped outside a graph capture (the warm-ups)
+_CAPTURABLE_WARNING = r"This instance was constructed with capturable=True"
 # noise streams derived from `seed`: x_T = randn(Generator(seed)); per-step z (fused_kernels=False)
 # from Generator(seed + NOISE_SEED_OFFSET); with fused kernels, Philox from rng_state below
 NOISE_SEED_OFFSET = 0x5EED
@@ -293,6 +295,7 @@ class _Run:
         self.eager_kinds: set[str] = set()
         self.graph: dict[str, torch.cuda.CUDAGraph] = {}
         self.seen: dict[str, int] = {}
+        self.side: torch.cuda.Stream | None = None   # one warm-up stream per run (see _graph_step)
         self.checked_shape = False
 
     def _kinds(self) -> list[str]:
@@ -412,9 +415,16 @@ class _Run:
             self.graph[key].replay()
             return
         if count < _WARMUP:  # eager warm-up on a side stream (allocator / cuBLAS / Adam state)
-            side = torch.cuda.Stream(device=self.device)
+            # one side stream for the whole run: the caching allocator does not share blocks
+            # across streams, so a new stream per warm-up would hold a new activation pool each
+            if self.side is None:
+                self.side = torch.cuda.Stream(device=self.device)
+            side = self.side
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # capturable Adam (the guidance head) warns on every step run outside a capture;
+                # these eager warm-ups are meant to be
+                warnings.filterwarnings("ignore", message=_CAPTURABLE_WARNING, category=UserWarning)
                 self.step(kind, draw)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return

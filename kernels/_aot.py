@@ -58,7 +58,7 @@ try:
 except ImportError:  # pragma: no cover - the gate needs triton; main() says so
     triton = None
 
-__all__ = ["Plan", "QUICK", "FULL", "run_gate", "main"]
+__all__ = ["FULL", "QUICK", "Plan", "main", "run_gate"]
 
 SMEM_LIMIT = {90: 232448, 80: 166912}   # max dynamic + static shared memory per block (opt-in), bytes
 REGS_PER_SM = 65536
@@ -116,7 +116,6 @@ def _recording(launches: list, case: list):
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, dict(kwargs), grid, case[0]))
-        return None
 
     JITFunction.run = record
     old, _backend._LAUNCH_ONLY = _backend._LAUNCH_ONLY, True
@@ -332,7 +331,7 @@ def _analyse(kernel, ptxas_log: str, arch: int, workdir: Path) -> dict:
 def _describe(launch: Launch) -> dict:
     fn = launch.kernel
     names = [p.name for p in fn.params]
-    bound = dict(zip(names, launch.args))
+    bound = dict(zip(names, launch.args, strict=False))
     bound.update({k: v for k, v in launch.kwargs.items() if k in names})
     first = next(v for v in bound.values() if isinstance(v, torch.Tensor))
     cx = {p.name: bound[p.name] for p in fn.params if p.is_constexpr and p.name in bound}
@@ -424,7 +423,7 @@ def summary_table(doc: dict) -> str:
     hdr = (f"| kernel | sm | dtype | tiles R/C/K/DO | warps | units | regs | smem B | spills | "
            f"dots tc/fma | HGMMA | HMMA | problems |\n|{'---|' * 13}")
     lines = [hdr]
-    key = lambda u: (u["kernel"], -u["arch"], u["dtype"], _tiles_str(u["tiles"]), u["num_warps"])  # noqa: E731
+    key = lambda u: (u["kernel"], -u["arch"], u["dtype"], _tiles_str(u["tiles"]), u["num_warps"])
     for (kern, arch, dt, tiles, nw), grp in itertools.groupby(sorted(ok, key=key), key=key):
         grp = list(grp)
         spills = sum(1 for u in grp if u["spill_stores"] or u["spill_loads"] or u["local"])

@@ -35,6 +35,7 @@ from ._tiles import tile_config
 from .hnm_ref import (
     LOG_NEG_CLAMP,
     RATIO_CLAMP,
+    check_negative_counts,
     ddim_coefficients_per_sample,
     hnm_guided_ddim_reference,
     hnm_loss_reference,
@@ -173,7 +174,7 @@ if triton is not None:
     @triton.jit
     def _hnm_bwd_kernel(Z, BANK, LAB, BLAB, LSE1, LSE0, CA, CB, CP, DZ,
                         X, EPS, NOISE, KSA, KSB, KSN, KC1, KC2,
-                        B, G, M, D, scale, beta, gscale, clip,
+                        B, G, M, D, scale, beta, gscale, clip, acc_scale,
                         HARD: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BANK: tl.constexpr,
                         BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
                         FUSED_DDIM: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr,
@@ -230,7 +231,7 @@ if triton is not None:
                 gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
                 bc = tl.load(BANK + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
                 acc = dot(gt.to(bc.dtype), bc, acc, IEEE)
-        acc = acc * scale
+        acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (_coef_scaled)
         omask = rmask[:, None] & domask[None, :]
         offs = rows[:, None] * D + do[None, :]
         if FUSED_DDIM:
@@ -253,7 +254,7 @@ if triton is not None:
 
     @triton.jit
     def _hnm_bank_bwd_kernel(Z, BANK, LAB, BLAB, LSE1, LSE0, CA, CB, DBANK,
-                             NROWS, M, D, scale, beta,
+                             NROWS, M, D, scale, beta, acc_scale,
                              HARD: tl.constexpr, BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                              BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
@@ -281,7 +282,7 @@ if triton is not None:
             gt = _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS, HARD, 1)
             zt = tl.load(Z + zr[:, None] * D + do[None, :], mask=zmask[:, None] & domask[None, :], other=0.0)
             acc = dot(gt.to(zt.dtype), zt, acc, IEEE)
-        tl.store(DBANK + mrows[:, None] * D + do[None, :], acc * scale, mask=mmask[:, None] & domask[None, :])
+        tl.store(DBANK + mrows[:, None] * D + do[None, :], acc * acc_scale, mask=mmask[:, None] & domask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +328,7 @@ def _forward_stats(p: _Prepared):
     _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
                           BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
                           num_warps=bl["num_warps"], **p.flags())
+    check_negative_counts(cnt, p.lab)   # a row without negatives: from the kernel's own counts
     return lse1, lse0, cnt
 
 
@@ -368,9 +370,20 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, pos_logit, tau_plus, temperatur
     return loss_rows, ca, cb, cp
 
 
+def _coef_scaled(p: _Prepared, *coefs):
+    """The backward coefficients times n = 2B, and the accumulator scale (1/T) / n that undoes it.
+
+    The coefficients carry the mean's 1/n; G = CA w1 + CB w0 is cast to the input dtype before
+    the second dot, and in fp16 1/n-sized G is subnormal (at T = 0.5, all of it from N = 1024 on;
+    flushed to zero at N = 16384). Scaled by n, G stays O(1/N) and the 1/n is applied in fp32."""
+    n = 2 * p.B
+    return tuple(c * n for c in coefs) + (p.scale / n,)
+
+
 def _backward_rows(p: _Prepared, lse1, lse0, ca, cb, cp, out, *, fused=None):
     """Launch _hnm_bwd_kernel: dZ (into ``out`` [2B, D]) or, with ``fused``, x_next [B, D]."""
     bl = p.blocks
+    ca, cb, cp, acc_scale = _coef_scaled(p, ca, cb, cp)
     nloc = p.G if fused is not None else 2 * p.G
     grid = ((p.B // p.G) * triton.cdiv(nloc, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
     if fused is None:
@@ -380,7 +393,7 @@ def _backward_rows(p: _Prepared, lse1, lse0, ca, cb, cp, out, *, fused=None):
     else:
         ddim, gscale, clip, has_noise, do_clip = fused
     _hnm_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, cp, out, *ddim,
-                          p.B, p.G, p.M, p.D, p.scale, p.beta, gscale, clip,
+                          p.B, p.G, p.M, p.D, p.scale, p.beta, gscale, clip, acc_scale,
                           FUSED_DDIM=fused is not None, HAS_NOISE=has_noise, CLIP=do_clip,
                           **bl, **p.flags())
     return out
@@ -388,10 +401,11 @@ def _backward_rows(p: _Prepared, lse1, lse0, ca, cb, cp, out, *, fused=None):
 
 def _backward_bank(p: _Prepared, lse1, lse0, ca, cb):
     bl = p.blocks
+    ca, cb, acc_scale = _coef_scaled(p, ca, cb)
     dbank = torch.empty_like(p.bank)
     grid = (triton.cdiv(p.M, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
     fl = p.flags()
-    _hnm_bank_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, dbank, 2 * p.B, p.M, p.D, p.scale, p.beta,
+    _hnm_bank_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, dbank, 2 * p.B, p.M, p.D, p.scale, p.beta, acc_scale,
                                HARD=fl["HARD"], BANK_COND=fl["BANK_COND"], LOG_EPS=fl["LOG_EPS"],
                                IEEE=fl["IEEE"], **bl)
     return dbank
@@ -439,9 +453,9 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
     [M]): extra negatives for every row. group_size G: B/G independent groups. backend:
     "reference" | "triton" | "auto" (auto: Triton for CUDA fp32/fp16/bf16 tensors, the reference
     otherwise, fp64 included). Differentiable w.r.t. anchor, positive and bank. Returns a 0-d
-    tensor (fp32 for half-precision inputs, else the inputs' dtype). The value checks (NaN/inf,
-    empty conditional negative sets) synchronise with the device; they are skipped during
-    CUDA-graph capture.
+    tensor (fp32 for half-precision inputs, else the inputs' dtype). The value checks (NaN/inf;
+    empty conditional negative sets, from the forward's negative counts) synchronise with the
+    device twice per call; they are skipped during CUDA-graph capture.
     """
     G = validate_hnm_inputs(anchor, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
                             estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
@@ -450,7 +464,7 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
               labels=labels, bank=bank, bank_labels=bank_labels, group_size=group_size)
     resolved = backend_for(backend, anchor, positive, bank)
     if resolved == "reference" or (backend == "auto" and anchor.dtype == torch.float64):
-        return hnm_loss_reference(anchor, positive, check=False, **kw)
+        return hnm_loss_reference(anchor, positive, check=False, check_counts=True, **kw)
     if anchor.dtype == torch.float64:
         raise TypeError("the triton backend of hnm_loss takes fp32/fp16/bf16 embeddings; use backend='reference' for fp64")
     return _HNMFunction.apply(anchor, positive, bank, labels, bank_labels, G, float(temperature),

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_embedding_pair, check_temperature
+from ._backend import check_embedding_pair, check_temperature, launch_only
 from .ddim_ref import ddim_coefficients, ddim_step_ref
 
 NEG_CLAMP = 1e-4                      # max(exp(s), 1e-4) on every negative similarity
@@ -31,7 +31,7 @@ LOG_NEG_CLAMP = math.log(NEG_CLAMP)   # ... i.e. s' = max(s, ln 1e-4)
 RATIO_CLAMP = 1e-4                    # max(pos / (pos + Ng), 1e-4) inside the log
 ESTIMATORS = ("hard", "easy")
 
-__all__ = ["hnm_loss_reference", "negative_mask", "validate_hnm_inputs", "LOG_NEG_CLAMP"]
+__all__ = ["hnm_loss_reference", "negative_mask", "validate_hnm_inputs", "check_negative_counts", "LOG_NEG_CLAMP"]
 
 
 def _capturing() -> bool:
@@ -39,18 +39,40 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+def _check_finite(**tensors) -> None:
+    """NaN/inf check of several tensors with a single host sync."""
+    named = [(k, t) for k, t in tensors.items() if t is not None]
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    for (name, _), good in zip(named, ok, strict=True):
+        if not good:
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_negative_counts(counts: torch.Tensor, row_labels: torch.Tensor | None) -> None:
+    """Raise if a row of Z = [A; P] has no negatives (possible only with conditional negatives).
+
+    ``counts`` [2B]: negatives per row, as the forward computes them anyway (the reference's mask,
+    the Triton forward kernel's count output), so the check costs one host sync and no dense
+    2B x (2B + M) mask. ``row_labels`` [2B] (labels of A then P), None when unconditional.
+    Skipped during CUDA-graph capture and while the AOT gate records launches (no values then).
+    """
+    if row_labels is None or _capturing() or launch_only():
+        return
+    empty = counts == 0
+    if bool(empty.any()):
+        r = int(torch.nonzero(empty)[0, 0])
+        raise ValueError(
+            f"row {r} has no negatives: every column it sees has its label "
+            f"{int(row_labels[r])} (conditional negatives need a different class in its group or the bank)")
 
 
 def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estimator, labels,
                         bank, bank_labels, group_size, check_values: bool = True) -> int:
     """Check the arguments of ``hnm_loss``; returns the group size actually used (B if None).
 
-    Raises TypeError / ValueError naming the problem. ``check_values`` also runs the checks that
-    read tensor values (NaN/inf, empty conditional negative sets); they synchronise with the device
-    and are skipped while a CUDA graph is being captured.
+    Raises TypeError / ValueError naming the problem. ``check_values`` also runs the NaN/inf check
+    (one host sync, skipped while a CUDA graph is being captured). Empty conditional negative sets
+    are caught later, from the negative counts the forward computes (check_negative_counts).
     """
     B, d = check_embedding_pair(anchor, positive, "anchor", "positive")
     if B < 2:
@@ -107,18 +129,7 @@ def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estima
             raise ValueError(f"bank_labels are on {bank_labels.device}, embeddings on {anchor.device}")
 
     if check_values and not _capturing():
-        _check_finite("anchor", anchor)
-        _check_finite("positive", positive)
-        if bank is not None:
-            _check_finite("bank", bank)
-        if labels is not None:
-            counts = negative_mask(B, 0 if bank is None else bank.shape[0], labels=labels,
-                                   bank_labels=bank_labels, group_size=G, device=anchor.device).sum(1)
-            if bool((counts == 0).any()):
-                r = int(torch.nonzero(counts == 0)[0, 0])
-                raise ValueError(
-                    f"row {r} has no negatives: every column it sees has its label "
-                    f"{int(labels[r % B])} (conditional negatives need a different class in its group or the bank)")
+        _check_finite(anchor=anchor, positive=positive, bank=bank)
     return G
 
 
@@ -143,8 +154,10 @@ def negative_mask(B: int, M: int, *, labels=None, bank_labels=None, group_size=N
 
 
 def hnm_rows_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0,
-                       estimator="hard", labels=None, bank=None, bank_labels=None, group_size=None):
-    """Per-row losses [2B] (in fp32, or fp64 for fp64 inputs); no argument checks."""
+                       estimator="hard", labels=None, bank=None, bank_labels=None, group_size=None,
+                       check_counts: bool = False):
+    """Per-row losses [2B] (in fp32, or fp64 for fp64 inputs); no argument checks, but with
+    ``check_counts`` a row without negatives raises (check_negative_counts)."""
     ct = torch.float64 if anchor.dtype == torch.float64 else torch.float32
     A, P = anchor.to(ct), positive.to(ct)
     B = A.shape[0]
@@ -155,6 +168,8 @@ def hnm_rows_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta
     valid = negative_mask(B, M, labels=labels, bank_labels=bank_labels, group_size=group_size,
                           device=Z.device)
     N = valid.sum(1).to(ct)
+    if check_counts:
+        check_negative_counts(N, None if labels is None else torch.cat([labels, labels]))
     s = Z @ cols.t() / T
     sp = torch.clamp(s, min=LOG_NEG_CLAMP)          # log max(exp(s), 1e-4)
     neg_inf = torch.tensor(float("-inf"), dtype=ct, device=Z.device)
@@ -177,11 +192,12 @@ def hnm_rows_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta
 
 def hnm_loss_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0,
                        estimator="hard", labels=None, bank=None, bank_labels=None,
-                       group_size=None, check: bool = True) -> torch.Tensor:
+                       group_size=None, check: bool = True, check_counts: bool | None = None) -> torch.Tensor:
     """METHOD.md §6 HNM loss (mean over the 2B rows), differentiable w.r.t. anchor, positive, bank.
 
     Computed in fp32 (fp64 for fp64 inputs); the scalar is returned in the inputs' dtype for
-    fp32/fp64 inputs and in fp32 for half-precision inputs.
+    fp32/fp64 inputs and in fp32 for half-precision inputs. ``check``: argument checks;
+    ``check_counts`` (default: ``check``): raise on a row without negatives.
     """
     if check:
         validate_hnm_inputs(anchor, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
@@ -189,7 +205,8 @@ def hnm_loss_reference(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta
                             group_size=group_size)
     rows = hnm_rows_reference(anchor, positive, temperature=temperature, tau_plus=tau_plus,
                               beta=beta, estimator=estimator, labels=labels, bank=bank,
-                              bank_labels=bank_labels, group_size=group_size)
+                              bank_labels=bank_labels, group_size=group_size,
+                              check_counts=check if check_counts is None else check_counts)
     return rows.mean()
 
 
@@ -224,7 +241,8 @@ def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperatu
     with torch.enable_grad():
         loss = hnm_loss_reference(anchor, pos, temperature=temperature, tau_plus=tau_plus, beta=beta,
                                   estimator=estimator, labels=labels, bank=bank32,
-                                  bank_labels=bank_labels, group_size=group_size, check=False)
+                                  bank_labels=bank_labels, group_size=group_size, check=False,
+                                  check_counts=True)
         (g,) = torch.autograd.grad(loss, anchor)
     coefficients = ddim_coefficients_per_sample(a_t, a_next, eta, B, x.device)
     view = (B,) + (1,) * (x.dim() - 1)
