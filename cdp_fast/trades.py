@@ -80,7 +80,7 @@ class TrainRobustConfig:
     synthetic: str | None = field(None, help="synthetic .npz file or folder of shards")
     synthetic_fraction: float = field(0.7, help="fraction of every batch drawn from synthetic data")
     synthetic_store: str = field("auto", help="memory: load the synthetic set into memory (on the device); "
-                                 "lazy: read it from a memory-mapped consolidated copy written once beside "
+                                 "lazy: read each batch's rows from a consolidated copy written once beside "
                                  "the shards (host memory independent of the set size); auto: lazy above "
                                  "1 GiB of shards", choices=("auto", "memory", "lazy"))
     synthetic_cache: str | None = field(None, help="folder for the consolidated copy of a lazily read "
