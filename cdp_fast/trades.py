@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -48,10 +50,12 @@ from .config import field
 from .evaluate import evaluate
 from .training import (
     PRECISIONS,
+    Dist,
     autocast,
     derive_seed,
     ema_decay_at,
     ema_update,
+    init_distributed,
     lr_at,
     make_optimizer,
     optimizer_step,
@@ -75,6 +79,12 @@ class TrainRobustConfig:
     real_limit: int | None = field(None, help="use only the first N real training images")
     synthetic: str | None = field(None, help="synthetic .npz file or folder of shards")
     synthetic_fraction: float = field(0.7, help="fraction of every batch drawn from synthetic data")
+    synthetic_store: str = field("auto", help="memory: load the synthetic set into memory (on the device); "
+                                 "lazy: read each batch's rows from a consolidated copy written once beside "
+                                 "the shards (host memory independent of the set size); auto: lazy above "
+                                 "1 GiB of shards", choices=("auto", "memory", "lazy"))
+    synthetic_cache: str | None = field(None, help="folder for the consolidated copy of a lazily read "
+                                        "synthetic set (default: <synthetic>/consolidated)")
     model: str | None = field(None, help="classifier (default: the dataset's, e.g. small-cnn)")
     epochs: int = field(10, help="training epochs (passes over the real training data)")
     batch_size: int = field(128, help="batch size (real + synthetic)")
@@ -121,10 +131,15 @@ class TrainRobustConfig:
 # The TRADES objective
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
                 steps: int, beta: float, precision: str = "fp32", init: str = "uniform",
-                attack_bn: str = "eval", generator: torch.Generator | None = None):
-    """TRADES loss (model left in train mode). Returns (loss, loss_nat, loss_rob, logits_nat, x_adv)."""
-    x_adv = attacks.trades_attack(model, x, eps=eps, step_size=step_size, steps=steps, init=init,
-                                  generator=generator, precision=precision, bn=attack_bn)
+                attack_bn: str = "eval", generator: torch.Generator | None = None,
+                attack_model: nn.Module | None = None):
+    """TRADES loss (model left in train mode). Returns (loss, loss_nat, loss_rob, logits_nat, x_adv).
+
+    ``attack_model``: the module the inner maximisation runs on (default ``model``); under
+    DistributedDataParallel the plain module, so that only the loss's forwards go through DDP."""
+    x_adv = attacks.trades_attack(attack_model if attack_model is not None else model, x, eps=eps,
+                                  step_size=step_size, steps=steps, init=init, generator=generator,
+                                  precision=precision, bn=attack_bn)
     model.train()
     with autocast(x.device, precision):
         logits_nat = model(x)
@@ -234,16 +249,74 @@ def _check_cfg(cfg: TrainRobustConfig) -> None:
         raise ValueError(f"--log-every must be >= 1, got {cfg.log_every}")
 
 
+# Synthetic sets above this size are read lazily under --synthetic-store auto.
+IN_MEMORY_MAX_BYTES = 1 << 30
+
+
 def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_progress: bool = True) -> dict:
     """Train with TRADES; returns the final results dict (also written to <out>/results.json).
 
     data: an ``ImageData`` (default: ``load_dataset(cfg.data, cfg.data_dir, real_limit=...)``).
-    synthetic: (images uint8 NCHW, labels int64) (default: ``load_synthetic(cfg.synthetic)``).
+    synthetic: (images uint8 NCHW, labels int64) or a ``SyntheticStore`` (default: ``cfg.synthetic``
+    read as ``cfg.synthetic_store`` says).
+
+    Under torchrun (WORLD_SIZE > 1) every process joins the process group (gloo on CPU, nccl on
+    CUDA, one GPU per process), the model is wrapped in DistributedDataParallel and each rank trains
+    on rows ``rank::world_size`` of every global batch of ``batch_size`` images, so the schedule
+    (steps, learning rates, EMA, data order) is that of one process with the same batch. The TRADES
+    attack starts and dropout draw from per-rank streams. Rank 0 alone writes checkpoints, metrics
+    and results and evaluates; every rank returns the same results.
     """
     _check_cfg(cfg)
     dev = resolve_device(cfg.device)
+    d = init_distributed(dev)
+    try:
+        results = _train(cfg, data, synthetic, d.device(dev), d, show_progress)
+        if d.enabled:  # rank 0 evaluated: every rank returns its results
+            box = [results]
+            dist.broadcast_object_list(box, src=0)
+            results = box[0]
+        return results
+    finally:
+        d.close()
+
+
+def _rank0_first(d: Dist, fn):
+    """Run ``fn`` on rank 0, then on the other ranks (rank 0 writes a cache the others read); an
+    error on rank 0 is raised on every rank instead of leaving them waiting."""
+    if not d.enabled:
+        return fn()
+    err, out = None, None
+    if d.is_main:
+        try:
+            out = fn()
+        except (ValueError, FileNotFoundError, OSError) as e:
+            err = e
+    box = [None if err is None else f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(box, src=0)
+    if err is not None:
+        raise err
+    if box[0] is not None:
+        raise ValueError(f"rank 0 failed: {box[0]}")
+    return out if d.is_main else fn()
+
+
+def _open_synthetic(cfg: TrainRobustConfig, data, d: Dist):
+    kind = cfg.synthetic_store
+    if kind == "auto":
+        size = sum(f.stat().st_size for f in data_mod.shard_files(cfg.synthetic))
+        kind = "lazy" if size > IN_MEMORY_MAX_BYTES else "memory"
+    if kind == "memory":
+        return data_mod.load_synthetic(cfg.synthetic, like=data)
+    return _rank0_first(d, lambda: data_mod.SyntheticStore.open(cfg.synthetic, like=data,
+                                                                 cache_dir=cfg.synthetic_cache))
+
+
+def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, show_progress: bool) -> dict:
     prec = resolve_precision(cfg.precision, dev)
     channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
+    main = d.is_main
+    show_progress = show_progress and main
     if data is None:
         data = data_mod.load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
     elif cfg.real_limit is not None and cfg.real_limit < data.x_train.shape[0]:
@@ -255,9 +328,12 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
     except (ValueError, KeyError, AttributeError):
         defaults = dict(data_mod.dataset_defaults(cfg.data))
     r = _resolve(cfg, defaults, data.name)
+    if cfg.batch_size % d.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
+                         f"({d.world_size}): each rank trains on batch_size / {d.world_size} images per step")
     if synthetic is None and cfg.synthetic:
-        synthetic = data_mod.load_synthetic(cfg.synthetic, like=data)
-    if synthetic is not None:
+        synthetic = _open_synthetic(cfg, data, d)
+    if synthetic is not None and not isinstance(synthetic, data_mod.SyntheticStore):
         _check_synthetic(synthetic, data)
 
     out = Path(cfg.out)
@@ -282,7 +358,8 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
     batches = data_mod.DeviceLoader(
         x_tr, y_tr, cfg.batch_size, synthetic=synthetic,
         synthetic_fraction=cfg.synthetic_fraction if synthetic is not None else 0.0,
-        augment=r["augment"], padding=r["padding"], device=dev, channels_last=channels_last)
+        augment=r["augment"], padding=r["padding"], device=dev, channels_last=channels_last,
+        rank=d.rank, world_size=d.world_size)
     steps_per_epoch = len(batches)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.ema_warmup * total_steps))
@@ -314,7 +391,12 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
         if mpath.is_file():
             metrics = [m for m in json.loads(mpath.read_text()) if m.get("epoch", 0) <= meta["epoch"]]
 
-    train_model = torch.compile(model) if cfg.compile else model
+    attack_model = torch.compile(model) if cfg.compile else model
+    # DDP: the loss's forwards and backward go through the wrapper (gradients averaged over ranks,
+    # which equals the global batch mean as every rank holds batch_size / world_size images); the
+    # attack, which only needs input gradients, runs on the plain module.
+    train_model = (nn.parallel.DistributedDataParallel(attack_model, device_ids=[dev.index] if dev.type == "cuda"
+                                                       else None) if d.enabled else attack_model)
     eval_model = ema_model if ema_model is not None else model
     save_kw = dict(name=r["model"], data=data.name, eps=r["eps"], trained_with="trades")
 
@@ -323,22 +405,23 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
     end_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     for epoch in range(start_epoch + 1, end_epoch + 1):
         t0 = time.perf_counter()
-        torch.manual_seed(derive_seed(cfg.seed, "torch", epoch))  # dropout etc.: reproducible per epoch
-        gen = torch.Generator(dev).manual_seed(derive_seed(cfg.seed, "attack", epoch))  # attack starts
+        # dropout etc. and attack starts: reproducible per epoch, one stream per rank
+        torch.manual_seed(derive_seed(derive_seed(cfg.seed, "torch", epoch), "rank", d.rank))
+        gen = torch.Generator(dev).manual_seed(derive_seed(derive_seed(cfg.seed, "attack", epoch), "rank", d.rank))
         model.train()
         sums = torch.zeros(2, device=dev)  # loss * n, correct (device-side: no sync per step)
         count = 0
         pending: list[torch.Tensor] = []
         bar = progress(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                        disable=None if show_progress else True, leave=False)
-        batches.generator.manual_seed(derive_seed(cfg.seed, "data", epoch))  # data order, augmentation
+        batches.generator.manual_seed(derive_seed(cfg.seed, "data", epoch))  # data order, augmentation: every rank
         for i, (x, y) in enumerate(batches):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total_steps, r["lr"], cfg.schedule)
             loss, _, _, logits_nat, _ = trades_loss(
                 train_model, x, y, eps=r["eps"], step_size=r["step_size"], steps=r["attack_steps"],
                 beta=r["beta"], precision=prec, init=cfg.attack_init, attack_bn=cfg.attack_bn,
-                generator=gen)
+                generator=gen, attack_model=attack_model)
             optimizer_step(loss, opt, scaler)
             step += 1
             if ema_model is not None:
@@ -348,16 +431,23 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
             sums += torch.stack([ld * y.shape[0], (logits_nat.argmax(1) == y).sum().float()])
             count += y.shape[0]
             if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
-                _check_finite(pending, epoch, i + 1 - len(pending), step - len(pending), out)
+                _check_finite(pending, epoch, i + 1 - len(pending), step - len(pending), out, d)
                 pending = []
-                s = sums.tolist()
-                bar.set_postfix(loss=f"{s[0] / count:.4f}", acc=f"{s[1] / count:.3f}")
+                if show_progress:
+                    s = sums.tolist()
+                    bar.set_postfix(loss=f"{s[0] / count:.4f}", acc=f"{s[1] / count:.3f}")
             bar.update(1)
         bar.close()
+        if d.enabled:  # metrics over the global batch
+            dist.all_reduce(sums)
+            count *= d.world_size
         s = sums.tolist()
         entry = {"epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, r["lr"], cfg.schedule),
                  "train_loss": s[0] / count, "train_clean_acc": s[1] / count,
                  "train_seconds": time.perf_counter() - t0}
+        meta.update(epoch=epoch, step=step, total_steps=total_steps)
+        if not main:
+            continue
         if x_va is not None:
             v = evaluate(eval_model, x_va, y_va, eps=r["eps"], attack="pgd", steps=cfg.eval_attack_steps,
                          batch_size=cfg.eval_batch_size, device=dev, seed=cfg.seed, precision=prec,
@@ -371,21 +461,23 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
             meta["best_val"] = entry.get("val_robust_acc", -1.0)
             meta["best_epoch"] = epoch
             models.save(eval_model, out / "best", epoch=epoch, **save_kw)
-        meta.update(epoch=epoch, step=step, total_steps=total_steps)
         # train_state is the commit point of an epoch: written last.
         save_state(state_path, model, ema_model, opt, scaler, meta)
         metrics.append(entry)
         write_json(out / "metrics.json", metrics)
 
+    n_syn = batches.n_synthetic_total
     results = {"epochs_done": int(meta["epoch"]), "epochs": cfg.epochs, "best_epoch": meta["best_epoch"],
                "model": r["model"], "data": data.name, "eps": r["eps"], "step_size": r["step_size"],
                "attack_steps": r["attack_steps"], "beta": r["beta"], "lr": r["lr"], "precision": prec,
                "ema": cfg.ema, "n_train": int(x_tr.shape[0]), "n_val": int(val_size),
-               "n_synthetic": int(synthetic[0].shape[0]) if synthetic is not None else 0,
+               "n_synthetic": int(n_syn), "world_size": d.world_size,
                "train_seconds": sum(m["train_seconds"] for m in metrics)}
     if meta["epoch"] < cfg.epochs:  # stopped early (--stop-after): no final evaluation yet
         results["stopped_early"] = True
         return results
+    if not main:
+        return results  # replaced by rank 0's results
     best = models.load(out / "best", device=dev)
     x_te, y_te = data.x_test, data.y_test
     if cfg.limit_test is not None:
@@ -399,10 +491,12 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
     return results
 
 
-def _check_finite(pending, epoch, first_step_in_epoch, first_global_step, out):
+def _check_finite(pending, epoch, first_step_in_epoch, first_global_step, out, d: Dist | None = None):
     if not pending:
         return
     vals = torch.stack(pending)
+    if d is not None and d.enabled:  # a non-finite loss on any rank stops every rank at the same step
+        dist.all_reduce(vals)
     bad = ~torch.isfinite(vals)
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])
@@ -427,5 +521,7 @@ def _check_synthetic(synthetic, data):
                          f"[{int(ys.min())}, {int(ys.max())}]")
 
 
-def run(cfg: TrainRobustConfig) -> dict:
-    return train_robust(cfg)
+def run(cfg: TrainRobustConfig) -> dict | None:
+    """CLI entry: under torchrun only rank 0 returns (and so prints) the results."""
+    res = train_robust(cfg)
+    return res if int(os.environ.get("RANK", "0")) == 0 else None

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = [
     "PRECISIONS", "resolve_precision", "autocast", "lr_at", "ema_decay_at", "ema_update", "param_groups",
-    "make_optimizer", "optimizer_step", "SEED_STREAMS", "derive_seed", "unwrap",
+    "make_optimizer", "optimizer_step", "SEED_STREAMS", "derive_seed", "unwrap", "Dist", "init_distributed",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -157,6 +160,7 @@ SEED_STREAMS: dict[str, tuple[int, int]] = {
     "sampler-noise": (1, 0x5EED),            # sampler.NOISE_SEED_OFFSET: per-step DDIM/DDPM noise
     "guidance-positives": (1, 0xC0DE),       # guidance: the real positive drawn per anchor
     "guidance-head": (1, 0x4EAD),            # guidance: embedding-head initialisation
+    "rank": (1, 0),                          # per-process stream under torch.distributed (rank 0: seed)
 }
 _SEED_MOD = 2**63 - 1
 
@@ -169,3 +173,50 @@ def derive_seed(seed: int, stream: str, index: int = 0) -> int:
     except KeyError:
         raise ValueError(f"unknown seed stream {stream!r}; known: {', '.join(SEED_STREAMS)}") from None
     return (int(seed) * mult + int(index) * 7_919 + offset) % _SEED_MOD
+
+
+# --------------------------------------------------------------------------------------------
+# torch.distributed (torchrun)
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # the process group was created here (and is destroyed by close())
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per process: cuda -> cuda:LOCAL_RANK under torchrun."""
+        if self.enabled and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1 (nccl for CUDA, gloo
+    otherwise; rendezvous from torchrun's environment); without torchrun, a single-process ``Dist()``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), local, False)
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local, True)

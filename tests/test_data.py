@@ -460,3 +460,78 @@ def test_download_path_through_torchvision(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         D.load_dataset("mnist", tmp_path / "no", download=False)
     assert calls == []
+
+
+# ------------------------------------------------------------------------- lazy synthetic store
+def _shard_folder(folder, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    for i, n in enumerate(sizes):
+        D.save_synthetic(folder / f"shard-{i:03d}.npz", rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
+                         rng.integers(0, 10, n), layout="NHWC")
+    return folder
+
+
+def test_lazy_store_draws_the_batches_of_the_in_memory_set_and_ranks_split_them(tmp_path):
+    folder = _shard_folder(tmp_path / "syn", [70, 50, 60])
+    store = D.SyntheticStore.open(folder)
+    xs, ys = D.load_synthetic(folder)
+    assert len(store) == 180 and store.shape == (1, 8, 8)
+    xt, yt = store.take(np.array([5, 179, 0, 5]))
+    assert torch.equal(xt, xs[[5, 179, 0, 5]]) and torch.equal(yt, ys[[5, 179, 0, 5]])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (50, 1, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (50,), generator=g)
+
+    def epoch(syn, rank=0, world=1, **kw):
+        return list(D.DeviceLoader(x, y, 12, synthetic=syn, synthetic_fraction=0.5, augment="crop-flip",
+                                   padding=1, seed=3, rank=rank, world_size=world, **kw))
+
+    ref = epoch((xs, ys))
+    lazy = epoch(store, prefetch=3)
+    assert len(ref) == len(lazy) == 50 // 6
+    for (a, b), (c, d) in zip(ref, lazy, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    for world in (2, 3, 4):  # rows rank::world of every global batch, augmented as one process would
+        parts = [epoch(store if r % 2 else (xs, ys), r, world) for r in range(world)]
+        for i, (a, b) in enumerate(ref):
+            assert all(p[i][0].shape[0] == 12 // world for p in parts)
+            got_x, got_y = torch.empty_like(a), torch.empty_like(b)
+            for r in range(world):
+                got_x[r::world], got_y[r::world] = parts[r][i]
+            assert torch.equal(got_x, a) and torch.equal(got_y, b)
+            n_syn = sum(int((torch.arange(r, 12, world) >= 6).sum()) for r in range(world))
+            assert n_syn == 6  # still exactly the synthetic fraction of the global batch
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        D.DeviceLoader(x, y, 10, rank=0, world_size=3)
+
+
+def test_consolidated_copy_is_reused_rebuilt_and_checked(tmp_path):
+    folder = _shard_folder(tmp_path / "syn", [30, 20])
+    cache = D.consolidate_synthetic(folder)
+    assert cache == folder / D.CONSOLIDATED_DIR and sorted(p.name for p in cache.iterdir()) == [
+        "images.npy", "labels.npy", "meta.json"]
+    stamp = (cache / "images.npy").stat().st_mtime_ns
+    assert D.consolidate_synthetic(folder) == cache and (cache / "images.npy").stat().st_mtime_ns == stamp
+    assert len(D.load_synthetic(folder)[0]) == 50  # the npz reader does not see the consolidated copy
+    _shard_folder(folder, [30, 20, 25], seed=1)  # shards rewritten and one added: rebuilt
+    store = D.SyntheticStore.open(folder)
+    assert len(store) == 75 and torch.equal(store.take(np.arange(75))[0], D.load_synthetic(folder)[0])
+    digits = D.load_dataset("digits")
+    D.SyntheticStore.open(folder, like=digits)
+    with pytest.raises(ValueError, match="shape"):
+        D.SyntheticStore.open(folder, like=D.ImageData("x", torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+                                                       torch.zeros(1, dtype=torch.int64),
+                                                       torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+                                                       torch.zeros(1, dtype=torch.int64), 10))
+    # a corrupt shard: a clear error naming it, no partial file left
+    (folder / "shard-001.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="shard-001.npz"):
+        D.consolidate_synthetic(folder)
+    with pytest.raises(ValueError, match="shard-001.npz"):  # the stale copy is never used instead
+        D.SyntheticStore.open(folder)
+    assert not list((folder / D.CONSOLIDATED_DIR).glob(".*tmp*"))
+    # an unwritable cache folder (here: below a regular file)
+    (tmp_path / "file").write_text("x")
+    good = _shard_folder(tmp_path / "good", [10])
+    with pytest.raises(ValueError, match="--synthetic-cache"):
+        D.consolidate_synthetic(good, cache_dir=tmp_path / "file" / "cache")

@@ -57,7 +57,8 @@ def test_real_formats_train_and_eval(tmp_path, name, model):
     assert e["n"] == (16 if name != "cifar10" else 8) and 0 <= e["robust_acc"] <= e["clean_acc"] <= 1
 
 
-def test_npz_shards_train_with_real_data(tmp_path):
+@pytest.mark.parametrize("store", ["auto", "lazy"])  # auto: in memory at this size
+def test_npz_shards_train_with_real_data(tmp_path, store):
     rng = np.random.default_rng(1)
     shards = tmp_path / "syn"
     for i in range(3):  # a folder of shards, NHWC uint8 as the field writes them
@@ -65,10 +66,12 @@ def test_npz_shards_train_with_real_data(tmp_path):
                          rng.integers(0, 10, 20), layout="NHWC")
     out = tmp_path / "run"
     rc = cli_main(["train-robust", "--data", "digits", "--real-limit", "64", "--synthetic", str(shards),
-                   "--synthetic-fraction", "0.5", "--out", str(out), "--limit-test", "32", *FAST])
+                   "--synthetic-fraction", "0.5", "--synthetic-store", store, "--out", str(out),
+                   "--limit-test", "32", *FAST])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["n_synthetic"] == 60 and res["n_train"] == 64
+    assert (shards / D.CONSOLIDATED_DIR / "meta.json").exists() == (store == "lazy")
 
 
 def test_mismatched_npz_is_a_clear_error(tmp_path, capsys):

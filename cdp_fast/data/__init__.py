@@ -17,10 +17,19 @@ from .datasets import (
     write_idx,
 )
 from .loader import DeviceLoader, augment_batch, random_crop, random_flip
-from .synthetic import load_synthetic, save_synthetic
+from .synthetic import (
+    CONSOLIDATED_DIR,
+    SyntheticStore,
+    consolidate_synthetic,
+    default_cache_dir,
+    load_synthetic,
+    save_synthetic,
+    shard_files,
+)
 
 __all__ = [
     "DATASETS", "ImageData", "load_dataset", "dataset_defaults", "canonical_name", "balanced_subset",
     "read_idx", "write_idx", "read_cifar_batch", "load_synthetic", "save_synthetic",
     "to_float", "as_float01", "to_uint8", "random_crop", "random_flip", "augment_batch", "DeviceLoader",
+    "SyntheticStore", "consolidate_synthetic", "default_cache_dir", "shard_files", "CONSOLIDATED_DIR",
 ]

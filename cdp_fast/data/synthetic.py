@@ -1,5 +1,5 @@
 """Synthetic images as npz shards: ``save_synthetic`` writes one, ``load_synthetic`` reads a file or a
-folder of shards into memory.
+folder of shards into memory, ``SyntheticStore`` reads them lazily (memory-mapped consolidated copy).
 
 A shard is an ``.npz`` with ``image`` (uint8 N x H x W x C) and ``label`` (int64), or the authors'
 ``arr_0``/``arr_1``, plus optional per-image arrays (e.g. ``confidence``); shards are read with
@@ -7,6 +7,8 @@ A shard is an ``.npz`` with ``image`` (uint8 N x H x W x C) and ``label`` (int64
 """
 from __future__ import annotations
 
+import json
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -14,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils import write_json
 from .datasets import ImageData, _atomic_savez, to_uint8
 
-__all__ = ["save_synthetic", "load_synthetic"]
+__all__ = ["save_synthetic", "load_synthetic", "shard_files", "consolidate_synthetic", "default_cache_dir",
+           "SyntheticStore", "CONSOLIDATED_DIR"]
 
 
 def _as_numpy(a, what: str) -> np.ndarray:
@@ -138,6 +142,19 @@ def _read_npz(path: Path, like: ImageData | None):
     return img, lab, extra
 
 
+def shard_files(path) -> list[Path]:
+    """The npz files of a synthetic set: the file itself, or a folder's ``*.npz`` sorted by name."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.npz shards in this folder")
+        return files
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"synthetic data {path} does not exist (an .npz file or a folder of shards)")
+
+
 def load_synthetic(path, *, like: ImageData | None = None, with_extra: bool = False):
     """Load synthetic images from an npz file or a folder of ``*.npz`` shards (sorted by name).
 
@@ -145,15 +162,7 @@ def load_synthetic(path, *, like: ImageData | None = None, with_extra: bool = Fa
     per-image arrays present in every shard (e.g. ``confidence``) when ``with_extra=True``.
     With ``like`` (the real dataset) the image shape and the label range are checked against it.
     Files are read with ``allow_pickle=False``; corrupt files raise ValueError naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no *.npz shards in this folder")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"synthetic data {path} does not exist (an .npz file or a folder of shards)")
+    files = shard_files(path)
     imgs, labs, extras = [], [], []
     for f in files:
         img, lab, extra = _read_npz(f, like)
@@ -169,3 +178,197 @@ def load_synthetic(path, *, like: ImageData | None = None, with_extra: bool = Fa
     common = set.intersection(*(set(e) for e in extras))
     ex = {k: torch.from_numpy(np.concatenate([e[k] for e in extras])) for k in sorted(common)}
     return x, y, ex
+
+
+# ---------------------------------------------------------------------------------------------
+# Lazy reading. The shards are consolidated once into two .npy files beside them (images uint8
+# [N, C, H, W], labels int64 [N]), written shard by shard (memory: one shard) and renamed into
+# place, with meta.json last as the commit point. Training reads each batch's rows from them by
+# offset, so the resident memory of the process stays at about one batch whatever the size of the
+# set (the kernel's page cache, which is not the process's memory, keeps what it can).
+CONSOLIDATED_DIR = "consolidated"
+_STORE_VERSION = 1
+
+
+def default_cache_dir(path) -> Path:
+    """Where the consolidated copy of a synthetic set lives: ``<folder>/consolidated`` for a folder
+    of shards (``*.npz`` readers do not look into it), ``<file stem>.consolidated`` beside one file."""
+    path = Path(path)
+    return path / CONSOLIDATED_DIR if path.is_dir() else path.with_name(f"{path.stem}.{CONSOLIDATED_DIR}")
+
+
+def _fingerprint(files: list[Path]) -> list:
+    return [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in (f.stat(),)]
+
+
+def _npz_len(path: Path) -> int:
+    """Number of images in a shard, from its labels alone (the images are not decompressed)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            key = next((k for k in ("label", "arr_1") if k in z.files), None)
+            if key is None:
+                raise ValueError(f"expected arrays 'image' + 'label' (or 'arr_0' + 'arr_1'), found {z.files}")
+            return int(len(z[key]))
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt or truncated npz: {e}") from None
+
+
+def _npy_header(fh, shape: tuple, dtype) -> None:
+    np.lib.format.write_array_header_1_0(
+        fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+
+
+def consolidate_synthetic(path, *, like: ImageData | None = None, cache_dir=None) -> Path:
+    """Write (once) the consolidated copy of the synthetic set ``path`` and return its folder.
+
+    Reused while the shards are unchanged (same names, sizes and mtimes); rewritten otherwise. Each
+    shard is read and checked like :func:`load_synthetic` does, one at a time. Errors (a corrupt
+    shard, a full disk, a read-only folder) leave no partial file and name the problem."""
+    files = shard_files(path)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(path)
+    meta_path = cache / "meta.json"
+    fp = _fingerprint(files)
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") == _STORE_VERSION and meta.get("shards") == fp:
+            return cache
+    except (OSError, ValueError):
+        pass
+    counts = [_npz_len(f) for f in files]
+    n = sum(counts)
+    if n == 0:
+        raise ValueError(f"{path}: the synthetic set holds no images")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        meta_path.unlink(missing_ok=True)  # stale copy: not valid while being rewritten
+    except OSError as e:
+        raise ValueError(f"cannot write the consolidated copy of {path} in {cache}: {e}; pass another "
+                         f"folder (--synthetic-cache) or keep the set in memory (--synthetic-store memory)") from None
+    tmp = {k: cache / f".{k}.{os.getpid()}.tmp.npy" for k in ("images", "labels")}
+    shape, lo, hi = None, None, None
+    try:
+        with open(tmp["images"], "wb") as fi, open(tmp["labels"], "wb") as fl:
+            _npy_header(fl, (n,), np.int64)
+            for f, cnt in zip(files, counts, strict=True):
+                img, lab, _ = _read_npz(f, like)
+                if len(img) != cnt:
+                    raise ValueError(f"{f}: changed while being read ({cnt} then {len(img)} images)")
+                if shape is None:
+                    shape = img.shape[1:]
+                    h, w, c = shape
+                    _npy_header(fi, (n, c, h, w), np.uint8)
+                elif img.shape[1:] != shape:
+                    raise ValueError(f"{f}: image shape {img.shape[1:]} differs from {files[0]} ({shape})")
+                fi.write(np.ascontiguousarray(img.transpose(0, 3, 1, 2)).data)
+                fl.write(lab.astype("<i8").data)
+                if len(lab):
+                    lo = int(lab.min()) if lo is None else min(lo, int(lab.min()))
+                    hi = int(lab.max()) if hi is None else max(hi, int(lab.max()))
+                del img, lab
+            for fh in (fi, fl):
+                fh.flush()
+                os.fsync(fh.fileno())
+        for k, t in tmp.items():
+            os.replace(t, cache / f"{k}.npy")
+    except OSError as e:
+        raise ValueError(f"cannot write the consolidated copy of {path} in {cache}: {e}; free some space, "
+                         f"pass another folder (--synthetic-cache) or use --synthetic-store memory") from None
+    finally:
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
+    h, w, c = shape
+    write_json(meta_path, {"version": _STORE_VERSION, "n": n, "shape": [c, h, w], "label_min": lo,
+                           "label_max": hi, "shards": fp})
+    return cache
+
+
+def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
+    """(data offset, shape, dtype) of a C-ordered .npy file, checking its size."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+        offset = fh.tell()
+    if fortran:
+        raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+    size = path.stat().st_size
+    if size < offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise ValueError(f"{path}: truncated ({size} bytes, header says {shape} {dtype}); delete "
+                         f"{path.parent} to rebuild it")
+    return offset, tuple(shape), dtype
+
+
+class SyntheticStore:
+    """A synthetic set read lazily from its consolidated copy (see :func:`consolidate_synthetic`).
+
+    ``take(idx)`` reads just the rows asked for with positioned reads (``os.preadv``) into a fresh
+    buffer. Not a memory map: a mapped file's pages are faulted in by large blocks (read-around,
+    large page-cache folios: measured ~1 MB per random row on the dev box), so random rows would map
+    far more than they hold; positioned reads keep the process's memory at about one batch."""
+
+    def __init__(self, cache_dir):
+        cache = Path(cache_dir)
+        self.cache_dir = cache
+        self.meta = json.loads((cache / "meta.json").read_text())
+        self._img_off, img_shape, img_dt = _npy_layout(cache / "images.npy")
+        self._lab_off, lab_shape, lab_dt = _npy_layout(cache / "labels.npy")
+        if img_dt != np.uint8 or len(img_shape) != 4 or lab_shape != img_shape[:1] or lab_dt != np.dtype("<i8"):
+            raise ValueError(f"{cache}: inconsistent consolidated copy (images {img_dt} {img_shape}, labels "
+                             f"{lab_dt} {lab_shape}); delete the folder to rebuild it")
+        self._n, self._shape = int(img_shape[0]), tuple(int(v) for v in img_shape[1:])
+        self._row = int(np.prod(self._shape))
+        self._fd_img = os.open(cache / "images.npy", os.O_RDONLY)
+        self._fd_lab = os.open(cache / "labels.npy", os.O_RDONLY)
+
+    def __del__(self):
+        for fd in (getattr(self, "_fd_img", None), getattr(self, "_fd_lab", None)):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    @classmethod
+    def open(cls, path, *, like: ImageData | None = None, cache_dir=None) -> "SyntheticStore":
+        """Consolidate ``path`` if needed, then map it; with ``like`` the image shape and the label
+        range are checked against the real dataset."""
+        store = cls(consolidate_synthetic(path, like=like, cache_dir=cache_dir))
+        if like is not None:
+            if store.shape != like.shape:
+                raise ValueError(f"{path}: images have shape {store.shape} (C,H,W), expected {like.shape} "
+                                 f"for {like.name}")
+            hi = store.meta.get("label_max")
+            if hi is not None and hi >= like.num_classes:
+                raise ValueError(f"{path}: label {hi} out of range [0, {like.num_classes}) for {like.name}")
+        return store
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return self._shape
+
+    @property
+    def nbytes(self) -> int:
+        return self._n * (self._row + 8)
+
+    def take(self, idx, *, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images uint8 [n, C, H, W] and labels int64 [n] at ``idx`` (CPU tensors, pinned on request)."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self._n):
+            raise IndexError(f"synthetic index out of range [0, {self._n})")
+        x = torch.empty((len(idx),) + self._shape, dtype=torch.uint8, pin_memory=pin_memory)
+        y = np.empty(len(idx), np.int64)
+        rows, labs, row = x.numpy().reshape(len(idx), self._row), y.view(np.uint8).reshape(-1, 8), self._row
+        for j, i in enumerate(idx.tolist()):
+            got = os.preadv(self._fd_img, [rows[j]], self._img_off + i * row)
+            got += os.preadv(self._fd_lab, [labs[j]], self._lab_off + i * 8)
+            if got != row + 8:
+                raise ValueError(f"{self.cache_dir}: short read at row {i} (file changed?); delete the folder "
+                                 f"to rebuild it")
+        return x, torch.from_numpy(y)
+
+    def __repr__(self) -> str:
+        return f"SyntheticStore({str(self.cache_dir)!r}, n={len(self)}, shape={self.shape})"
