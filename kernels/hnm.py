@@ -245,8 +245,9 @@ if triton is not None:
             if HAS_NOISE:
                 c1 = tl.load(KC1 + rows, mask=rmask, other=0.0)[:, None]
                 z = tl.load(NOISE + offs, mask=omask, other=0.0).to(tl.float32)
-            else:
-                c1, z = c2, x  # unused without noise
+            else:  # unused without noise
+                c1 = c2
+                z = x
             out, _ = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, False, HAS_NOISE)
             tl.store(DZ + offs, out, mask=omask)
         else:
