@@ -10,7 +10,8 @@
 #   4. ends with a ten-line summary.
 # Hard budget: everything under 8 minutes (CDP_DEVICE_BUDGET_S, default 470 s).
 # CDP_FAST_FORCE_STAGE=1 skips the install (tests the staging path); PYTHON picks the interpreter;
-# CDP_DEVICE_SUITE=quick runs the CPU smoke suite instead (to test this script without a GPU).
+# CDP_DEVICE_SUITE=quick runs the CPU smoke suite instead (to test this script without a GPU);
+# CDP_DEVICE_ARGS adds arguments to the suite (e.g. "--only ddim_update").
 set -u
 T0=$(date +%s)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -73,7 +74,7 @@ if [ "$SUITE" != gpu ] || "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.
     SUITE_BUDGET=$(( $(left) - 25 ))             # room for the summary and the kill margin
     say "benchmark suite $SUITE: budget ${SUITE_BUDGET} s -> $OUT"
     timeout --kill-after=10 $(( SUITE_BUDGET + 15 )) "$PY" -m cdp_fast.benchmarks --suite "$SUITE" \
-        --out "$OUT" --budget-s "$SUITE_BUDGET" || RC=$?
+        --out "$OUT" --budget-s "$SUITE_BUDGET" ${CDP_DEVICE_ARGS:-} || RC=$?
     [ $RC -eq 124 ] && say "the suite hit the hard time limit; the last checkpoint files remain"
 else
     say "skipping the GPU tests and the gpu suite (no CUDA)"

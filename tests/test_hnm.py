@@ -690,7 +690,7 @@ def test_fp16_backward_g_is_not_subnormal():
         g16 = torch.autograd.grad(l16, x16)
     l64 = hnm_loss(x64[0], x64[1], bank=x64[2], temperature=T, backend="reference") / 256
     g64 = torch.autograd.grad(l64, x64)
-    for name, x, e in zip(("anchor", "positive", "bank"), g16, g64):
+    for name, x, e in zip(("anchor", "positive", "bank"), g16, g64, strict=True):
         assert x.dtype == torch.float16
         floor = _max_rel(e.half(), e)
         assert _max_rel(x, e) < floor + 1e-3, (name, _max_rel(x, e), floor)
