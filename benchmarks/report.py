@@ -1,6 +1,8 @@
 """Result files: the JSON document (schema of issue 6), its validation, and the markdown table."""
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from pathlib import Path
 
@@ -179,3 +181,45 @@ def write(doc: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
     jp = write_json(out_dir / f"{stem}.json", sanitize(doc))
     mp = atomic_write_bytes(out_dir / f"{stem}.md", to_markdown(sanitize(doc)).encode())
     return jp, mp
+
+
+def summary_lines(doc: dict, n: int = 10) -> list[str]:
+    """At most ``n`` lines a person can read in a reply: device and versions, GPU tests, counts,
+    one line per result (the best speedup first when they do not all fit), the first error."""
+    res, errs, skipped = doc.get("results", []), doc.get("errors", []), doc.get("skipped", [])
+    lines = [f"{doc.get('device')} | torch {doc.get('torch')} triton {doc.get('triton')} | suite "
+             f"{doc.get('suite')} | {_f(doc.get('wall_s'), '{:.0f}')} s" + (" | PARTIAL (run cut short)"
+                                                                          if doc.get("partial") else "")]
+    t = doc.get("tests")
+    if isinstance(t, dict):
+        bad = ", ".join(t.get("failed_tests", [])[:3])
+        lines.append(f"GPU tests: {t.get('status')} (passed {t.get('passed')}, failed {t.get('failed')}, "
+                     f"errors {t.get('errors')}, skipped {t.get('skipped')})" + (f": {bad}" if bad else ""))
+    lines.append(f"{len(res)} results, {len(errs)} errors, {len(skipped)} skipped")
+    room = n - len(lines) - (1 if errs else 0)
+    shown = res if len(res) <= room else sorted(res, key=lambda r: -(r.get("speedup") or 0))[:max(room - 1, 0)]
+    for r in shown:
+        spd = "" if r.get("speedup") is None else f" {r['speedup']:.2f}x vs ref"
+        lines.append(f"{r['name']} {_params(r['name'], r.get('params', {}))} {r.get('dtype', '')}: "
+                     f"{_f(r.get('fused_ms'), '{:.4g}')} ms{spd}; {_key_metric(r)}"[:200])
+    if len(shown) < len(res):
+        lines.append(f"... {len(res) - len(shown)} more results in the markdown table")
+    if errs:
+        e = errs[0]
+        lines.append(f"first error: {e.get('name')} {e.get('params')}: {str(e.get('error'))[:150]}")
+    return lines[:n]
+
+
+def main(argv=None) -> int:
+    """``python -m cdp_fast.benchmarks.report --summary RESULT.json``: the ten-line summary."""
+    ap = argparse.ArgumentParser(prog="python -m cdp_fast.benchmarks.report")
+    ap.add_argument("--summary", required=True, help="a results JSON written by the benchmark suite")
+    ap.add_argument("-n", type=int, default=10, help="lines (default 10)")
+    args = ap.parse_args(argv)
+    doc = json.loads(Path(args.summary).read_text())
+    print("\n".join(summary_lines(doc, args.n)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

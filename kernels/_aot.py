@@ -86,10 +86,12 @@ class Plan:
 # The CI share: every kernel once on sm_90 in bf16 at d = 128 (HGMMA), the pixel-space dim in
 # fp16 on sm_80 (HMMA), and fp32 (FMA, the register-hungry path) at the dims that used to spill.
 QUICK = (
-    Plan(targets=(90,), dtypes=("bf16",), dims=(128,), hnm=("groups+labels+bank+bank_labels",), ddim="one"),
-    Plan(targets=(80,), dtypes=("fp16",), dims=(3072,), hnm=("plain",), ddim="none"),
-    Plan(targets=(90,), dtypes=("fp32",), dims=(100,), hnm=("labels+bank+bank_labels",), guided=False,
-         ddim="none", odd_sizes=True),
+    Plan(targets=(90,), dtypes=("bf16",), dims=(128,), hnm=("groups+labels+bank+bank_labels",),
+         estimators=("hard",), guided_noise=("drawn",), guided_clip=(1.0,), ddim="one"),
+    Plan(targets=(80,), dtypes=("fp16",), dims=(3072,), hnm=("plain",), estimators=("easy",),
+         guided_noise=("none",), guided_clip=(None,), ddim="none"),
+    Plan(targets=(90,), dtypes=("fp32",), dims=(100,), hnm=("labels+bank+bank_labels",), estimators=("hard",),
+         guided=False, infonce=False, ddim="none"),
 )
 FULL = (
     Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128, 640, 3072), ddim="full"),

@@ -13,9 +13,10 @@ extra first column, target 0).
 * Backward: with p_ic = exp(s_ic - LSE_i) and g = grad_out / B,
       dq_i = (g/T) sum_c p_ic c_c  [+ diagonal term]      (_infonce_bwd_rows_kernel, row programs)
       dc_c = (g/T) sum_i p_ic q_i  [+ diagonal term]      (_infonce_bwd_cols_kernel, column programs)
-  The diagonal terms, O(B d), are added in PyTorch: paired: -(g/T) k_i into dq_i and -(g/T) q_j
-  into dk_j; unpaired: (g/T)(p_i0 - 1) k_i into dq_i and (g/T)(p_i0 - 1) q_i into dk_i, with
-  p_i0 = exp(d_i - LSE_i). Both kernels recompute the similarity tiles; no B x B buffer, no atomics.
+  The diagonal terms, O(B d), are added in PyTorch in fp32: paired (the kernels skip c = i):
+  (g/T)(p_ii - 1) k_i into dq_i and (g/T)(p_jj - 1) q_j into dk_j; unpaired: (g/T)(p_i0 - 1) k_i
+  into dq_i and (g/T)(p_i0 - 1) q_i into dk_i, with p_i0 = exp(d_i - LSE_i), p - 1 by expm1.
+  Both kernels recompute the similarity tiles; no B x B buffer, no atomics.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ if triton is not None:
     @triton.jit
     def _infonce_bwd_rows_kernel(Q, C, LSE, DQ, NQ, NC, D, scale, gscale,
                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
-        # DQ_i = gscale * sum_c p_ic C_c   (gscale = g / T)
+                                 BLOCK_DO: tl.constexpr, IEEE: tl.constexpr, EXCL_DIAG: tl.constexpr):
+        # DQ_i = gscale * sum_c p_ic C_c   (gscale = g / T); EXCL_DIAG: without column c = i
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         rmask = rows < NQ
         do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -74,6 +75,8 @@ if triton is not None:
             cmask = cols < NC
             s = sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
             valid = rmask[:, None] & cmask[None, :]
+            if EXCL_DIAG:
+                valid = valid & (cols[None, :] != rows[:, None])
             pr = tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))
             ct = tl.load(C + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
             acc = dot(pr.to(ct.dtype), ct, acc, IEEE)
@@ -82,7 +85,7 @@ if triton is not None:
     @triton.jit
     def _infonce_bwd_cols_kernel(Q, C, LSE, DC, NQ, NC, D, scale, gscale,
                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
+                                 BLOCK_DO: tl.constexpr, IEEE: tl.constexpr, EXCL_DIAG: tl.constexpr):
         # DC_c = gscale * sum_i p_ic Q_i: the program owns columns c and loops over all query rows
         cols = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         cmask = cols < NC
@@ -95,6 +98,8 @@ if triton is not None:
             st = sim_tile(C, cols, cmask, Q, rows, rmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
             lse = tl.load(LSE + rows, mask=rmask, other=0.0)
             valid = cmask[:, None] & rmask[None, :]
+            if EXCL_DIAG:
+                valid = valid & (rows[None, :] != cols[:, None])
             pt = tl.exp(tl.where(valid, st - lse[None, :], float("-inf")))
             qt = tl.load(Q + rows[:, None] * D + do[None, :], mask=rmask[:, None] & domask[None, :], other=0.0)
             acc = dot(pt.to(qt.dtype), qt, acc, IEEE)
@@ -167,18 +172,22 @@ class _InfoNCEFunction(torch.autograd.Function):
         dc = torch.empty(NC, D, dtype=torch.float32, device=q.device)
         grid_r = (triton.cdiv(NQ, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
         grid_c = (triton.cdiv(NC, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
-        _infonce_bwd_rows_kernel[grid_r](q, C, lse, dq, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee, **bl)
-        _infonce_bwd_cols_kernel[grid_c](q, C, lse, dc, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee, **bl)
+        # paired: the kernels skip the diagonal, whose p_ii ~ 1 term would cancel against -k_i
+        # (fp16 rounding of a near-1 probability times k, minus k): it is added below in fp32
+        _infonce_bwd_rows_kernel[grid_r](q, C, lse, dq, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee,
+                                         EXCL_DIAG=ctx.paired, **bl)
+        _infonce_bwd_cols_kernel[grid_c](q, C, lse, dc, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee,
+                                         EXCL_DIAG=ctx.paired, **bl)
         qf, kf = q.float(), k.float()
+        pm1 = torch.expm1(diag - lse)[:, None]          # p_ii - 1 (paired) / p_i0 - 1, no cancellation
         # gradients w.r.t. the normalised rows (fp32) ...
         if ctx.paired:
-            dq = gs * (dq - kf)
-            dk = gs * (dc - qf)
+            dq = gs * (dq + pm1 * kf)
+            dk = gs * (dc + pm1 * qf)
             dn = None
         else:
-            p0 = torch.exp(diag - lse)[:, None]
-            dq = gs * (dq + (p0 - 1.0) * kf)
-            dk = gs * (p0 - 1.0) * qf
+            dq = gs * (dq + pm1 * kf)
+            dk = gs * pm1 * qf
             dn = gs * dc
         # ... then through the normalisation, in fp32; one cast at the end
         dq = _normalize_backward(dq, query, qnorm).to(query.dtype)

@@ -164,7 +164,10 @@ def test_half_precision_vs_fp32_reference_gpu(dtype, ftol, gtol, M, assert_close
     assert_close(l16, l32, rtol=ftol, scale="elem", name=f"{dtype} loss")
     for x, y in zip(torch.autograd.grad(l16, l16_in), torch.autograd.grad(l32, l32_in)):
         assert x.dtype == dtype
-        assert_close(x, y, rtol=gtol, name=f"{dtype} grad")
+        # plus the output dtype's own rounding (the negatives' small gradients sit near fp16's
+        # subnormal range: rounding the exact gradient alone costs ~4e-3 of its max)
+        floor = float((y.to(dtype).float() - y).abs().max())
+        assert_close(x, y, rtol=gtol, atol=floor, name=f"{dtype} grad")
 
 
 @pytest.mark.gpu
@@ -188,3 +191,38 @@ def test_large_n_gpu(assert_close):
     assert_close(loss, lr, rtol=1e-4, scale="elem", name="loss")
     assert_close(gq, gqr, rtol=1e-4, name="dq")
     assert_close(gk, gkr, rtol=1e-4, name="dk")
+
+
+# ------------------------------------------------------------------------------------------
+# fp16 backward, emulated on the CPU (issue 9): the interpreter runs the fp16 casts exactly as
+# the GPU kernels do (fp16 operands, fp32 accumulation), with the GPU tiles.
+# ------------------------------------------------------------------------------------------
+def _max_rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.skipif(not (interpreting() and triton_available()), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("M", [None, 150])
+def test_fp16_backward_near_the_rounding_floor(M):
+    """fp16 normalisation outside the Function and an fp16 dq cost 3-5e-3 (paired, from the
+    p_ii ~ 1 cancellation) and 3e-3 (with negatives); now every gradient is within 1e-3 of the
+    error of merely rounding the exact gradient to fp16."""
+    from cdp_fast.kernels._tiles import gpu_tiles_in_interpreter
+
+    g = torch.Generator().manual_seed(0)
+    B, d = 96, 64
+    q = torch.randn(B, d, generator=g)
+    k = q + 0.5 * torch.randn(B, d, generator=g)
+    n = None if M is None else torch.randn(M, d, generator=g)
+    x16 = [t.half().requires_grad_(True) for t in ([q, k] if n is None else [q, k, n])]
+    x64 = [t.detach().double().requires_grad_(True) for t in x16]
+    with gpu_tiles_in_interpreter():
+        l16 = infonce_loss(x16[0], x16[1], negatives=x16[2] if M else None, backend="triton")
+        g16 = torch.autograd.grad(l16, x16)
+    l64 = infonce_loss(x64[0], x64[1], negatives=x64[2] if M else None, backend="reference")
+    g64 = torch.autograd.grad(l64, x64)
+    for name, a, e in zip("qkn"[:len(g16)], g16, g64, strict=True):
+        assert a.dtype == torch.float16
+        floor = _max_rel(e.half(), e)   # the output dtype's own rounding
+        assert _max_rel(a, e) < floor + 1e-3, (name, _max_rel(a, e), floor)

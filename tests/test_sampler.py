@@ -370,3 +370,47 @@ def test_triton_backend_in_the_loop(sched, gmm):
     s = DDIMSampler(gmm.to(dev), sched, eta=1.0, backend="triton", **kw)
     c, d = s.sample(6, (2,), seed=3), s.sample(6, (2,), seed=3)
     assert torch.equal(c, d) and not torch.allclose(c, a)
+
+
+def test_eager_warmups_share_one_side_stream_and_silence_capturable_adam(monkeypatch):
+    """Issue 9: a new CUDA stream per eager warm-up kept one allocator pool per stream (the caching
+    allocator does not share blocks across streams); capturable Adam warned on every warm-up.
+    CPU test with stand-ins for the CUDA stream API (the logic under test is the sampler's)."""
+    import contextlib
+    import warnings
+
+    from cdp_fast import sampler as sm
+
+    made = []
+
+    class FakeStream:
+        def __init__(self, device=None):
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream.__new__(FakeStream))
+    run = sm._Run.__new__(sm._Run)
+    run.device, run.seen, run.graph, run.side = torch.device("cpu"), {}, {}, None
+    steps = []
+
+    def step(kind, draw):
+        steps.append(kind)
+        warnings.warn("This instance was constructed with capturable=True or some of all the param_groups "
+                      "came with capturable=True, but step() is running without CUDA graph capture.", UserWarning, stacklevel=1)
+        warnings.warn("another warning", UserWarning, stacklevel=1)
+
+    run.step = step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for kind in ("guided", "plain"):
+            for _ in range(sm._WARMUP):
+                run._graph_step(kind, False)
+    assert steps == ["guided"] * sm._WARMUP + ["plain"] * sm._WARMUP
+    assert len(made) == 1, f"{len(made)} side streams for one run"
+    msgs = [str(w.message) for w in caught]
+    assert not any("capturable=True" in m for m in msgs)
+    assert msgs.count("another warning") == 2 * sm._WARMUP   # only that one warning is silenced
