@@ -24,7 +24,8 @@ GUIDANCE = ("none", "hnm", "hnm-easy", "infonce")
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = field("runs/pipeline/diffusion", help="diffusion checkpoint folder (train-diffusion)")
+    checkpoint: str = field("runs/pipeline/diffusion", help="diffusion checkpoint: cdp-fast or diffusers folder, "
+                                                             "or an original DDPM .ckpt file")
     out: str = field("runs/generate", help="output folder for the npz shards, grid.png, summary.json")
     n: int = field(1000, help="number of images")
     batch_size: int = field(500, help="images per sampling batch (= one shard)")
@@ -41,9 +42,12 @@ class GenerateConfig:
     group_size: int | None = field(None, help="contrastive group size (None: 512 or the whole batch)")
     features: str = field("identity", help="'identity' (pixel space) or a classifier checkpoint "
                                            "folder whose penultimate features guide")
+    features_arch: str | None = field(None, help="architecture of an external --features weights file "
+                                                 "(e.g. wrn-28-10-swish)")
     head: bool = field(True, help="online embedding head (Linear-ReLU-Linear-L2) trained during sampling")
     labeler: str | None = field(None, help="classifier checkpoint folder for pseudo-labels "
                                            "(class-conditional models use their conditioning labels)")
+    labeler_arch: str | None = field(None, help="architecture of an external --labeler weights file")
     seed: int = field(0, help="seed of the first shard's initial noise")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
     bf16: bool | None = field(None, help="bf16 autocast for the networks (None: on CUDA)")
@@ -60,7 +64,7 @@ def make_guidance(cfg: GenerateConfig, device: torch.device, features_model=None
     if feats is None and cfg.features != "identity":
         from . import models
 
-        feats = models.load(cfg.features, device=device).features
+        feats = models.load(cfg.features, device=device, arch=cfg.features_arch).features
     return ContrastiveGuidance(cfg.guidance, feats, head=bool(cfg.head) and feats is not None,
                                scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max,
                                group_size=cfg.group_size)
@@ -129,7 +133,7 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     if labeler is None and cfg.labeler:
         from . import models
 
-        labeler = models.load(cfg.labeler, device=device)
+        labeler = models.load(cfg.labeler, device=device, arch=cfg.labeler_arch)
     guidance = make_guidance(cfg, device, features_model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cdp_fast import DDIMPipeline, models
 from cdp_fast.cli import main as cli_main
+from cdp_fast.data import load_synthetic
 from cdp_fast.diffusion_train import load_diffusion
 from cdp_fast.models.checkpoint import read_state_dict
 from cdp_fast.models.ddpm import DDPM_CONFIGS, DDPMUNet, infer_config
@@ -354,3 +355,41 @@ def test_meta_json_of_unet_folder_roundtrip(tmp_path):
             load_diffusion(tmp_path / bad)
     st, norm = read_state_dict(tmp_path / "u" / "diffusion_pytorch_model.safetensors")
     assert norm == {} and "conv_in.weight" in st
+
+
+# ---------------------------------------------------------------------------------------------
+# done when: generate from an external diffusion checkpoint, guided by an external WRN
+@pytest.mark.parametrize("kind", ["diffusers", "ckpt"])
+def test_generate_end_to_end_external_checkpoints(tmp_path, kind):
+    import numpy as np
+
+    if kind == "diffusers":
+        _small_unet().save_pretrained(tmp_path / "ddpm")
+        ck = tmp_path / "ddpm"
+    else:  # the release's 32 GroupNorm groups: 32 channels
+        torch.manual_seed(0)
+        unet = _perturbed(diffusers.UNet2DModel(
+            sample_size=32, block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=32,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6))
+        ck = tmp_path / "model.ckpt"
+        torch.save(_to_original(unet.state_dict(), 2), ck)
+    torch.manual_seed(0)
+    # stand-ins of the robustness codebases' WRN-28-10-swish files: the same layout, depth 10, width 1
+    wrn = models.build("wrn-10-1-swish", num_classes=10, in_channels=3, image_size=8)
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in wrn.state_dict().items()
+                                     if k not in ("mean", "std")}}, tmp_path / "wrn.pt")
+    torch.save({"state_dict": {k: v for k, v in wrn.state_dict().items() if k not in ("mean", "std")}},
+               tmp_path / "labeler.pth")
+    args = ["generate", "--checkpoint", str(ck), "--features", str(tmp_path / "wrn.pt"),
+            "--features-arch", "wrn-10-1-swish", "--labeler", str(tmp_path / "labeler.pth"),
+            "--labeler-arch", "wrn-10-1-swish", "--guidance", "hnm", "--n", "6", "--batch-size", "4",
+            "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "gen")]
+    assert cli_main(args) == 0
+    x, y = load_synthetic(tmp_path / "gen")
+    # an original file's image size is not in its tensors: 16 * 2**(attention level 1) = 32
+    side = 8 if kind == "diffusers" else 32
+    assert x.shape == (6, 3, side, side) and x.dtype == torch.uint8 and y.min() >= 0 and y.max() < 10
+    assert len(np.unique(x.numpy().reshape(6, -1), axis=0)) == 6
+    summary = json.loads((tmp_path / "gen" / "summary.json").read_text())
+    assert summary["n"] == 6 and summary["guidance"] == "hnm"
