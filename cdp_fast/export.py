@@ -105,7 +105,7 @@ def export_npz(shards, out, *, format: str = "cdp-fast", show_progress: bool = T
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
             with zf.open(f"{ik}.npy", "w", force_zip64=True) as f:
                 header_done = False
-                for path, n in progress(list(zip(files, counts)), desc="export images", disable=not show_progress
+                for path, n in progress(list(zip(files, counts, strict=True)), desc="export images", disable=not show_progress
                                         or None):
                     x, _ = load_synthetic(path)  # validated, NCHW uint8
                     img = _nhwc(x)
@@ -185,7 +185,7 @@ def select_shards(shards, out, *, criterion: str = "confidence", fraction: float
     for stale in out.glob("shard-*.npz"):
         stale.unlink()
     start, written = 0, 0
-    for i, (f, n) in enumerate(zip(files, sizes)):
+    for i, (f, n) in enumerate(zip(files, sizes, strict=True)):
         m = kept[start:start + n]
         sc = score[start:start + n]
         start += n

@@ -18,7 +18,15 @@ import torch.nn as nn
 
 from ..utils import atomic_write_bytes, write_json
 from .checkpoint import load_into, read_file, read_state_dict
-from .classifiers import NAMES, Classifier, DMWideResNet, PreActResNet18, SmallCNN, WideResNet, build
+from .classifiers import (
+    NAMES,
+    Classifier,
+    DMWideResNet,
+    PreActResNet18,
+    SmallCNN,
+    WideResNet,
+    build,
+)
 
 __all__ = ["build", "save", "load", "read_config", "NAMES", "Classifier", "SmallCNN",
            "PreActResNet18", "WideResNet", "DMWideResNet"]
