@@ -77,6 +77,10 @@ def test_diffusers_unet_folder_and_pipeline_folder(tmp_path):
     assert sched2.num_train_timesteps == 500 and float(sched2.betas[-1]) == pytest.approx(0.03)
     with torch.no_grad():
         torch.testing.assert_close(model2(x, t), model(x, t), rtol=0, atol=0)
+    ref.save_pretrained(tmp_path / "bin", safe_serialization=False)  # .bin weights (torch.load, weights only)
+    model3, _, _ = load_diffusion(tmp_path / "bin")
+    with torch.no_grad():
+        torch.testing.assert_close(model3(x, t), model(x, t), rtol=0, atol=0)
 
 
 def test_old_attention_spelling_and_multihead(tmp_path):
@@ -147,6 +151,8 @@ def test_original_ddpm_checkpoint_file(tmp_path):
                                          r".*shape mismatches: conv_out\.bias: file \(5,\) vs model \(3,\)"):
         load_diffusion(tmp_path / "bad.ckpt")
 
+    pipe = DDIMPipeline.from_pretrained(tmp_path / "model-790000.ckpt")  # DDPM's schedule as a DDIMScheduler
+    assert pipe.scheduler.config.beta_end == 0.02 and pipe.scheduler.config.num_train_timesteps == 1000
     # convert: a cdp-fast folder that loads to the same model
     assert cli_main(["convert", str(tmp_path / "model-790000.ckpt"), "--out", str(tmp_path / "conv")]) == 0
     m3, s3, meta3 = load_diffusion(tmp_path / "conv")
@@ -393,3 +399,43 @@ def test_generate_end_to_end_external_checkpoints(tmp_path, kind):
     assert len(np.unique(x.numpy().reshape(6, -1), axis=0)) == 6
     summary = json.loads((tmp_path / "gen" / "summary.json").read_text())
     assert summary["n"] == 6 and summary["guidance"] == "hnm"
+
+
+def test_ddpm_unet_under_the_sampler_fast_path():
+    """bf16 autocast + channels_last (the sampler's CUDA settings, here on the CPU): the same call
+    signature as the built-in UNets, finite eps close to fp32."""
+    from cdp_fast.sampler import DDIMSampler
+    from cdp_fast.schedules import NoiseSchedule
+
+    torch.manual_seed(0)
+    m = DDPMUNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([900, 10])
+    with torch.no_grad():
+        ref = m(x, t)
+        cl = m.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(x, t)
+    torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    sched = NoiseSchedule.linear()
+    a = DDIMSampler(m, sched, steps=4, bf16=False).sample(2, (3, 8, 8), seed=0)
+    b = DDIMSampler(m, sched, steps=4, bf16=True, channels_last=True).sample(2, (3, 8, 8), seed=0)
+    assert torch.isfinite(b).all() and (a - b).abs().max() < 0.02 * a.abs().max()
+    with pytest.raises(ValueError, match="unconditional"):
+        m(x, t, torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_generate_with_full_wrn_28_10_swish_files(tmp_path):
+    """The issue's command with the real WRN-28-10-swish architecture (36.5M parameters)."""
+    _small_unet().save_pretrained(tmp_path / "ddpm")
+    torch.manual_seed(0)
+    wrn = models.build("wrn-28-10-swish", num_classes=10, in_channels=3, image_size=8)
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in wrn.state_dict().items()
+                                     if k not in ("mean", "std")}}, tmp_path / "wrn.pt")
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "ddpm"), "--features", str(tmp_path / "wrn.pt"),
+                     "--features-arch", "wrn-28-10-swish", "--labeler", str(tmp_path / "wrn.pt"),
+                     "--labeler-arch", "wrn-28-10-swish", "--guidance", "hnm", "--n", "4", "--batch-size", "4",
+                     "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
+    x, _ = load_synthetic(tmp_path / "gen")
+    assert x.shape == (4, 3, 8, 8)
