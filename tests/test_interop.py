@@ -253,6 +253,7 @@ def test_wrn_swish_is_gowal_layout_and_loads_every_wrapper(tmp_path):
         "raw": state,
         "model_state_dict": {"model_state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3},
         "state_dict": {"state_dict": state, "best_acc": 0.5},
+        "pre-0.4.1": {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
         "sequential": {"state_dict": {**{f"module.1.{k}": v for k, v in state.items()},
                                       **{f"module.{k}": v for k, v in norm.items()}}},
     }
