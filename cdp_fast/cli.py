@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "clean and robust accuracy of a checkpoint (PGD, CW, AutoAttack)"),
     "convert": ("cdp_fast.diffusion_train", "ConvertConfig", "convert",
                 "a diffusers folder or original DDPM checkpoint -> a cdp-fast safetensors checkpoint"),
+    "export": ("cdp_fast.export", "ExportConfig", "run_export",
+               "synthetic shards -> one npz (image/label or the authors' arr_0/arr_1), streamed"),
+    "select": ("cdp_fast.export", "SelectConfig", "run_select",
+               "keep the best fraction of synthetic images (per class) by confidence, entropy, grad-norm, ..."),
     "simulate": ("cdp_fast.simulate", "SimulateConfig", "run",
                  "the paper's Gaussian theory: closed forms, Lemma 3 Monte Carlo, Figure 1"),
     "verify": ("cdp_fast.manifest", "VerifyConfig", "run",
@@ -60,7 +64,8 @@ def build_parser(load_configs: bool = True) -> argparse.ArgumentParser:
 
 def _config_path(cfg) -> Path | None:
     if getattr(cfg, "out", None):
-        return Path(cfg.out) / "config.json"
+        out = Path(cfg.out)  # a file output (export's FILE.npz) gets its config beside it
+        return out.with_name(out.name + ".config.json") if out.suffix == ".npz" else out / "config.json"
     if getattr(cfg, "json", None):
         return Path(str(cfg.json) + ".config.json")
     return None

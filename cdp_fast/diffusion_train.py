@@ -36,7 +36,13 @@ from .models.ddpm import DDPMUNet
 from .models.external import is_diffusers_folder, load_external
 from .models.unet import UNet
 from .schedules import NoiseSchedule
-from .utils import atomic_write_bytes, progress, resolve_device, seed_everything, write_json
+from .utils import (
+    atomic_write_bytes,
+    progress,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
 
 __all__ = ["TrainDiffusionConfig", "run", "train_diffusion", "load_diffusion", "save_diffusion",
            "resolve_settings", "ConvertConfig", "convert", "ARCHS",

@@ -78,7 +78,8 @@ GUIDANCE = ("none", "hnm", "hnm-easy", "infonce")
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = field("runs/pipeline/diffusion", help="diffusion checkpoint folder (train-diffusion)")
+    checkpoint: str = field("runs/pipeline/diffusion", help="diffusion checkpoint: cdp-fast or diffusers folder, "
+                                                             "or an original DDPM .ckpt file")
     out: str = field("runs/generate", help="output folder for the npz shards, manifest.json, grid.png, "
                                            "summary.json")
     n: int = field(1000, help="number of images")
@@ -97,8 +98,11 @@ class GenerateConfig:
     features: str = field("identity", help="'identity' (pixel space) or a classifier checkpoint "
                                            "folder whose penultimate features guide")
     head: bool = field(True, help="online embedding head (Linear-ReLU-Linear-L2) trained during sampling")
+    features_arch: str | None = field(None, help="architecture of an external --features weights file "
+                                                 "(e.g. wrn-28-10-swish)")
     labeler: str | None = field(None, help="classifier checkpoint folder for pseudo-labels "
                                            "(class-conditional models use their conditioning labels)")
+    labeler_arch: str | None = field(None, help="architecture of an external --labeler weights file")
     seed: int = field(0, help="seed of the first shard's initial noise (shard i: seed + i)")
     device: str = field("auto", help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
     bf16: bool | None = field(None, help="bf16 autocast for the networks (None: on CUDA)")
@@ -147,7 +151,7 @@ def make_guidance(cfg: GenerateConfig, device: torch.device, features_model=None
         return None
     feats = features_model
     if feats is None and cfg.features != "identity":
-        feats = models.load(cfg.features, device=device).features
+        feats = models.load(cfg.features, device=device, arch=cfg.features_arch).features
     return ContrastiveGuidance(cfg.guidance, feats, head=bool(cfg.head) and feats is not None,
                                scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max,
                                group_size=cfg.group_size)
@@ -369,14 +373,14 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     conditional = bool(meta.get("class_conditional"))
     labeler_source = None
     if labeler is None and cfg.labeler and not conditional:
-        labeler = models.load(cfg.labeler, device=device)
+        labeler = models.load(cfg.labeler, device=device, arch=cfg.labeler_arch)
         labeler_source = cfg.labeler
     if not conditional and labeler is None:
         raise ValueError("an unconditional diffusion model needs a --labeler classifier checkpoint "
                          "to pseudo-label the synthetic images")
     features, features_source = features_model, None
     if features is None and cfg.guidance != "none" and cfg.features != "identity":
-        features = models.load(cfg.features, device=device).features
+        features = models.load(cfg.features, device=device, arch=cfg.features_arch).features
         features_source = cfg.features
     guidance = make_guidance(cfg, device, features)
     # validates steps against the schedule, eta, method/skip: before anything is written

@@ -11,11 +11,14 @@ of each ranking is kept, so the direction is our documented choice (override wit
 | gradnorm        | ||grad_x CE(f(x), y)||_2                           | highest (largest loss sensitivity) |
 | gradnorm-rob    | ||grad_x CE(f(x_adv), y)||_2, x_adv = PGD(x)       | highest |
 | separability    | top-1 minus top-2 logit (margin)                   | highest (most separable) |
+| confidence      | max softmax probability (pseudo-label confidence)  | highest (DM-Improves-AT) |
 
 Rationale: entropy and gradient norms are uncertainty / informativeness scores from active
 learning, where the informative samples are the uncertain ones (high). Separability follows the
 paper's theory (Lemma 3 and Figure 1: more separable synthetic classes, larger c, help), so the
 most separable (largest margin) images are kept. ``keep="low"`` flips any criterion.
+``confidence`` is the filter of DM-Improves-AT (Wang et al. 2023): per class, the top 20% of the
+generated images by the labeller's confidence (:func:`top_k_per_class`).
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ import torch.nn.functional as F
 from . import attacks
 from .data import as_float01
 
-CRITERIA = ("entropy", "gradnorm", "gradnorm-rob", "separability")
-DEFAULT_KEEP = {"entropy": "high", "gradnorm": "high", "gradnorm-rob": "high", "separability": "high"}
+CRITERIA = ("entropy", "gradnorm", "gradnorm-rob", "separability", "confidence")
+DEFAULT_KEEP = {"entropy": "high", "gradnorm": "high", "gradnorm-rob": "high", "separability": "high",
+                "confidence": "high"}
 _ALIASES = {"gradient-norm": "gradnorm", "grad-norm": "gradnorm", "gradient_norm": "gradnorm",
             "gradnorm_rob": "gradnorm-rob", "gradient-norm-rob": "gradnorm-rob",
             "grad-norm-rob": "gradnorm-rob", "margin": "separability"}
@@ -73,9 +77,11 @@ def scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None =
     try:
         for i in range(0, images.shape[0], batch_size):
             x = as_float01(images[i:i + batch_size].to(dev))
-            if crit in ("entropy", "separability") or labels is None:
+            if crit in ("entropy", "separability", "confidence") or labels is None:
                 logits = attacks.predict(model, x, precision)
-            if crit == "entropy":
+            if crit == "confidence":
+                s = logits.softmax(1).max(1).values
+            elif crit == "entropy":
                 logp = F.log_softmax(logits, 1)
                 s = -(logp.exp() * logp).sum(1)
             elif crit == "separability":
@@ -102,6 +108,22 @@ def top_k(score: torch.Tensor, k: int, keep: str = "high") -> torch.Tensor:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     order = torch.argsort(score, descending=(keep == "high"), stable=True)
     return order[:k]
+
+
+def top_k_per_class(score: torch.Tensor, labels: torch.Tensor, fraction: float,
+                    keep: str = "high") -> torch.Tensor:
+    """Indices (sorted, int64) of the best ``fraction`` of each class by ``score`` (at least one
+    image of every class present, round(fraction * n_c) otherwise), as DM-Improves-AT filters."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if score.shape != labels.shape or score.ndim != 1:
+        raise ValueError(f"score {tuple(score.shape)} and labels {tuple(labels.shape)} must be the same [N]")
+    picked = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        k = max(1, int(round(fraction * idx.numel())))
+        picked.append(idx[top_k(score[idx], k, keep)])
+    return torch.sort(torch.cat(picked)).values if picked else torch.zeros(0, dtype=torch.int64)
 
 
 def select(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, criterion: str,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cdp_fast import DDIMPipeline, models
 from cdp_fast.cli import main as cli_main
+from cdp_fast.data import load_synthetic
 from cdp_fast.diffusion_train import load_diffusion
 from cdp_fast.models.checkpoint import read_state_dict
 from cdp_fast.models.ddpm import DDPM_CONFIGS, DDPMUNet, infer_config
@@ -76,6 +77,10 @@ def test_diffusers_unet_folder_and_pipeline_folder(tmp_path):
     assert sched2.num_train_timesteps == 500 and float(sched2.betas[-1]) == pytest.approx(0.03)
     with torch.no_grad():
         torch.testing.assert_close(model2(x, t), model(x, t), rtol=0, atol=0)
+    ref.save_pretrained(tmp_path / "bin", safe_serialization=False)  # .bin weights (torch.load, weights only)
+    model3, _, _ = load_diffusion(tmp_path / "bin")
+    with torch.no_grad():
+        torch.testing.assert_close(model3(x, t), model(x, t), rtol=0, atol=0)
 
 
 def test_old_attention_spelling_and_multihead(tmp_path):
@@ -146,6 +151,8 @@ def test_original_ddpm_checkpoint_file(tmp_path):
                                          r".*shape mismatches: conv_out\.bias: file \(5,\) vs model \(3,\)"):
         load_diffusion(tmp_path / "bad.ckpt")
 
+    pipe = DDIMPipeline.from_pretrained(tmp_path / "model-790000.ckpt")  # DDPM's schedule as a DDIMScheduler
+    assert pipe.scheduler.config.beta_end == 0.02 and pipe.scheduler.config.num_train_timesteps == 1000
     # convert: a cdp-fast folder that loads to the same model
     assert cli_main(["convert", str(tmp_path / "model-790000.ckpt"), "--out", str(tmp_path / "conv")]) == 0
     m3, s3, meta3 = load_diffusion(tmp_path / "conv")
@@ -246,6 +253,7 @@ def test_wrn_swish_is_gowal_layout_and_loads_every_wrapper(tmp_path):
         "raw": state,
         "model_state_dict": {"model_state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3},
         "state_dict": {"state_dict": state, "best_acc": 0.5},
+        "pre-0.4.1": {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
         "sequential": {"state_dict": {**{f"module.1.{k}": v for k, v in state.items()},
                                       **{f"module.{k}": v for k, v in norm.items()}}},
     }
@@ -354,3 +362,81 @@ def test_meta_json_of_unet_folder_roundtrip(tmp_path):
             load_diffusion(tmp_path / bad)
     st, norm = read_state_dict(tmp_path / "u" / "diffusion_pytorch_model.safetensors")
     assert norm == {} and "conv_in.weight" in st
+
+
+# ---------------------------------------------------------------------------------------------
+# done when: generate from an external diffusion checkpoint, guided by an external WRN
+@pytest.mark.parametrize("kind", ["diffusers", "ckpt"])
+def test_generate_end_to_end_external_checkpoints(tmp_path, kind):
+    import numpy as np
+
+    if kind == "diffusers":
+        _small_unet().save_pretrained(tmp_path / "ddpm")
+        ck = tmp_path / "ddpm"
+    else:  # the release's 32 GroupNorm groups: 32 channels
+        torch.manual_seed(0)
+        unet = _perturbed(diffusers.UNet2DModel(
+            sample_size=32, block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=32,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6))
+        ck = tmp_path / "model.ckpt"
+        torch.save(_to_original(unet.state_dict(), 2), ck)
+    torch.manual_seed(0)
+    # stand-ins of the robustness codebases' WRN-28-10-swish files: the same layout, depth 10, width 1
+    wrn = models.build("wrn-10-1-swish", num_classes=10, in_channels=3, image_size=8)
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in wrn.state_dict().items()
+                                     if k not in ("mean", "std")}}, tmp_path / "wrn.pt")
+    torch.save({"state_dict": {k: v for k, v in wrn.state_dict().items() if k not in ("mean", "std")}},
+               tmp_path / "labeler.pth")
+    args = ["generate", "--checkpoint", str(ck), "--features", str(tmp_path / "wrn.pt"),
+            "--features-arch", "wrn-10-1-swish", "--labeler", str(tmp_path / "labeler.pth"),
+            "--labeler-arch", "wrn-10-1-swish", "--guidance", "hnm", "--n", "6", "--batch-size", "4",
+            "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "gen")]
+    assert cli_main(args) == 0
+    x, y = load_synthetic(tmp_path / "gen")
+    # an original file's image size is not in its tensors: 16 * 2**(attention level 1) = 32
+    side = 8 if kind == "diffusers" else 32
+    assert x.shape == (6, 3, side, side) and x.dtype == torch.uint8 and y.min() >= 0 and y.max() < 10
+    assert len(np.unique(x.numpy().reshape(6, -1), axis=0)) == 6
+    summary = json.loads((tmp_path / "gen" / "summary.json").read_text())
+    assert summary["n"] == 6 and summary["guidance"] == "hnm"
+
+
+def test_ddpm_unet_under_the_sampler_fast_path():
+    """bf16 autocast + channels_last (the sampler's CUDA settings, here on the CPU): the same call
+    signature as the built-in UNets, finite eps close to fp32."""
+    from cdp_fast.sampler import DDIMSampler
+    from cdp_fast.schedules import NoiseSchedule
+
+    torch.manual_seed(0)
+    m = DDPMUNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([900, 10])
+    with torch.no_grad():
+        ref = m(x, t)
+        cl = m.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(x, t)
+    torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    sched = NoiseSchedule.linear()
+    a = DDIMSampler(m, sched, steps=4, bf16=False).sample(2, (3, 8, 8), seed=0)
+    b = DDIMSampler(m, sched, steps=4, bf16=True, channels_last=True).sample(2, (3, 8, 8), seed=0)
+    assert torch.isfinite(b).all() and (a - b).abs().max() < 0.02 * a.abs().max()
+    with pytest.raises(ValueError, match="unconditional"):
+        m(x, t, torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_generate_with_full_wrn_28_10_swish_files(tmp_path):
+    """The issue's command with the real WRN-28-10-swish architecture (36.5M parameters)."""
+    _small_unet().save_pretrained(tmp_path / "ddpm")
+    torch.manual_seed(0)
+    wrn = models.build("wrn-28-10-swish", num_classes=10, in_channels=3, image_size=8)
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in wrn.state_dict().items()
+                                     if k not in ("mean", "std")}}, tmp_path / "wrn.pt")
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "ddpm"), "--features", str(tmp_path / "wrn.pt"),
+                     "--features-arch", "wrn-28-10-swish", "--labeler", str(tmp_path / "wrn.pt"),
+                     "--labeler-arch", "wrn-28-10-swish", "--guidance", "hnm", "--n", "4", "--batch-size", "4",
+                     "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
+    x, _ = load_synthetic(tmp_path / "gen")
+    assert x.shape == (4, 3, 8, 8)

@@ -18,7 +18,15 @@ import torch.nn as nn
 
 from ..utils import atomic_write_bytes, write_json
 from .checkpoint import load_into, read_file, read_state_dict
-from .classifiers import NAMES, Classifier, DMWideResNet, PreActResNet18, SmallCNN, WideResNet, build
+from .classifiers import (
+    NAMES,
+    Classifier,
+    DMWideResNet,
+    PreActResNet18,
+    SmallCNN,
+    WideResNet,
+    build,
+)
 
 __all__ = ["build", "save", "load", "read_config", "NAMES", "Classifier", "SmallCNN",
            "PreActResNet18", "WideResNet", "DMWideResNet"]
@@ -138,8 +146,10 @@ def _load_external(p: Path, device, arch, num_classes, in_channels, image_size, 
         mean, std = norm["mean"].flatten().tolist(), norm["std"].flatten().tolist()
     kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     model = build(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kw)
-    # the reference models keep mean/std outside their state dict: ours come from the build
-    load_into(model, state, str(p), allow_missing=("mean", "std"), what=f"a {model.name}")
+    # the reference models keep mean/std outside their state dict: ours come from the build;
+    # files saved before PyTorch 0.4.1 have no BatchNorm num_batches_tracked (unused in eval)
+    allow = ["mean", "std"] + [k for k in model.state_dict() if k.endswith(".num_batches_tracked")]
+    load_into(model, state, str(p), allow_missing=allow, what=f"a {model.name}")
     model.checkpoint_config = {"name": model.name, "num_classes": num_classes, "in_channels": in_channels,
                                "image_size": image_size, "build_kwargs": model.build_kwargs, "source": str(p)}
     return model.to(device).eval()

@@ -216,7 +216,7 @@ class DDPMUNet(nn.Module):
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
 
         hs = [self.conv_in(x)]
-        for i, lvl in enumerate(self.down):
+        for lvl in self.down:
             for j, block in enumerate(lvl.block):
                 h = block(hs[-1], temb)
                 if len(lvl.attn):
