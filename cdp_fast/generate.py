@@ -53,7 +53,7 @@ from .config import field, to_dict
 from .data import load_synthetic, save_synthetic, to_uint8
 from .diffusion_train import load_diffusion
 from .figures import sample_grids
-from .guidance import ContrastiveGuidance
+from .guidance import LOSSES, ContrastiveGuidance
 from .manifest import (
     FORMAT,
     RECORDS,
@@ -70,10 +70,10 @@ from .manifest import (
     write_record,
 )
 from .pseudolabel import pseudo_label
-from .sampler import DDIMSampler
+from .sampler import METHODS, SKIPS, DDIMSampler
 from .utils import progress, resolve_device, settings_fingerprint, write_json
 
-GUIDANCE = ("none", "hnm", "hnm-easy", "infonce")
+GUIDANCE = ("none", *LOSSES)
 
 
 @dataclass
@@ -86,9 +86,9 @@ class GenerateConfig:
     batch_size: int = field(500, help="images per sampling batch (= one shard)")
     steps: int = field(100, help="sampling steps")
     method: str = field("ddim", help="ddim, or ddpm ancestral (the authors' MNIST/GTSRB sampler)",
-                        choices=("ddim", "ddpm"))
+                        choices=METHODS)
     eta: float = field(0.0, help="DDIM eta (0 deterministic)")
-    skip: str = field("uniform", help="DDIM timestep spacing", choices=("uniform", "quad"))
+    skip: str = field("uniform", help="DDIM timestep spacing", choices=SKIPS)
     guidance: str = field("none", help="contrastive loss for Contrastive-DP guidance", choices=GUIDANCE)
     scale: float | None = field(None, help="guidance scale lambda >= 0 (None: the loss's default, "
                                             "1e5 for HNM, 1e3 for InfoNCE)")

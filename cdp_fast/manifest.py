@@ -191,7 +191,8 @@ def verify(folder) -> tuple[list[str], list[str], dict]:
 
 @dataclass
 class VerifyConfig:
-    folder: str = field("", help="generate output folder to check (also accepted as the first argument)")
+    folder: str = field("", help="the folder to check: a generate run's --out (also accepted as the "
+                                 "first argument: cdp-fast verify OUT)")
 
 
 def run(cfg: VerifyConfig) -> dict:

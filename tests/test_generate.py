@@ -324,3 +324,11 @@ def test_settings_fingerprint_is_the_pipeline_cache_key():
     d = {"b": 1, "a": [1, 2], "p": Path("x")}
     old = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert _key(d) == settings_fingerprint(d) == old  # existing pipeline caches stay valid
+
+
+def test_progress_over_the_set_and_inside_each_shard(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CDP_FAST_QUIET", "0")
+    assert cli_main(_args(ckpt, tmp_path / "p", "--n", "4")) == 0
+    err = capsys.readouterr().err
+    assert "sampling" in err and "4/4" in err, err  # the step bar inside a shard
+    assert "generate (none, 1 proc)" in err and "img/s" in err and "4/4" in err, err
