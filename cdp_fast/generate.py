@@ -189,7 +189,8 @@ def provenance(obj, source: str | None) -> dict | None:
 
 # settings that never change a shard's images (n only decides how many shards there are; the
 # model, features and labeler are recorded by content in "used", their paths in "paths")
-_NOT_FINGERPRINTED = ("out", "device", "n", "bf16", "cuda_graphs", "checkpoint", "features", "labeler")
+_NOT_FINGERPRINTED = ("out", "device", "n", "bf16", "cuda_graphs", "checkpoint", "features", "labeler",
+                      "features_arch", "labeler_arch")
 
 
 def settings_doc(cfg: GenerateConfig, *, model, model_source, features, features_source, labeler,
