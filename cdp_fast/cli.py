@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "clean and robust accuracy of a checkpoint (PGD, CW, AutoAttack)"),
     "simulate": ("cdp_fast.simulate", "SimulateConfig", "run",
                  "the paper's Gaussian theory: closed forms, Lemma 3 Monte Carlo, Figure 1"),
+    "sweep": ("cdp_fast.sweep", "SweepConfig", "run",
+              "guidance-scale study: the same noise across a grid of lambdas, measured and plotted"),
 }
 
 

@@ -34,8 +34,11 @@ class GenerateConfig:
     eta: float = field(0.0, help="DDIM eta (0 deterministic)")
     skip: str = field("uniform", help="DDIM timestep spacing", choices=("uniform", "quad"))
     guidance: str = field("none", help="contrastive loss for Contrastive-DP guidance", choices=GUIDANCE)
-    scale: float | None = field(None, help="guidance scale lambda (None: the loss's default, "
-                                            "1e5 for HNM, 1e3 for InfoNCE)")
+    scale: float | None = field(None, help="guidance scale lambda (None: by feature space, x G/512 "
+                                "for contrastive group G: head 1e5 HNM / 1e3 InfoNCE (the authors'); "
+                                "features without head: the same; pixel space (L2-normalised "
+                                "pixels): those x C*H*W/64 (digits 8x8: 1e5, MNIST: 1.2e6, "
+                                "CIFAR-10: 4.8e6 for HNM)")
     t_min: int | None = field(400, help="guide only steps with t >= t_min (authors' CIFAR-10: 400)")
     t_max: int | None = field(None, help="guide only steps with t < t_max (authors' MNIST: 150)")
     group_size: int | None = field(None, help="contrastive group size (None: 512 or the whole batch)")
@@ -50,7 +53,7 @@ class GenerateConfig:
     cuda_graphs: bool | None = field(None, help="capture the sampling steps as CUDA graphs (None: on CUDA)")
 
 
-def make_guidance(cfg: GenerateConfig, device: torch.device, features_model=None):
+def make_guidance(cfg: GenerateConfig, device: torch.device, features_model=None, image_shape=None):
     """ContrastiveGuidance from the config (None when cfg.guidance == 'none')."""
     if cfg.guidance == "none":
         return None
@@ -61,9 +64,29 @@ def make_guidance(cfg: GenerateConfig, device: torch.device, features_model=None
         from . import models
 
         feats = models.load(cfg.features, device=device).features
-    return ContrastiveGuidance(cfg.guidance, feats, head=bool(cfg.head) and feats is not None,
-                               scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max,
-                               group_size=cfg.group_size)
+    head = bool(cfg.head) and feats is not None
+    return ContrastiveGuidance(cfg.guidance, feats, head=head,
+                               scale=resolve_scale(cfg, feats, head, image_shape),
+                               t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
+                               normalize=True)  # pixel space too: raw pixels vanish / overflow
+
+
+def resolve_scale(cfg: GenerateConfig, feats, head: bool, image_shape=None) -> float:
+    """cfg.scale, or the feature space's default (guidance.default_scale) for this group size."""
+    from .guidance import default_group_size, default_scale
+
+    if cfg.scale is not None:
+        return cfg.scale
+    G = cfg.group_size or default_group_size(cfg.batch_size)
+    space = "head" if head else ("features" if feats is not None else "pixel")
+    dim = None
+    if space == "pixel":
+        if image_shape is None:
+            from .diffusion_train import _read_meta
+
+            image_shape = _read_meta(Path(cfg.checkpoint))["image_shape"]
+        dim = int(np.prod(image_shape))
+    return default_scale(cfg.guidance, space, dim=dim, group_size=G)
 
 
 def sample_batches(model, schedule, meta: dict, cfg: GenerateConfig, *, guidance=None, labeler=None,
@@ -130,7 +153,7 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
         from . import models
 
         labeler = models.load(cfg.labeler, device=device)
-    guidance = make_guidance(cfg, device, features_model)
+    guidance = make_guidance(cfg, device, features_model, image_shape=meta["image_shape"])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _claim(out, cfg)

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ContrastiveGuidance", "EmbeddingHead", "LOSSES", "PAIRS", "default_group_size"]
+__all__ = ["ContrastiveGuidance", "EmbeddingHead", "LOSSES", "PAIRS", "default_group_size", "default_scale"]
 
 LOSSES = ("hnm", "hnm-easy", "infonce")
 PAIRS = ("previous", "real-positive", "real-negative")
@@ -87,6 +87,35 @@ def default_group_size(n: int, authors: int = AUTHORS_GROUP) -> int:
     if n <= authors:
         return n
     return max(d for d in range(1, authors + 1) if n % d == 0)
+
+
+# Default lambda per feature space (issue 13). The authors' 1e5 (HNM) / 1e3 (InfoNCE) belong to
+# L2-normalised embeddings of a group of 512. The gradient a sample gets is ~1/G of its row's
+# (the loss is a sum of group means), so the default is scaled by G / 512; in pixel space
+# (L2-normalised pixels) the per-pixel gradient falls as 1/(C H W) (measured: 64 -> 784 -> 3072
+# pixels gave 3.0e-6 -> 2.4e-7 -> 6.3e-8), so it is scaled by C H W / 64 from the digits value.
+# The per-space factors were read off ``cdp-fast sweep`` on digits (see README / report).
+SPACE_SCALE = {"head": 1.0, "features": 1.0, "pixel": 1.0}
+
+
+def default_scale(loss: str, space: str, *, dim: Optional[int] = None,
+                  group_size: int = AUTHORS_GROUP) -> float:
+    """The default guidance scale lambda of ``loss`` in a feature ``space``.
+
+    ``space``: "head" (features + online embedding head), "features" (L2-normalised features, no
+    head) or "pixel" (L2-normalised pixels; ``dim`` = C*H*W required). ``group_size``: the
+    contrastive group G the run will use.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if space not in SPACE_SCALE:
+        raise ValueError(f"space must be one of {tuple(SPACE_SCALE)}, got {space!r}")
+    lam = DEFAULT_SCALE[loss] * SPACE_SCALE[space] * group_size / AUTHORS_GROUP
+    if space == "pixel":
+        if not dim or dim < 1:
+            raise ValueError("the pixel-space default scale needs dim = C*H*W")
+        lam *= dim / 64
+    return float(lam)
 
 
 def _scaled01(x: torch.Tensor) -> torch.Tensor:
