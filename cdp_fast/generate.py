@@ -34,11 +34,12 @@ class GenerateConfig:
     eta: float = field(0.0, help="DDIM eta (0 deterministic)")
     skip: str = field("uniform", help="DDIM timestep spacing", choices=("uniform", "quad"))
     guidance: str = field("none", help="contrastive loss for Contrastive-DP guidance", choices=GUIDANCE)
-    scale: float | None = field(None, help="guidance scale lambda (None: by feature space, x G/512 "
-                                "for contrastive group G: head 1e5 HNM / 1e3 InfoNCE (the authors'); "
-                                "features without head: the same; pixel space (L2-normalised "
-                                "pixels): those x C*H*W/64 (digits 8x8: 1e5, MNIST: 1.2e6, "
-                                "CIFAR-10: 4.8e6 for HNM)")
+    scale: float | None = field(None, help="guidance scale lambda. None: the feature space's default "
+                                "(guidance.SPACE_SCALES, chosen with `cdp-fast sweep` on digits), for "
+                                "HNM x G/512 for contrastive group G. HNM / InfoNCE: with the head 1e5 / "
+                                "1e3 (the authors'); features without head 5e4 / 3e2; pixel space "
+                                "(L2-normalised pixels) 5e4 / 1e4 x C*H*W/64 (MNIST 6.1e5 / 1.2e5, "
+                                "CIFAR-10 2.4e6 / 4.8e5)")
     t_min: int | None = field(400, help="guide only steps with t >= t_min (authors' CIFAR-10: 400)")
     t_max: int | None = field(None, help="guide only steps with t < t_max (authors' MNIST: 150)")
     group_size: int | None = field(None, help="contrastive group size (None: 512 or the whole batch)")

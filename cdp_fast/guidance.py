@@ -89,28 +89,38 @@ def default_group_size(n: int, authors: int = AUTHORS_GROUP) -> int:
     return max(d for d in range(1, authors + 1) if n % d == 0)
 
 
-# Default lambda per feature space (issue 13). The authors' 1e5 (HNM) / 1e3 (InfoNCE) belong to
-# L2-normalised embeddings of a group of 512. The gradient a sample gets is ~1/G of its row's
-# (the loss is a sum of group means), so the default is scaled by G / 512; in pixel space
-# (L2-normalised pixels) the per-pixel gradient falls as 1/(C H W) (measured: 64 -> 784 -> 3072
-# pixels gave 3.0e-6 -> 2.4e-7 -> 6.3e-8), so it is scaled by C H W / 64 from the digits value.
-# The per-space factors were read off ``cdp-fast sweep`` on digits (see README / report).
-SPACE_SCALE = {"head": 1.0, "features": 1.0, "pixel": 1.0}
+# Default lambda per feature space (issue 13), for a contrastive group of 512. HNM (T 10, a flat
+# softmax) gives a sample ~1/G of its row's gradient (the loss is a sum of group means), so a run
+# with group G gets x G / 512; InfoNCE (T 0.1) saturates on the near-identical positive, and its
+# per-sample gradient is ~independent of G, so it is not scaled. In pixel space (L2-normalised
+# pixels) the per-pixel gradient falls as 1/(C H W) (measured: 64 -> 784 -> 3072 pixels gave
+# 3.0e-6 -> 2.4e-7 -> 6.3e-8), so the pixel values are per 64 pixels (digits) and scaled by
+# C H W / 64. Values read off `cdp-fast sweep` on digits with its rule (the largest scale whose
+# classifier-feature Frechet distance to the real test set stays within 1.5x lambda 0's; all of
+# them change the images by >= 0.01 in [0, 1] units): head + HNM at G 500 chose 1e5 (the
+# authors'), the rest at G 100, 10 steps.
+SPACE_SCALES = {
+    "head": {"hnm": 1e5, "hnm-easy": 1e5, "infonce": 1e3},
+    "features": {"hnm": 5e4, "hnm-easy": 5e4, "infonce": 3e2},
+    "pixel": {"hnm": 5e4, "hnm-easy": 5e4, "infonce": 1e4},
+}
 
 
 def default_scale(loss: str, space: str, *, dim: Optional[int] = None,
                   group_size: int = AUTHORS_GROUP) -> float:
-    """The default guidance scale lambda of ``loss`` in a feature ``space``.
+    """The default guidance scale lambda of ``loss`` in a feature ``space`` (see SPACE_SCALES).
 
     ``space``: "head" (features + online embedding head), "features" (L2-normalised features, no
     head) or "pixel" (L2-normalised pixels; ``dim`` = C*H*W required). ``group_size``: the
-    contrastive group G the run will use.
+    contrastive group G the run will use (HNM losses only).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if space not in SPACE_SCALE:
-        raise ValueError(f"space must be one of {tuple(SPACE_SCALE)}, got {space!r}")
-    lam = DEFAULT_SCALE[loss] * SPACE_SCALE[space] * group_size / AUTHORS_GROUP
+    if space not in SPACE_SCALES:
+        raise ValueError(f"space must be one of {tuple(SPACE_SCALES)}, got {space!r}")
+    lam = SPACE_SCALES[space][loss]
+    if loss != "infonce":
+        lam *= group_size / AUTHORS_GROUP
     if space == "pixel":
         if not dim or dim < 1:
             raise ValueError("the pixel-space default scale needs dim = C*H*W")

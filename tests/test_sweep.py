@@ -224,3 +224,25 @@ def test_pipeline_sweep_stage_cache(tmp_path, monkeypatch):
     assert calls == [1, 1], "a changed upstream stage must recompute the sweep"
     with pytest.raises(ValueError, match=">= 0"):
         pipeline._sweep_stage(dataclasses.replace(cfg, sweep_scales=(-1.0,)), tmp_path, {"up": 1}, **kw)
+
+
+def test_issue_repro_default_generate_in_every_digits_space(checkpoints, tmp_path):
+    """train-diffusion --class-conditional, then generate --guidance X with the default scale: in
+    pixel space (the default), on the classifier's features, and through the online head."""
+    from cdp_fast.cli import main as cli_main
+    from cdp_fast.data import load_synthetic
+
+    ckpt = tmp_path / "d"
+    assert cli_main(["train-diffusion", "--data", "digits", "--class-conditional", "--real-limit", "100",
+                     "--iters", "3", "--batch-size", "16", "--out", str(ckpt), "--device", "cpu"]) == 0
+    base = ["generate", "--checkpoint", str(ckpt), "--steps", "20", "--n", "16", "--batch-size", "16",
+            "--device", "cpu"]
+    assert cli_main([*base, "--out", str(tmp_path / "none")]) == 0
+    ref = load_synthetic(tmp_path / "none")[0].float() / 255
+    clf = str(checkpoints / "classifier")
+    for loss in ("hnm", "hnm-easy", "infonce"):
+        for space in ([], ["--features", clf, "--no-head"], ["--features", clf, "--head"]):
+            out = tmp_path / f"{loss}{len(space)}{space[-1] if space else ''}"
+            assert cli_main([*base, "--guidance", loss, *space, "--out", str(out)]) == 0, (loss, space)
+            change = float((load_synthetic(out)[0].float() / 255 - ref).abs().mean())
+            assert change > 0.002, f"{loss} {space}: the default scale leaves the images unchanged ({change:.4f})"
