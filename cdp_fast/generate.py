@@ -36,8 +36,8 @@ class GenerateConfig:
     guidance: str = field("none", help="contrastive loss for Contrastive-DP guidance", choices=GUIDANCE)
     scale: float | None = field(None, help="guidance scale lambda. None: the feature space's default "
                                 "(guidance.SPACE_SCALES, chosen with `cdp-fast sweep` on digits), for "
-                                "HNM x G/512 for contrastive group G. HNM / InfoNCE: with the head 1e5 / "
-                                "1e3 (the authors'); features without head 5e4 / 3e2; pixel space "
+                                "HNM x G/512 for contrastive group G. HNM / InfoNCE: with the head 1e5 "
+                                "(the authors') / 3e2; features without head 5e4 / 3e2; pixel space "
                                 "(L2-normalised pixels) 5e4 / 1e4 x C*H*W/64 (MNIST 6.1e5 / 1.2e5, "
                                 "CIFAR-10 2.4e6 / 4.8e5)")
     t_min: int | None = field(400, help="guide only steps with t >= t_min (authors' CIFAR-10: 400)")
