@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "the paper's Gaussian theory: closed forms, Lemma 3 Monte Carlo, Figure 1"),
     "verify": ("cdp_fast.manifest", "VerifyConfig", "run",
                "check a generate folder against its manifest (cdp-fast verify OUT)"),
+    "sweep": ("cdp_fast.sweep", "SweepConfig", "run",
+              "guidance-scale study: the same noise across a grid of lambdas, measured and plotted"),
 }
 
 

@@ -53,7 +53,7 @@ from .config import field, to_dict
 from .data import load_synthetic, save_synthetic, to_uint8
 from .diffusion_train import load_diffusion
 from .figures import sample_grids
-from .guidance import LOSSES, ContrastiveGuidance
+from .guidance import LOSSES, ContrastiveGuidance, default_group_size, default_scale
 from .manifest import (
     FORMAT,
     RECORDS,
@@ -90,8 +90,12 @@ class GenerateConfig:
     eta: float = field(0.0, help="DDIM eta (0 deterministic)")
     skip: str = field("uniform", help="DDIM timestep spacing", choices=SKIPS)
     guidance: str = field("none", help="contrastive loss for Contrastive-DP guidance", choices=GUIDANCE)
-    scale: float | None = field(None, help="guidance scale lambda >= 0 (None: the loss's default, "
-                                            "1e5 for HNM, 1e3 for InfoNCE)")
+    scale: float | None = field(None, help="guidance scale lambda >= 0. None: the feature space's default "
+                                "(guidance.SPACE_SCALES, chosen with `cdp-fast sweep` on digits), for "
+                                "HNM x G/512 for contrastive group G. HNM / InfoNCE: with the head 1e5 "
+                                "(the authors') / 3e2; features without head 5e4 / 3e2; pixel space "
+                                "(L2-normalised pixels) 5e4 / 1e4 x C*H*W/64 (MNIST 6.1e5 / 1.2e5, "
+                                "CIFAR-10 2.4e6 / 4.8e5)")
     t_min: int | None = field(400, help="guide only steps with t >= t_min (authors' CIFAR-10: 400)")
     t_max: int | None = field(None, help="guide only steps with t < t_max (authors' MNIST: 150)")
     group_size: int | None = field(None, help="contrastive group size (None: 512 or the whole batch)")
@@ -145,16 +149,34 @@ def shard_seed(seed: int, i: int) -> int:
     return seed + i
 
 
-def make_guidance(cfg: GenerateConfig, device: torch.device, features_model=None):
+def make_guidance(cfg: GenerateConfig, device: torch.device, features_model=None, image_shape=None):
     """ContrastiveGuidance from the config (None when cfg.guidance == 'none')."""
     if cfg.guidance == "none":
         return None
     feats = features_model
     if feats is None and cfg.features != "identity":
         feats = models.load(cfg.features, device=device, arch=cfg.features_arch).features
-    return ContrastiveGuidance(cfg.guidance, feats, head=bool(cfg.head) and feats is not None,
-                               scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max,
-                               group_size=cfg.group_size)
+    head = bool(cfg.head) and feats is not None
+    return ContrastiveGuidance(cfg.guidance, feats, head=head,
+                               scale=resolve_scale(cfg, feats, head, image_shape),
+                               t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
+                               normalize=True)  # pixel space too: raw pixels vanish / overflow
+
+
+def resolve_scale(cfg: GenerateConfig, feats, head: bool, image_shape=None) -> float:
+    """cfg.scale, or the feature space's default (guidance.default_scale) for this group size."""
+    if cfg.scale is not None:
+        return cfg.scale
+    G = cfg.group_size or default_group_size(cfg.batch_size)
+    space = "head" if head else ("features" if feats is not None else "pixel")
+    dim = None
+    if space == "pixel":
+        if image_shape is None:
+            from .diffusion_train import _read_meta
+
+            image_shape = _read_meta(Path(cfg.checkpoint))["image_shape"]
+        dim = int(np.prod(image_shape))
+    return default_scale(cfg.guidance, space, dim=dim, group_size=G)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,7 +405,7 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     if features is None and cfg.guidance != "none" and cfg.features != "identity":
         features = models.load(cfg.features, device=device, arch=cfg.features_arch).features
         features_source = cfg.features
-    guidance = make_guidance(cfg, device, features)
+    guidance = make_guidance(cfg, device, features, image_shape=meta["image_shape"])
     # validates steps against the schedule, eta, method/skip: before anything is written
     sampler = DDIMSampler(model, schedule, steps=cfg.steps, eta=cfg.eta, skip=cfg.skip,
                           guidance=guidance, method=cfg.method, bf16=cfg.bf16,

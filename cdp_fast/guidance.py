@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from .kernels import hnm_guided_ddim_update, hnm_loss, infonce_loss
 
 __all__ = ["ContrastiveGuidance", "EmbeddingHead", "Guidance", "GuidanceRun", "GuidanceStart", "LOSSES",
-           "PAIRS", "default_group_size"]
+           "PAIRS", "default_group_size", "default_scale"]
 
 LOSSES = ("hnm", "hnm-easy", "infonce")
 PAIRS = ("previous", "real-positive", "real-negative")
@@ -156,6 +156,46 @@ def default_group_size(n: int, authors: int = AUTHORS_GROUP) -> int:
     if n <= authors:
         return n
     return max(d for d in range(1, authors + 1) if n % d == 0)
+
+
+# Default lambda per feature space (issue 13), for a contrastive group of 512. HNM (T 10, a flat
+# softmax) gives a sample ~1/G of its row's gradient (the loss is a sum of group means), so a run
+# with group G gets x G / 512; InfoNCE (T 0.1) saturates on the near-identical positive, and its
+# per-sample gradient is ~independent of G, so it is not scaled. In pixel space (L2-normalised
+# pixels) the per-pixel gradient falls as 1/(C H W) (measured: 64 -> 784 -> 3072 pixels gave
+# 3.0e-6 -> 2.4e-7 -> 6.3e-8), so the pixel values are per 64 pixels (digits) and scaled by
+# C H W / 64. Values read off `cdp-fast sweep` on digits with its rule (the largest scale whose
+# classifier-feature Frechet distance to the real test set stays within 1.5x lambda 0's; all of
+# them change the images by >= 0.01 in [0, 1] units): head + HNM at G 500, 20 steps chose 1e5
+# (the authors'), the rest at G 100, 10 steps (head + InfoNCE: 3e2; the authors' 1e3 is for their
+# head-less WRN features and moved the digits features 2.6x further from the real ones).
+SPACE_SCALES = {
+    "head": {"hnm": 1e5, "hnm-easy": 1e5, "infonce": 3e2},
+    "features": {"hnm": 5e4, "hnm-easy": 5e4, "infonce": 3e2},
+    "pixel": {"hnm": 5e4, "hnm-easy": 5e4, "infonce": 1e4},
+}
+
+
+def default_scale(loss: str, space: str, *, dim: Optional[int] = None,
+                  group_size: int = AUTHORS_GROUP) -> float:
+    """The default guidance scale lambda of ``loss`` in a feature ``space`` (see SPACE_SCALES).
+
+    ``space``: "head" (features + online embedding head), "features" (L2-normalised features, no
+    head) or "pixel" (L2-normalised pixels; ``dim`` = C*H*W required). ``group_size``: the
+    contrastive group G the run will use (HNM losses only).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if space not in SPACE_SCALES:
+        raise ValueError(f"space must be one of {tuple(SPACE_SCALES)}, got {space!r}")
+    lam = SPACE_SCALES[space][loss]
+    if loss != "infonce":
+        lam *= group_size / AUTHORS_GROUP
+    if space == "pixel":
+        if not dim or dim < 1:
+            raise ValueError("the pixel-space default scale needs dim = C*H*W")
+        lam *= dim / 64
+    return float(lam)
 
 
 def _scaled01(x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 1. load + split the real data; train the intermediate classifier (pseudo-labels, guidance features)
 2. train the diffusion model on the real training subset only (no leakage)
+2b. guidance-scale sweep (``cdp_fast.sweep``): same noise, a grid of lambdas; picks the
+   Contrastive-DP scale by the rule it states in the report
 3. sample two synthetic sets from the same initial noise: plain DDIM and Contrastive-DP
 4. pseudo-label them with the intermediate classifier
 5. TRADES-train robust classifiers on real only, real + DDIM, real + Contrastive-DP (same budget,
@@ -23,6 +25,14 @@ import numpy as np
 import torch
 
 from .config import field, to_dict
+from .sweep import (
+    DEFAULT_SCALES,
+    SweepConfig,
+    describe,
+    run_sweep,
+    sweep_table,
+    validate_scales,
+)
 from .utils import resolve_device, seed_everything, settings_fingerprint, write_json
 
 ARMS = ("real", "ddim", "contrastive-dp")
@@ -50,11 +60,20 @@ class PipelineConfig:
     sample_steps: int = field(50, help="DDIM steps")
     guidance: str = field("hnm", help="contrastive loss of Contrastive-DP",
                           choices=("hnm", "hnm-easy", "infonce"))
-    scale: float = field(3e3, help="guidance scale lambda")
+    scale: float | None = field(None, help="guidance scale lambda of the Contrastive-DP arm (None: "
+                                "the scale the guidance sweep chooses)")
     t_min: int | None = field(400, help="guide steps with t >= t_min (the authors' CIFAR window)")
     t_max: int | None = field(None, help="guide steps with t < t_max")
     group_size: int | None = field(None, help="contrastive group (None: min(512, batch))")
     head: bool = field(True, help="online embedding head on the classifier features")
+    # 2b. guidance-scale sweep
+    sweep_scales: tuple[float, ...] = field(DEFAULT_SCALES, help="guidance sweep: scales lambda "
+                                            "(>= 0, 0 always added)")
+    sweep_n: int = field(500, help="guidance sweep: images per scale")
+    sweep_steps: int = field(20, help="guidance sweep: DDIM steps")
+    sweep_tolerance: float = field(0.5, help="guidance sweep rule: the largest scale whose "
+                                   "classifier-feature Frechet distance to the real test set is at "
+                                   "most (1 + tolerance) x lambda 0's")
     # 5. robust training
     robust_model: str | None = field(None, help="robust classifier (default: the dataset's model)")
     robust_epochs: int = field(12, help="TRADES epochs of the synthetic arms (passes over the real "
@@ -132,6 +151,7 @@ def run(cfg: PipelineConfig) -> dict:
     if not 0.0 < cfg.synthetic_fraction < 1.0:
         raise ValueError(f"--synthetic-fraction must be in (0, 1) (the real arm needs real images "
                          f"in every batch of the others), got {cfg.synthetic_fraction}")
+    validate_scales(cfg.sweep_scales)  # the sweep's grid: refused before any stage runs
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.out)
@@ -172,6 +192,14 @@ def run(cfg: PipelineConfig) -> dict:
     unet, schedule, meta = load_diffusion(st.dir, device=device)
     timings["diffusion"] = time.perf_counter() - t0
 
+    # 2b. guidance-scale sweep: chooses the Contrastive-DP scale unless --scale is given ----------
+    t0 = time.perf_counter()
+    sweep_res = _sweep_stage(cfg, out, {**base, "diffusion": _key(_keyed(to_dict(dcfg))),
+                                        "classifier": clf_name, "classifier_epochs": cfg.classifier_epochs},
+                             unet=unet, schedule=schedule, meta=meta, clf=clf, data=data, device=device)
+    scale = cfg.scale if cfg.scale is not None else sweep_res["guidance_scale"]
+    timings["sweep"] = time.perf_counter() - t0
+
     # 3 + 4. synthetic sets from the same noise, pseudo-labelled ----------------------------------
     synth: dict[str, tuple] = {}
     gen_info: dict[str, dict] = {}
@@ -181,7 +209,7 @@ def run(cfg: PipelineConfig) -> dict:
         gcfg = GenerateConfig(checkpoint=str(out / "diffusion"), out=str(out / "synthetic" / arm),
                               n=cfg.n_synthetic, batch_size=cfg.sample_batch, steps=cfg.sample_steps,
                               guidance=guidance, seed=cfg.seed + 1000, device=cfg.device,
-                              **(dict(scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max,
+                              **(dict(scale=scale, t_min=cfg.t_min, t_max=cfg.t_max,
                                       group_size=cfg.group_size, head=cfg.head) if guided else {}))
         dep = {**base, "diffusion": _key(_keyed(to_dict(dcfg))), "classifier": clf_name,
                "classifier_epochs": cfg.classifier_epochs, **_keyed(to_dict(gcfg))}
@@ -261,6 +289,7 @@ def run(cfg: PipelineConfig) -> dict:
         "data": data.name, "n_real_train": int(data.x_train.shape[0]), "n_test": int(data.x_test.shape[0]),
         "intermediate_classifier_acc": clf_acc,
         "synthetic": {a: {**syn_stats[a], "images_per_s": gen_info[a].get("images_per_s")} for a in synth},
+        **_sweep_results(sweep_res, scale, cfg.scale is None, synth),
         "per_seed": per_arm, "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "device": str(device), "figures": {k: str(v) for k, v in figs.items()},
         "config": to_dict(cfg),
@@ -328,8 +357,62 @@ def _report(cfg: PipelineConfig, r: dict, markdown_table) -> str:
         "of the pseudo-label distribution, mean pseudo-label confidence, sampling throughput.",
         markdown_table(syn, ["set", "n", "mean cos", "label entropy", "confidence", "images/s"]),
         "![samples](samples.png)\n\n![embedding](embedding.png)",
+        *_sweep_report(r, markdown_table),
         "## Settings",
         "```json\n" + json.dumps(r["config"], indent=2) + "\n```",
         "## Wall time (s)",
         markdown_table(tim, ["stage", "seconds"]),
     ]) + "\n"
+
+
+# guidance-scale sweep stage (issue 13) -------------------------------------------------------------
+def _sweep_stage(cfg: PipelineConfig, out: Path, dep: dict, *, unet, schedule, meta, clf, data,
+                 device) -> dict:
+    """Run (or reuse) the sweep in ``out/sweep`` with the Contrastive-DP arm's guidance settings."""
+    scfg = SweepConfig(checkpoint=str(out / "diffusion"), classifier=str(out / "classifier"),
+                       data=cfg.data, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+                       out=str(out / "sweep"), scales=tuple(validate_scales(cfg.sweep_scales)),
+                       guidance=cfg.guidance, features="classifier", head=cfg.head, n=cfg.sweep_n,
+                       batch_size=min(cfg.sample_batch, cfg.sweep_n), steps=cfg.sweep_steps,
+                       t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
+                       tolerance=cfg.sweep_tolerance, seed=cfg.seed + 1000, device=cfg.device)
+    st = _Stage(out, "sweep", {**dep, **_keyed(to_dict(scfg))}, cfg.force)
+    if st.fresh:
+        return json.loads((st.dir / "sweep.json").read_text())
+    print(f"[pipeline] 2b/6 guidance sweep: {len(scfg.scales)} scales x {scfg.n} images")
+    res = run_sweep(scfg, model=unet, schedule=schedule, meta=meta, clf=clf, data=data, device=device)
+    st.done(guidance_scale=res["guidance_scale"])
+    return res
+
+
+def _sweep_results(res: dict, scale: float, chosen: bool, synth: dict) -> dict:
+    """results.json entries: the sweep rows, the arm's scale, and the arm's own pixel change."""
+    keys = ("scale", "pixel_change", "separability", "probe_accuracy", "diversity", "fidelity",
+            "confidence", "broken")
+    ddim, cdp = synth["ddim"][0], synth["contrastive-dp"][0]
+    return {"guidance_sweep": [{k: r.get(k) for k in keys} for r in res["guidance_sweep"]],
+            "guidance_scale": scale,
+            "guidance_scale_source": "sweep" if chosen else "--scale",
+            "guidance_choice": res["choice"],
+            "guidance_reference_real_train": res["reference_real_train"],
+            # the arm at its own step count, same noise as DDIM
+            "contrastive_dp_pixel_change_vs_ddim": float((cdp.float() - ddim.float()).abs().mean() / 255.0)}
+
+
+def _sweep_report(r: dict, markdown_table) -> list[str]:
+    res = {"guidance_sweep": r["guidance_sweep"], "guidance_scale": r["guidance_choice"]["scale"],
+           "reference_real_train": r["guidance_reference_real_train"]}
+    rows, header = sweep_table(res)
+    c = r["guidance_choice"]
+    used = (f"The Contrastive-DP arm uses lambda = {r['guidance_scale']:g}"
+            + (" (the sweep's choice)." if r["guidance_scale_source"] == "sweep" else
+               f" (given by --scale; the sweep's choice was {c['scale']:g})."))
+    return [
+        "## Guidance-scale sweep",
+        describe(),
+        markdown_table(rows, header),
+        f"Rule: {c['rule']}. Chosen: lambda = {c['scale']:g}. {c['note']}".strip(),
+        used + f" At its own step count the arm's images differ from the DDIM set's (same noise) by "
+               f"{r['contrastive_dp_pixel_change_vs_ddim']:.4f} on average in [0, 1] pixel units.",
+        "![guidance sweep](sweep/sweep.png)\n\n![same noise across scales](sweep/sweep_images.png)",
+    ]

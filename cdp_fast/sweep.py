@@ -39,8 +39,8 @@ from .generate import GenerateConfig, make_guidance, sample_batches
 from .guidance import LOSSES
 from .utils import progress, resolve_device, write_json
 
-# log spaced from 1e3 (invisible on the digits default) to 1e6 (samples break there)
-DEFAULT_SCALES = (0.0, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6)
+# log spaced, 0 (the reference) then 1e3 .. 1e6
+DEFAULT_SCALES = (0.0, 1e3, 1e4, 3e4, 1e5, 3e5, 1e6)
 METRICS = ("pixel_change", "separability", "diversity", "fidelity", "confidence")
 
 
@@ -71,6 +71,15 @@ class SweepConfig:
                               "counts as invisible")
     seed: int = field(0, help="seed of the first batch's initial noise")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
+
+    def __post_init__(self):  # bad input fails before anything is loaded or written
+        validate_scales(self.scales)
+        if self.n < 4 or self.batch_size < 1 or self.steps < 1:
+            raise ValueError(f"n must be >= 4, batch_size and steps >= 1, got n={self.n}, "
+                             f"batch_size={self.batch_size}, steps={self.steps}")
+        if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance)
+                and self.tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +240,6 @@ def _features_probs(clf, images_uint8: torch.Tensor, device, batch: int = 1024):
 def run_sweep(cfg: SweepConfig, *, model, schedule, meta: dict, clf, data, device=None) -> dict:
     """Sample the grid, measure it, choose a scale; writes sweep.json + the two PNGs to cfg.out."""
     scales = validate_scales(cfg.scales)
-    if cfg.n < 4 or cfg.batch_size < 1:
-        raise ValueError(f"n must be >= 4 and batch_size >= 1, got n={cfg.n}, batch_size={cfg.batch_size}")
-    if not (math.isfinite(cfg.tolerance) and cfg.tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {cfg.tolerance!r}")
     device = resolve_device(cfg.device) if device is None else device
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,7 +325,6 @@ def describe() -> str:
 
 
 def run(cfg: SweepConfig) -> dict:
-    validate_scales(cfg.scales)  # before any loading: bad input fails fast
     device = resolve_device(cfg.device)
     data = data_mod.load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
     model, schedule, meta = load_diffusion(cfg.checkpoint, device=device)

@@ -13,7 +13,8 @@ from cdp_fast.cli import main as cli_main
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--classifier-epochs", "2", "--diffusion-iters", "30", "--n-synthetic", "40",
         "--sample-batch", "20", "--sample-steps", "6", "--robust-epochs", "1", "--attack-steps", "2",
-        "--eval-attack-steps", "2", "--batch-size", "64", "--scale", "100"]
+        "--eval-attack-steps", "2", "--batch-size", "64", "--scale", "100",
+        "--sweep-n", "20", "--sweep-steps", "4", "--sweep-scales", "0", "100", "1e4"]
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,16 @@ def test_pipeline_rejects_bad_settings(tmp_path):
     cfg = pipeline.PipelineConfig(out=str(tmp_path / "x"), seeds=0)
     with pytest.raises(ValueError, match="seeds"):
         pipeline.run(cfg)
+
+
+def test_pipeline_guidance_sweep_outputs(tiny_run):
+    r = json.loads((tiny_run / "results.json").read_text())
+    assert [row["scale"] for row in r["guidance_sweep"]] == [0.0, 100.0, 1e4]
+    for row in r["guidance_sweep"]:
+        assert set(row) >= {"scale", "pixel_change", "separability", "diversity", "fidelity", "confidence"}
+    assert r["guidance_scale"] == 100.0 and r["guidance_scale_source"] == "--scale"
+    assert r["guidance_choice"]["scale"] in (100.0, 1e4)
+    for name in ("sweep/sweep.png", "sweep/sweep_images.png"):
+        _is_png(tiny_run / name)
+    report = (tiny_run / "report.md").read_text()
+    assert "## Guidance-scale sweep" in report and "Rule:" in report and "| real train |" in report
