@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attacks
-from .config import field
+from .config import check_eps, field
 from .evaluate import evaluate, resolve_precision
 from .utils import atomic_write_bytes, progress, resolve_device, write_json
 
@@ -69,7 +69,9 @@ class TrainRobustConfig:
                            choices=("sgd", "adamw"))
     weight_decay: float = field(5e-4, help="weight decay (not applied to biases / BN)")
     schedule: str = field("cosine", help="learning-rate schedule", choices=("cosine", "onecycle", "constant"))
-    eps: float | None = field(None, help="Linf radius in [0,1] units (default: dataset's, digits 0.3)")
+    eps: float | None = field(None, help="Linf radius in [0, 1] pixel units, fractions like 8/255 accepted "
+                              "(default: the dataset's: digits and mnist 0.3, fashion-mnist 0.1, cifar10 and "
+                              "gtsrb 8/255; the pipeline uses 0.1 on digits, see its --help)")
     step_size: float | None = field(None, help="attack step size (default: dataset's)")
     attack_steps: int | None = field(None, help="TRADES attack steps K (default: dataset's)")
     beta: float | None = field(None, help="TRADES beta (default: dataset's)")
@@ -306,6 +308,7 @@ def _check_cfg(cfg: TrainRobustConfig) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {cfg.log_every}")
+    check_eps(cfg.eps)
 
 
 def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_progress: bool = True) -> dict:
@@ -341,6 +344,9 @@ def train_robust(cfg: TrainRobustConfig, data=None, synthetic=None, *, show_prog
     state_path = out / STATE_FILE
     if cfg.resume and not state_path.is_file():
         raise FileNotFoundError(f"--resume: {state_path} not found (nothing to resume)")
+    if not cfg.resume and state_path.is_file():  # never restart over (and so destroy) earlier work
+        raise ValueError(f"{out} already holds a training run ({STATE_FILE}); add --resume to continue "
+                         f"it, or choose another --out (or delete the folder) to start afresh")
     out.mkdir(parents=True, exist_ok=True)
 
     # Validation split: val_size real training images chosen by a seeded permutation.
