@@ -464,7 +464,7 @@ def _set_stats(f: torch.Tensor, labels: torch.Tensor, conf, num_classes: int) ->
     p = counts / counts.sum()
     label_entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / np.log(num_classes))
     return {"n": n, "mean_pairwise_cosine": round(mean_cos, 4),
-            "label_entropy_normalised": round(label_entropy, 4),
+            "label_entropy_normalised": round(label_entropy, 4) + 0.0,  # + 0.0: no "-0.0"
             "mean_confidence": None if conf is None else round(float(torch.as_tensor(conf).float().mean()), 4),
             "label_counts": counts.long().tolist()}
 
