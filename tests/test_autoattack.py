@@ -106,3 +106,14 @@ def test_cross_check_with_torchattacks(trained):  # pragma: no cover - only wher
     theirs = _fooled(model, torchattacks.APGD(model, norm="Linf", eps=eps, steps=20, seed=0)(x, y), y)
     theirs |= _fooled(model, ta(x, y), y)
     assert abs(int(ours.sum()) - int(theirs.sum())) <= max(3, len(y) // 20)
+
+
+def test_progress_counts_every_iteration(trained, monkeypatch, capsys):
+    # the issue: AutoAttack sat 13 min 48 s at "0/1" (one bar step per batch)
+    monkeypatch.setenv("CDP_FAST_QUIET", "0")
+    model, x, y = trained
+    aa.autoattack(model, x[:8], y[:8], eps=0.05, n_iter=3, n_targets=2,
+                  generator=torch.Generator().manual_seed(0), show_progress=True)
+    err = capsys.readouterr().err
+    assert "autoattack" in err and "/9 [" in err  # total: (APGD-CE + 2 APGD-T targets) x 3 iterations
+    assert "apgd-t target 2" in err  # it names the attack running
