@@ -102,6 +102,13 @@ def _os_error(e: OSError) -> str:
     return msg
 
 
+def _stamp(path: Path | None):
+    try:
+        return None if path is None else path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdp-fast {cmd}: warning: {w}", file=sys.stderr)
     path = _config_path(cfg)
     existed = path is not None and path.parent.exists()
+    stamp = _stamp(path)
     run = getattr(mod, COMMANDS[cmd][2])
     t0 = time.perf_counter()
     finished = False
@@ -147,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdp-fast {cmd}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        # the record of the settings: after success, or when this run created the folder
-        if path is not None and (finished or (not existed and path.parent.is_dir())):
+        # the record of the settings: after success, or when this run created the folder; never
+        # over a config.json the command wrote itself (a diffusion checkpoint's metadata)
+        if path is not None and _stamp(path) == stamp and (finished or (not existed and path.parent.is_dir())):
             try:
                 _config.save(cfg, path)
             except OSError as e:
