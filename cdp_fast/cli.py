@@ -2,17 +2,26 @@
 
 Each subcommand is a typed dataclass config (flags generated from its fields, ``--config FILE``
 to read JSON/TOML) and a ``run(cfg)`` function; modules are imported only when their command
-runs, so ``cdp-fast --help`` is instant.
+runs, so ``cdp-fast --help`` is instant. A command module may define ``resolve(cfg) -> cfg``: it
+validates every setting (raising ValueError) and fills in the defaults actually used, before
+anything runs or is written.
+
+Errors a user can cause (bad settings, missing or unwritable files) print one line, not a
+traceback; Ctrl-C says how to continue. ``config.json`` (the settings, reusable with
+``--config``) is written when a command finishes, or when it stops after creating its output
+folder, so a failed rerun never rewrites the record of the outputs already there.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
 from importlib import import_module
 from pathlib import Path
 
+from . import __version__
 from . import config as _config
 
 # name -> (module, config class, run function, one-line help)
@@ -53,6 +62,7 @@ def build_parser(load_configs: bool = True) -> argparse.ArgumentParser:
         description="Contrastive-guided diffusion (Contrastive-DP) at GPU speed: synthetic data, "
                     "a fast DDIM sampler, TRADES training and honest benchmarks.",
     )
+    parser.add_argument("--version", action="version", version=f"cdp-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, _, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -73,6 +83,43 @@ def _config_path(cfg) -> Path | None:
     return None
 
 
+# What to do after Ctrl-C, per command (the default: the command resumes where it stopped).
+_RESUME_HINT = {
+    "train-robust": "rerun the same command with --resume to continue from the last finished epoch",
+    "eval": "rerun the same command (evaluation starts again from the beginning)",
+    "simulate": "rerun the same command (it starts again from the beginning)",
+    "train-diffusion": "rerun the same command (training starts again from the beginning)",
+}
+
+
+def _common_checks(cfg) -> list[str]:
+    """Checks every command shares (eps range, --data-dir); returns warnings, raises ValueError."""
+    if hasattr(cfg, "eps"):
+        _config.check_eps(cfg.eps)
+    if hasattr(cfg, "data") and hasattr(cfg, "data_dir"):
+        return _config.check_data_dir(cfg.data, cfg.data_dir)
+    return []
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: what failed on which file, and what to do for the usual causes."""
+    if e.errno is None or not e.filename:
+        return str(e)  # our own FileNotFoundErrors carry a full message
+    msg = f"{e.strerror or e}: {e.filename}"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        msg += " (choose a writable --out, or fix the folder's permissions)"
+    elif e.errno == errno.ENOSPC:
+        msg += " (the disk is full; free space, then rerun the same command to resume)"
+    return msg
+
+
+def _stamp(path: Path | None):
+    try:
+        return None if path is None else path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
@@ -81,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(load_configs=False)
     if cmd is None:
-        parser.parse_args(argv)  # prints help / errors for unknown commands
+        parser.parse_args(argv)  # prints help / version / errors for unknown commands
         parser.print_help()
         return 0 if not argv else 2
     if cmd == "verify" and len(argv) > 1 and not argv[1].startswith("-"):
@@ -96,20 +143,45 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv[1:])
     if pos and ns._positional is not None:
         setattr(ns, pos, ns._positional)
+
+
+    mod = import_module(COMMANDS[cmd][0])
     try:
         cfg = _config.from_args(cls, ns)
+        warnings = _common_checks(cfg)
+        if hasattr(mod, "resolve"):  # every setting of every stage, before anything runs
+            cfg = mod.resolve(cfg)
     except (ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))
+    for w in warnings:
+        print(f"cdp-fast {cmd}: warning: {w}", file=sys.stderr)
     path = _config_path(cfg)
-    if path is not None:
-        _config.save(cfg, path)
-    run = getattr(import_module(COMMANDS[cmd][0]), COMMANDS[cmd][2])
+    existed = path is not None and path.parent.exists()
+    stamp = _stamp(path)
+    run = getattr(mod, COMMANDS[cmd][2])
     t0 = time.perf_counter()
+    finished = False
     try:
         result = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        finished = True
+    except KeyboardInterrupt:
+        print(f"\ncdp-fast {cmd}: interrupted — "
+              f"{_RESUME_HINT.get(cmd, 'rerun the same command to resume')}", file=sys.stderr)
+        return 130
+    except OSError as e:  # FileNotFoundError, read-only or full disk, permissions
+        print(f"cdp-fast {cmd}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"cdp-fast {cmd}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # the record of the settings: after success, or when this run created the folder; never
+        # over a config.json the command wrote itself (a diffusion checkpoint's metadata)
+        if path is not None and _stamp(path) == stamp and (finished or (not existed and path.parent.is_dir())):
+            try:
+                _config.save(cfg, path)
+            except OSError as e:
+                print(f"cdp-fast {cmd}: warning: could not write {path}: {_os_error(e)}", file=sys.stderr)
     if isinstance(result, dict):
         summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict)) or k in ("arms",)}
         print(json.dumps(summary, indent=2, default=str))

@@ -1,35 +1,55 @@
 """`cdp-fast eval`: clean and robust accuracy of a classifier checkpoint (PGD, CW-PGD, AutoAttack).
 
-PGD and CW-PGD are ours (:mod:`cdp_fast.attacks`); AutoAttack (standard version, Linf) uses
-torchattacks when the ``eval`` extra is installed. All accuracies are fractions in [0, 1].
+PGD and CW-PGD are :mod:`cdp_fast.attacks`; ``autoattack`` is APGD-CE + APGD-T
+(:mod:`cdp_fast.autoattack`, Croce & Hein 2020: the gradient-based part of standard AutoAttack,
+named as such in the results). Nothing beyond the package's own dependencies is needed. All
+accuracies are fractions in [0, 1]; the result carries the settings of the attack that ran.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from . import attacks
-from .config import field
-from .data import as_float01
+from . import autoattack as aa
+from .config import check_eps, field
+from .data import DATASETS, as_float01, dataset_defaults
 from .training import PRECISIONS, resolve_precision
 from .utils import progress, resolve_device, write_json
 
 ATTACKS = ("pgd", "cw", "autoattack")
 
 
+def _eps_defaults() -> str:
+    def fmt(e):
+        k = e * 255
+        return f"{round(k)}/255" if abs(k - round(k)) < 1e-9 else f"{e:g}"
+
+    return ", ".join(f"{n} {fmt(dataset_defaults(n)['eps'])}" for n in DATASETS)
+
+
 @dataclass
 class EvalConfig:
-    checkpoint: str = field("", help="model folder (model.safetensors + config.json)")
+    checkpoint: str = field("", help="classifier checkpoint folder (model.safetensors + config.json), "
+                                     "or a train-robust run folder (its best/ is used)", required=True)
     data: str = field("digits", help="dataset name: digits, mnist, fashion-mnist, cifar10, gtsrb")
     data_dir: str | None = field(None, help="folder with the dataset files")
-    eps: float | None = field(None, help="Linf radius in [0,1] pixel units (default: the dataset's)")
-    attack: str = field("pgd", help="attack", choices=ATTACKS)
+    eps: float | None = field(None, help="Linf radius in [0, 1] pixel units, fractions like 8/255 accepted "
+                                         f"(default: the dataset's: {_eps_defaults()})")
+    attack: str = field("pgd", help="pgd (PGD on cross-entropy), cw (PGD on the CW margin) or autoattack "
+                                    "(APGD-CE + APGD-T, the gradient-based part of standard AutoAttack, "
+                                    "Croce & Hein 2020; built in)", choices=ATTACKS)
     steps: int = field(20, help="attack steps (PGD / CW)")
     step_size: float | None = field(None, help="attack step size (default 2.5*eps/steps)")
-    restarts: int = field(1, help="random restarts (worst case per example is kept)")
+    restarts: int = field(1, help="random restarts (worst case per example is kept; AutoAttack: per "
+                                  "APGD run, standard 1)")
+    aa_iters: int = field(100, help="AutoAttack: iterations per APGD run (standard: 100)")
+    aa_targets: int = field(9, help="AutoAttack: APGD-T target classes (standard: 9; at most classes - 1)")
     limit: int | None = field(None, help="evaluate only the first N test images")
     batch_size: int = field(256, help="evaluation batch size")
     precision: str = field("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
@@ -39,29 +59,19 @@ class EvalConfig:
     seed: int = field(0, help="random seed (attack random starts)")
 
 
-def _autoattack(model, x, y, eps, seed, batch_size):
-    try:
-        import torchattacks  # noqa: F401
-    except ImportError as e:
-        raise ValueError("attack 'autoattack' needs torchattacks: pip install 'cdp-fast[eval]' "
-                         "(or pip install torchattacks); 'pgd' and 'cw' work without it") from e
-    n_classes = None
-    with torch.no_grad():
-        n_classes = model(x[:1]).shape[1]
-    atk = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
-                                  n_classes=n_classes, seed=seed)
-    return atk(x, y)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, attack: str = "pgd",
              steps: int = 20, restarts: int = 1, step_size: float | None = None,
              batch_size: int = 256, device: str | torch.device | None = None, seed: int = 0,
-             precision: str = "auto", show_progress: bool = True) -> dict:
+             precision: str = "auto", show_progress: bool = True, aa_iters: int = 100,
+             aa_targets: int = 9) -> dict:
     """Clean and robust accuracy of ``model`` on (x, y); x uint8 or float [0,1] NCHW.
 
-    Returns {"clean_acc", "robust_acc", "attack", "eps", "steps", "restarts", "n", "seconds"}.
-    Robust accuracy counts an example as robust only if it is classified correctly both clean
-    and under the attack.
+    Returns {"clean_acc", "robust_acc", "attack", "eps", "n", "seconds"} plus the attack's own
+    settings: "steps", "restarts" for PGD / CW; ``autoattack.settings`` (attack_name, components,
+    n_iter, n_target_classes, restarts, ...) for AutoAttack. Robust accuracy counts an example as
+    robust only if it is classified correctly both clean and under the attack.
     """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
@@ -82,9 +92,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
                           disable=None if show_progress else True):
             xb = as_float01(x[i:i + batch_size].to(dev, non_blocking=True))
             yb = y[i:i + batch_size].to(dev, non_blocking=True)
-            ok = attacks.predict(model, xb, prec).argmax(1) == yb
+            logits = attacks.predict(model, xb, prec)
+            n_classes = logits.shape[1]
+            ok = logits.argmax(1) == yb
             if attack == "autoattack":
-                xa = _autoattack(model, xb, yb, eps, seed, batch_size)
+                xa = aa.autoattack(model, xb, yb, eps=eps, n_iter=aa_iters, n_targets=aa_targets,
+                                   restarts=restarts, generator=gen, precision=prec,
+                                   show_progress=show_progress)
             else:
                 xa = attacks.pgd(model, xb, yb, eps=eps, step_size=step_size, steps=steps,
                                  restarts=restarts, loss="ce" if attack == "pgd" else "cw",
@@ -95,9 +109,27 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
     finally:
         model.train(was_training)
     n = int(x.shape[0])
-    return {"clean_acc": clean / n, "robust_acc": robust / n, "attack": attack, "eps": float(eps),
-            "steps": int(steps), "restarts": int(restarts), "n": n,
-            "seconds": time.perf_counter() - t0}
+    res = {"clean_acc": clean / n, "robust_acc": robust / n, "attack": attack, "eps": float(eps), "n": n,
+           "seconds": time.perf_counter() - t0, "precision": prec}
+    if attack == "autoattack":
+        res.update(aa.settings(eps=eps, n_iter=aa_iters, restarts=restarts,
+                               n_targets=aa.target_count(aa_targets, n_classes)))
+    else:
+        res.update(steps=int(steps), restarts=int(restarts),
+                   step_size=float(step_size if step_size is not None else 2.5 * eps / max(steps, 1)))
+    return res
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A classifier checkpoint folder; a train-robust run folder resolves to its best/ (said on stderr)."""
+    p = Path(path)
+    if not (p / "model.safetensors").is_file():
+        for sub in ("best", "last"):
+            if (p / sub / "model.safetensors").is_file():
+                print(f"[eval] {p} is a training run folder: evaluating its {sub}/ checkpoint "
+                      f"({p / sub})", file=sys.stderr)
+                return p / sub
+    return p
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -106,14 +138,18 @@ def run(cfg: EvalConfig) -> dict:
 
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required (a folder with model.safetensors + config.json)")
+    check_eps(cfg.eps)
+    if cfg.attack == "autoattack" and (cfg.aa_iters < 1 or cfg.aa_targets < 0):
+        raise ValueError(f"--aa-iters must be >= 1 and --aa-targets >= 0, got {cfg.aa_iters}, {cfg.aa_targets}")
     dev = resolve_device(cfg.device)
-    model = models.load(cfg.checkpoint, device=dev)
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    model = models.load(checkpoint, device=dev)
     ds = data_mod.load_dataset(cfg.data, cfg.data_dir)
     ck = getattr(model, "checkpoint_config", {}) or {}
     want = {"in_channels": ds.x_test.shape[1], "image_size": ds.x_test.shape[-1], "num_classes": ds.num_classes}
     wrong = {k: (ck[k], v) for k, v in want.items() if k in ck and int(ck[k]) != int(v)}
     if wrong:
-        raise ValueError(f"checkpoint {cfg.checkpoint} does not fit dataset {cfg.data!r}: "
+        raise ValueError(f"checkpoint {checkpoint} does not fit dataset {cfg.data!r}: "
                          + ", ".join(f"{k} {a} (checkpoint) vs {b} (data)" for k, (a, b) in wrong.items()))
     eps = cfg.eps if cfg.eps is not None else float(data_mod.dataset_defaults(cfg.data)["eps"])
     x, y = ds.x_test, ds.y_test
@@ -123,8 +159,8 @@ def run(cfg: EvalConfig) -> dict:
         x, y = x[:cfg.limit], y[:cfg.limit]
     res = evaluate(model, x, y, eps=eps, attack=cfg.attack, steps=cfg.steps, restarts=cfg.restarts,
                    step_size=cfg.step_size, batch_size=cfg.batch_size, device=dev, seed=cfg.seed,
-                   precision=cfg.precision)
-    res.update(checkpoint=str(cfg.checkpoint), data=cfg.data)
+                   precision=cfg.precision, aa_iters=cfg.aa_iters, aa_targets=cfg.aa_targets)
+    res.update(checkpoint=str(checkpoint), data=cfg.data)
     if cfg.json:
         write_json(cfg.json, res)
     return res

@@ -11,11 +11,20 @@
 6. evaluate clean and PGD robust accuracy on the held-out test split
 
 Every stage lives in its own folder under ``--out`` with a ``stage.json`` holding the settings it
-was made with; a rerun reuses every stage whose settings are unchanged (and redoes the rest).
+was made with (and the seconds it took); a rerun reuses every stage whose settings are unchanged
+(and redoes the rest).
+
+Never lose work: every setting of every stage is resolved and checked (``resolve``) before any
+stage runs, and a finished stage whose settings changed is rebuilt beside it (``.<name>.next``)
+and swapped in only once the replacement is complete, so a failure or Ctrl-C leaves the finished
+stage as it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import field, to_dict
+from .config import check_data_dir, check_eps, field, to_dict
 from .sweep import (
     DEFAULT_SCALES,
     SweepConfig,
@@ -33,7 +42,7 @@ from .sweep import (
     sweep_table,
     validate_scales,
 )
-from .utils import resolve_device, seed_everything, settings_fingerprint, write_json
+from .utils import atomic_write_bytes, resolve_device, seed_everything, settings_fingerprint, write_json
 
 ARMS = ("real", "ddim", "contrastive-dp")
 
@@ -85,9 +94,10 @@ class PipelineConfig:
                                   choices=("sgd", "adamw"))
     lr: float | None = field(None, help="TRADES peak learning rate (None: the trainer's default)")
     synthetic_fraction: float = field(0.5, help="synthetic fraction of each batch in the synthetic arms")
-    eps: float | None = field(None, help="Linf radius (None: the dataset's, except digits: 0.1 here, "
-                                         "since at 0.3 an 8x8 small-cnn reaches 0 robust accuracy "
-                                         "in a CPU budget)")
+    eps: float | None = field(None, help="Linf radius in [0, 1] pixel units, fractions like 8/255 "
+                                         "accepted (default: the dataset's, e.g. 8/255 for cifar10, "
+                                         "except digits: 0.1 here, not train-robust's 0.3, since at 0.3 "
+                                         "an 8x8 small-cnn reaches 0 robust accuracy in a CPU budget)")
     attack_steps: int | None = field(None, help="TRADES attack steps (default: the dataset's)")
     eval_attack_steps: int = field(20, help="PGD steps of the final evaluation")
     embedding: str = field("pca", help="2-D embedding of the feature figure", choices=("pca", "tsne"))
@@ -98,35 +108,70 @@ def _key(d: dict) -> str:
     return settings_fingerprint(d)
 
 
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        m = json.loads((folder / "stage.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, OSError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
 class _Stage:
     """A cached stage folder.
 
-    ``stage.json`` holds the key of the settings the stage depends on and whether it finished.
-    ``fresh``: finished with these settings (reuse). Unfinished with the same key: the folder is
-    kept so the stage can resume (sampling shards, TRADES train_state). Another key: the folder's
-    contents are stale and are removed.
+    ``stage.json`` holds the key of the settings the stage depends on, whether it finished and
+    how many seconds it took. ``fresh``: finished with these settings (reuse, with the seconds of
+    the run that computed it). Unfinished with the same key: the folder is kept so the stage can
+    resume (sampling shards, TRADES train_state). Anything else (other settings, ``--force``) is
+    rebuilt in ``.<name>.next`` beside the old folder, which stays untouched until ``done()``
+    swaps the complete replacement in; a swap cut short is completed (or undone) on the next run.
     """
 
     def __init__(self, root: Path, name: str, settings: dict, force: bool):
-        self.dir, self.settings, self.key = root / name, settings, _key(settings)
-        marker = self.dir / "stage.json"
-        old = None
-        if marker.is_file():
-            try:
-                old = json.loads(marker.read_text())
-            except (json.JSONDecodeError, OSError):
-                old = None
-        same = isinstance(old, dict) and old.get("key") == self.key and not force
+        self.final, self.settings, self.key = root / name, settings, _key(settings)
+        self._next, self._old = root / f".{name}.next", root / f".{name}.old"
+        self._recover()
+        old = _read_marker(self.final)
+        same = old is not None and old.get("key") == self.key and not force
         self.fresh = same and old.get("done", True)
         self.resuming = same and not self.fresh
-        if not same and self.dir.exists():
-            shutil.rmtree(self.dir)
+        self.seconds = old.get("seconds") if self.fresh else None
+        self.info = old if self.fresh else {}
+        self.dir = self.final
+        if self.fresh:
+            return
+        if not same and self.final.exists():  # keep the finished work until its replacement is done
+            self.dir = self._next
+            nxt = _read_marker(self._next)
+            self.resuming = (nxt is not None and nxt.get("key") == self.key and not nxt.get("done")
+                             and not force)
+            if not self.resuming and self._next.exists():
+                shutil.rmtree(self._next)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not self.fresh:
-            write_json(marker, {"key": self.key, "done": False, "settings": settings})
+        if not self.resuming:
+            write_json(self.dir / "stage.json", {"key": self.key, "done": False, "settings": self.settings})
 
-    def done(self, **info) -> None:
-        write_json(self.dir / "stage.json", {"key": self.key, "done": True, "settings": self.settings, **info})
+    def _recover(self) -> None:
+        if not self.final.exists():
+            nxt = _read_marker(self._next)
+            if nxt is not None and nxt.get("done"):
+                os.replace(self._next, self.final)
+            elif self._old.exists():
+                os.replace(self._old, self.final)
+        if self._old.exists() and self.final.exists():
+            shutil.rmtree(self._old)
+
+    def done(self, seconds: float | None = None, **info) -> None:
+        self.seconds = seconds
+        self.info = {"key": self.key, "done": True, "settings": self.settings, "seconds": seconds, **info}
+        write_json(self.dir / "stage.json", self.info)
+        if self.dir != self.final:  # swap: final -> .old, .next -> final, drop .old
+            if self._old.exists():
+                shutil.rmtree(self._old)
+            os.replace(self.final, self._old)
+            os.replace(self.dir, self.final)
+            shutil.rmtree(self._old)
+            self.dir = self.final
 
 
 # Settings that never change a stage's result: left out of the cache keys.
@@ -137,126 +182,249 @@ def _keyed(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in _UNKEYED}
 
 
+# The steps the log numbers ("[pipeline] k/N ...").
+_STEPS = ("intermediate classifier", "diffusion model", "guidance-scale sweep", "synthetic sets + pseudo-labels",
+          "TRADES + test evaluation", "figures and report")
+
+
+def _log(step: str, what: str, cached: bool = False) -> None:
+    k = _STEPS.index(step) + 1
+    print(f"[pipeline] {k}/{len(_STEPS)} {what}{' (cached: settings unchanged)' if cached else ''}")
+
+
+@dataclass
+class _Plan:
+    """Every stage's resolved config, made (and checked) before any stage runs."""
+    cfg: PipelineConfig
+    base: dict
+    defaults: dict
+    dcfg: object          # TrainDiffusionConfig
+    scfg: SweepConfig     # the guidance-scale sweep
+    gcfgs: dict           # arm -> GenerateConfig (contrastive-dp: scale None = the sweep's choice)
+    rcfgs: dict           # (arm, seed index) -> TrainRobustConfig
+
+
+def _positive(cfg: PipelineConfig) -> list[tuple[bool, str]]:
+    """Pipeline-level checks (the stage-level ones are the stages' own, run in ``_plan``)."""
+    c = cfg
+    return [
+        (c.seeds >= 1, f"--seeds must be >= 1, got {c.seeds}"),
+        (0.0 < c.synthetic_fraction < 1.0, f"--synthetic-fraction must be in (0, 1) (the real arm needs "
+                                           f"real images in every batch of the others), got {c.synthetic_fraction}"),
+        (c.classifier_epochs >= 1, f"--classifier-epochs must be >= 1, got {c.classifier_epochs}"),
+        (c.diffusion_iters is None or c.diffusion_iters >= 1,
+         f"--diffusion-iters must be >= 1, got {c.diffusion_iters}"),
+        (c.n_synthetic >= 1, f"--n-synthetic must be >= 1, got {c.n_synthetic}"),
+        (c.sample_batch >= 1, f"--sample-batch must be >= 1, got {c.sample_batch}"),
+        (c.sample_steps >= 1, f"--sample-steps must be >= 1, got {c.sample_steps}"),
+        (c.scale is None or (math.isfinite(c.scale) and c.scale >= 0),
+         f"--scale (the guidance scale lambda) must be a finite number >= 0, got {c.scale}"),
+        (c.t_min is None or c.t_min >= 0, f"--t-min must be >= 0, got {c.t_min}"),
+        (c.t_max is None or c.t_max >= 1, f"--t-max must be >= 1, got {c.t_max}"),
+        (c.t_min is None or c.t_max is None or c.t_min < c.t_max,
+         f"--t-min {c.t_min} must be below --t-max {c.t_max} (no step would be guided)"),
+        (c.group_size is None or c.group_size >= 2, f"--group-size must be >= 2, got {c.group_size}"),
+        (c.robust_epochs >= 1, f"--robust-epochs must be >= 1, got {c.robust_epochs}"),
+        (c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}"),
+        (c.lr is None or (math.isfinite(c.lr) and c.lr > 0), f"--lr must be > 0, got {c.lr}"),
+        (c.eps is None or c.eps > 0, f"--eps must be > 0 (0 would be plain training), got {c.eps}"),
+        (c.attack_steps is None or c.attack_steps >= 1, f"--attack-steps must be >= 1, got {c.attack_steps}"),
+        (c.eval_attack_steps >= 1, f"--eval-attack-steps must be >= 1, got {c.eval_attack_steps}"),
+        (c.real_limit is None or c.real_limit >= 1, f"--real-limit must be >= 1, got {c.real_limit}"),
+    ]
+
+
+def _plan(cfg: PipelineConfig) -> _Plan:
+    """Resolve and check every setting of every stage; raises ValueError naming the first bad one.
+
+    Nothing is loaded, trained or written here. The returned plan's ``cfg`` has every default
+    filled in with the value actually used (no None left for eps, lr, attack steps, models).
+    """
+    from . import data as data_mod
+    from . import models
+    from .diffusion_train import TrainDiffusionConfig, resolve_settings
+    from .generate import GenerateConfig
+    from .trades import TrainRobustConfig, _check_cfg, _resolve
+
+    for ok, msg in _positive(cfg):
+        if not ok:
+            raise ValueError(msg)
+    check_eps(cfg.eps)
+    name = data_mod.canonical_name(cfg.data)
+    check_data_dir(name, cfg.data_dir)
+    resolve_device(cfg.device)
+    defaults = data_mod.dataset_defaults(name)
+    for flag, model in (("--classifier", cfg.classifier), ("--robust-model", cfg.robust_model)):
+        if model is not None and model.lower().replace("_", "-") not in models.NAMES:
+            raise ValueError(f"{flag} {model!r} is not a classifier this package builds; choose one of "
+                             f"{', '.join(models.NAMES)}")
+    dcfg = TrainDiffusionConfig(data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+                                iters=cfg.diffusion_iters, preset=cfg.diffusion_preset, seed=cfg.seed,
+                                device=cfg.device)
+    ds = resolve_settings(dcfg, name)
+    dcfg = dataclasses.replace(dcfg, iters=ds["iters"], preset=ds["preset"])
+    if cfg.sample_steps > dcfg.num_train_timesteps:
+        raise ValueError(f"--sample-steps {cfg.sample_steps} exceeds the diffusion model's "
+                         f"{dcfg.num_train_timesteps} training timesteps")
+    eps = float(cfg.eps if cfg.eps is not None else (0.1 if name == "digits" else defaults["eps"]))
+    steps = int(cfg.attack_steps if cfg.attack_steps is not None else defaults["attack_steps"])
+    resolved = dataclasses.replace(
+        cfg, data=name, classifier=cfg.classifier or defaults["model"],
+        robust_model=cfg.robust_model or defaults["model"], diffusion_iters=ds["iters"],
+        diffusion_preset=ds["preset"], eps=eps, attack_steps=steps)
+    rcfgs = {}
+    for s in range(cfg.seeds):
+        for arm in ARMS:
+            rcfg = TrainRobustConfig(data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+                                     synthetic_fraction=cfg.synthetic_fraction, model=resolved.robust_model,
+                                     epochs=_arm_epochs(cfg, arm), batch_size=cfg.batch_size, lr=cfg.lr,
+                                     optimizer=cfg.robust_optimizer, eps=eps, step_size=2.5 * eps / steps,
+                                     attack_steps=steps, eval_attack_steps=cfg.eval_attack_steps,
+                                     out=str(Path(cfg.out) / "robust" / f"{arm}-seed{s}"),
+                                     seed=cfg.seed + s, device=cfg.device)
+            _check_cfg(rcfg)
+            rcfg.lr = _resolve(rcfg, defaults, name)["lr"]  # also checks the attack settings
+            rcfgs[arm, s] = rcfg
+    resolved.lr = rcfgs["real", 0].lr
+    gcfgs = {}
+    for arm, guidance in (("ddim", "none"), ("contrastive-dp", cfg.guidance)):
+        guided = guidance != "none"
+        gcfgs[arm] = GenerateConfig(
+            checkpoint=str(Path(cfg.out) / "diffusion"), out=str(Path(cfg.out) / "synthetic" / arm),
+            n=cfg.n_synthetic, batch_size=cfg.sample_batch, steps=cfg.sample_steps, guidance=guidance,
+            seed=cfg.seed + 1000, device=cfg.device,
+            **(dict(scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
+                    head=cfg.head) if guided else {}))
+    scfg = SweepConfig(checkpoint=str(Path(cfg.out) / "diffusion"), classifier=str(Path(cfg.out) / "classifier"),
+                       data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+                       out=str(Path(cfg.out) / "sweep"), scales=tuple(validate_scales(cfg.sweep_scales)),
+                       guidance=cfg.guidance, features="classifier", head=cfg.head, n=cfg.sweep_n,
+                       batch_size=min(cfg.sample_batch, cfg.sweep_n), steps=cfg.sweep_steps,
+                       t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
+                       tolerance=cfg.sweep_tolerance, seed=cfg.seed + 1000, device=cfg.device)
+    base = {"data": name, "data_dir": cfg.data_dir, "real_limit": cfg.real_limit, "seed": cfg.seed}
+    return _Plan(resolved, base, defaults, dcfg, scfg, gcfgs, rcfgs)
+
+
+def resolve(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with every default filled in, after checking every stage's settings (CLI hook:
+    runs before anything is written, so a bad setting costs nothing and changes no file)."""
+    return _plan(cfg).cfg
+
+
 def run(cfg: PipelineConfig) -> dict:
     from . import data as data_mod
     from . import models
-    from .diffusion_train import TrainDiffusionConfig, load_diffusion, train_diffusion
+    from .diffusion_train import load_diffusion, train_diffusion
     from .figures import accuracy_bars, embedding_scatter, markdown_table, sample_grids
-    from .generate import GenerateConfig, generate
+    from .generate import generate
     from .pseudolabel import train_classifier
-    from .trades import TrainRobustConfig, train_robust
+    from .trades import train_robust
 
-    if cfg.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {cfg.seeds}")
-    if not 0.0 < cfg.synthetic_fraction < 1.0:
-        raise ValueError(f"--synthetic-fraction must be in (0, 1) (the real arm needs real images "
-                         f"in every batch of the others), got {cfg.synthetic_fraction}")
-    validate_scales(cfg.sweep_scales)  # the sweep's grid: refused before any stage runs
+    plan = _plan(cfg)  # every setting of every stage is checked before any stage runs
+    cfg, base = plan.cfg, plan.base
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings: dict[str, float | None] = {}
+    cached: list[str] = []
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    base = {"data": cfg.data, "data_dir": cfg.data_dir, "real_limit": cfg.real_limit, "seed": cfg.seed}
     data = data_mod.load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
-    defaults = data_mod.dataset_defaults(data.name)
     print(f"[pipeline] {data!r} on {device}")
+
+    def finish(stage_name: str, st: _Stage, t0: float, **info) -> None:
+        if st.fresh:
+            cached.append(stage_name)
+        else:
+            st.done(seconds=round(time.perf_counter() - t0, 2), **info)
+        timings[stage_name] = st.seconds  # from the run that computed the stage
 
     # 1. intermediate classifier ------------------------------------------------------------------
     t0 = time.perf_counter()
-    clf_name = cfg.classifier or defaults["model"]
+    clf_name = cfg.classifier
     st = _Stage(out, "classifier", {**base, "model": clf_name, "epochs": cfg.classifier_epochs}, cfg.force)
+    _log("intermediate classifier", f"intermediate classifier ({clf_name})", st.fresh)
     if not st.fresh:
-        print("[pipeline] 1/6 training the intermediate classifier")
         clf = train_classifier(data, clf_name, epochs=cfg.classifier_epochs, seed=cfg.seed, device=device)
         models.save(clf, st.dir, name=clf_name, data=data.name, role="intermediate classifier")
-        st.done()
+    finish("classifier", st, t0)
     clf = models.load(st.dir, device=device)
     with torch.no_grad():
         pred = _batched(lambda x: clf(x).argmax(1), data.x_test, device)
         clf_acc = float((pred == data.y_test).float().mean())
-    timings["classifier"] = time.perf_counter() - t0
     print(f"[pipeline] intermediate classifier test accuracy {clf_acc:.3f}")
 
     # 2. diffusion model (real training subset only) -----------------------------------------------
     t0 = time.perf_counter()
-    dcfg = TrainDiffusionConfig(data=cfg.data, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
-                                iters=cfg.diffusion_iters, preset=cfg.diffusion_preset,
-                                out=str(out / "diffusion"), seed=cfg.seed, device=cfg.device)
+    dcfg = plan.dcfg
     st = _Stage(out, "diffusion", {**base, **_keyed(to_dict(dcfg))}, cfg.force)
+    _log("diffusion model", "diffusion model on the real training subset", st.fresh)
     if not st.fresh:
-        print("[pipeline] 2/6 training the diffusion model on the real training subset")
-        train_diffusion(dcfg, data=data)
-        st.done()
+        train_diffusion(dataclasses.replace(dcfg, out=str(st.dir)), data=data)
+    finish("diffusion", st, t0)
     unet, schedule, meta = load_diffusion(st.dir, device=device)
-    timings["diffusion"] = time.perf_counter() - t0
 
     # 2b. guidance-scale sweep: chooses the Contrastive-DP scale unless --scale is given ----------
     t0 = time.perf_counter()
-    sweep_res = _sweep_stage(cfg, out, {**base, "diffusion": _key(_keyed(to_dict(dcfg))),
-                                        "classifier": clf_name, "classifier_epochs": cfg.classifier_epochs},
-                             unet=unet, schedule=schedule, meta=meta, clf=clf, data=data, device=device)
+    dep = {**base, "diffusion": _key(_keyed(to_dict(dcfg))), "classifier": clf_name,
+           "classifier_epochs": cfg.classifier_epochs,
+           **{k: v for k, v in _keyed(to_dict(plan.scfg)).items() if k != "classifier"}}  # a path
+    st = _Stage(out, "sweep", dep, cfg.force)
+    _log("guidance-scale sweep", f"guidance-scale sweep: {len(plan.scfg.scales)} scales x "
+         f"{plan.scfg.n} images", st.fresh)
+    if not st.fresh:
+        sweep_res = run_sweep(dataclasses.replace(plan.scfg, out=str(st.dir)), model=unet, schedule=schedule,
+                              meta=meta, clf=clf, data=data, device=device)
+    finish("sweep", st, t0, guidance_scale=None if st.fresh else sweep_res["guidance_scale"])
+    sweep_res = json.loads((st.dir / "sweep.json").read_text())
     scale = cfg.scale if cfg.scale is not None else sweep_res["guidance_scale"]
-    timings["sweep"] = time.perf_counter() - t0
 
     # 3 + 4. synthetic sets from the same noise, pseudo-labelled ----------------------------------
     synth: dict[str, tuple] = {}
     gen_info: dict[str, dict] = {}
-    for arm, guidance in (("ddim", "none"), ("contrastive-dp", cfg.guidance)):
+    syn_keys: dict[str, str] = {}
+    for arm, gcfg in plan.gcfgs.items():
         t0 = time.perf_counter()
-        guided = guidance != "none"
-        gcfg = GenerateConfig(checkpoint=str(out / "diffusion"), out=str(out / "synthetic" / arm),
-                              n=cfg.n_synthetic, batch_size=cfg.sample_batch, steps=cfg.sample_steps,
-                              guidance=guidance, seed=cfg.seed + 1000, device=cfg.device,
-                              **(dict(scale=scale, t_min=cfg.t_min, t_max=cfg.t_max,
-                                      group_size=cfg.group_size, head=cfg.head) if guided else {}))
+        if gcfg.guidance != "none":
+            gcfg = dataclasses.replace(gcfg, scale=scale)
         dep = {**base, "diffusion": _key(_keyed(to_dict(dcfg))), "classifier": clf_name,
                "classifier_epochs": cfg.classifier_epochs, **_keyed(to_dict(gcfg))}
         st = _Stage(out / "synthetic", arm, dep, cfg.force)
+        _log("synthetic sets + pseudo-labels", f"{cfg.n_synthetic} images: {arm}", st.fresh)
         if not st.fresh:
-            print(f"[pipeline] 3/6 sampling {cfg.n_synthetic} images: {arm}")
-            gen_info[arm] = generate(gcfg, model=unet, schedule=schedule, meta=meta,
-                                     features_model=clf.features, labeler=clf)
-            st.done(**gen_info[arm])
+            gen_info[arm] = generate(dataclasses.replace(gcfg, out=str(st.dir)), model=unet, schedule=schedule,
+                                     meta=meta, features_model=clf.features, labeler=clf)
+            gen_info[arm]["load_during_sampling"] = _load_note()
+            gen_info[arm]["out"] = str(st.final)
         else:
-            gen_info[arm] = json.loads((st.dir / "summary.json").read_text())
+            gen_info[arm] = {k: st.info.get(k) for k in ("images_per_s", "wall_s", "load_during_sampling")}
+        finish(f"sample_{arm}", st, t0, **gen_info[arm])
+        syn_keys[arm] = st.key
         imgs, labels, extra = data_mod.load_synthetic(st.dir, like=data, with_extra=True)
         synth[arm] = (imgs, labels, extra.get("confidence"))
-        timings[f"sample_{arm}"] = time.perf_counter() - t0
 
     # 5 + 6. TRADES per arm and seed, evaluated on the test split ---------------------------------
     per_arm: dict[str, list[dict]] = {a: [] for a in ARMS}
     for s in range(cfg.seeds):
         for arm in ARMS:
             t0 = time.perf_counter()
-            eps = cfg.eps if cfg.eps is not None else (0.1 if data.name == "digits" else None)
-            steps = cfg.attack_steps or defaults["attack_steps"]
-            step_size = 2.5 * eps / steps if eps is not None else None
-            rcfg = TrainRobustConfig(data=cfg.data, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
-                                     synthetic_fraction=cfg.synthetic_fraction, model=cfg.robust_model,
-                                     epochs=_arm_epochs(cfg, arm), batch_size=cfg.batch_size, lr=cfg.lr,
-                                     optimizer=cfg.robust_optimizer,
-                                     eps=eps, step_size=step_size, attack_steps=cfg.attack_steps,
-                                     eval_attack_steps=cfg.eval_attack_steps,
-                                     out=str(out / "robust" / f"{arm}-seed{s}"), seed=cfg.seed + s,
-                                     device=cfg.device)
+            rcfg = plan.rcfgs[arm, s]
             dep = {**base, **_keyed(to_dict(rcfg)), "arm": arm,
-                   "synthetic": None if arm == "real" else json.loads(
-                       (out / "synthetic" / arm / "stage.json").read_text())["key"]}
+                   "synthetic": None if arm == "real" else syn_keys[arm]}
             st = _Stage(out / "robust", f"{arm}-seed{s}", dep, cfg.force)
+            _log("TRADES + test evaluation", f"TRADES on {arm} (seed {cfg.seed + s})", st.fresh)
             if not st.fresh:
-                print(f"[pipeline] 5/6 TRADES on {arm} (seed {cfg.seed + s})")
                 syn = None if arm == "real" else synth[arm][:2]
                 # an interrupted run of the same stage continues from its last finished epoch
-                rcfg.resume = st.resuming and (st.dir / "train_state.safetensors").is_file()
-                res = train_robust(rcfg, data=data, synthetic=syn)
-                st.done()
-            else:
-                res = json.loads((st.dir / "results.json").read_text())
+                resume = st.resuming and (st.dir / "train_state.safetensors").is_file()
+                train_robust(dataclasses.replace(rcfg, out=str(st.dir), resume=resume), data=data,
+                             synthetic=syn)
+            finish(f"robust_{arm}_seed{s}", st, t0)
+            res = json.loads((st.dir / "results.json").read_text())
             per_arm[arm].append(res)
-            timings[f"robust_{arm}_seed{s}"] = time.perf_counter() - t0
 
+    _log("figures and report", "figures and report")
     arms = {}
     for arm, rs in per_arm.items():
         c = np.array([r["clean_acc"] for r in rs])
@@ -283,21 +451,32 @@ def run(cfg: PipelineConfig) -> dict:
         "embedding": embedding_scatter(feats, labs, out / "embedding.png", method=cfg.embedding,
                                        title=f"classifier features ({cfg.embedding.upper()})"),
     }
-    timings["total"] = time.perf_counter() - t_start
+    timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
     results = {
         "arms": arms,
         "data": data.name, "n_real_train": int(data.x_train.shape[0]), "n_test": int(data.x_test.shape[0]),
         "intermediate_classifier_acc": clf_acc,
-        "synthetic": {a: {**syn_stats[a], "images_per_s": gen_info[a].get("images_per_s")} for a in synth},
-        **_sweep_results(sweep_res, scale, cfg.scale is None, synth),
-        "per_seed": per_arm, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "synthetic": {a: {**syn_stats[a], "images_per_s": gen_info[a].get("images_per_s"),
+                          "load_during_sampling": gen_info[a].get("load_during_sampling")} for a in synth},
+        "synthetic_difference": _set_difference(synth["ddim"][0], synth["contrastive-dp"][0]),
+        "comparisons": _comparisons(arms, int(data.x_test.shape[0])),
+        **_sweep_results(sweep_res, scale, cfg.scale is None),
+        "per_seed": per_arm, "timings_s": timings, "cached_stages": cached,
         "device": str(device), "figures": {k: str(v) for k, v in figs.items()},
         "config": to_dict(cfg),
     }
     write_json(out / "results.json", results)
-    (out / "report.md").write_text(_report(cfg, results, markdown_table))
-    print(f"[pipeline] done in {timings['total']:.0f}s: {out / 'report.md'}")
+    atomic_write_bytes(out / "report.md", _report(cfg, results, markdown_table).encode())
+    print(f"[pipeline] done in {timings['total_this_run']:.0f}s: {out / 'report.md'}")
     return results
+
+
+def _load_note() -> dict | None:
+    """The machine's load while a stage ran: throughput measured under load is not a benchmark."""
+    try:
+        return {"load_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    except (AttributeError, OSError):  # no getloadavg on this platform
+        return None
 
 
 def _arm_epochs(cfg: PipelineConfig, arm: str) -> int:
@@ -329,21 +508,62 @@ def _set_stats(f: torch.Tensor, labels: torch.Tensor, conf, num_classes: int) ->
     p = counts / counts.sum()
     label_entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / np.log(num_classes))
     return {"n": n, "mean_pairwise_cosine": round(mean_cos, 4),
-            "label_entropy_normalised": round(label_entropy, 4),
+            "label_entropy_normalised": round(label_entropy, 4) + 0.0,  # + 0.0: no "-0.0"
             "mean_confidence": None if conf is None else round(float(torch.as_tensor(conf).float().mean()), 4),
             "label_counts": counts.long().tolist()}
+
+
+def _set_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """How far apart two uint8 sets made from the same noise are (guided vs unguided)."""
+    d = (a.to(torch.int16) - b.to(torch.int16)).abs()
+    return {"mean_abs_diff_255": round(float(d.float().mean()), 3),
+            "identical_pixel_fraction": round(float((d == 0).float().mean()), 4)}
+
+
+def _comparisons(arms: dict, n_test: int) -> list[dict]:
+    """Each synthetic arm against real, and Contrastive-DP against DDIM, with a noise level.
+
+    noise = the larger of the binomial standard error of a difference of two accuracies on
+    ``n_test`` images (sqrt(p1 q1 / n + p2 q2 / n)) and, with several seeds, the standard error
+    of the difference of the seed means. A difference is "within noise" when it is below twice
+    that (about a 95% interval).
+    """
+    out = []
+    for a, b in (("ddim", "real"), ("contrastive-dp", "real"), ("contrastive-dp", "ddim")):
+        for metric in ("clean_acc", "robust_acc"):
+            pa, pb = arms[a][metric], arms[b][metric]
+            k = arms[a]["seeds"]
+            binom = math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n_test)
+            seed = math.sqrt((arms[a][metric + "_std"] ** 2 + arms[b][metric + "_std"] ** 2) / (k - 1)) \
+                if k > 1 else 0.0  # std over seeds is the population std (ddof 0): / (k - 1)
+            noise = max(binom, seed)
+            out.append({"a": a, "b": b, "metric": metric, "difference": pa - pb, "noise_se": noise,
+                        "noise_from": "seeds" if seed > binom else f"binomial, {n_test} test images",
+                        "within_noise": abs(pa - pb) < 2 * noise})
+    return out
 
 
 def _report(cfg: PipelineConfig, r: dict, markdown_table) -> str:
     rows = []
     for arm, a in r["arms"].items():
-        pm = (lambda k: f"{100 * a[k]:.2f} ± {100 * a[k + '_std']:.2f}") if a["seeds"] > 1 else \
-            (lambda k: f"{100 * a[k]:.2f}")
-        rows.append([arm, a["n_synthetic"], pm("clean_acc"), pm("robust_acc")])
+        pm = [f"{100 * a[k]:.2f} ± {100 * a[k + '_std']:.2f}" if a["seeds"] > 1 else f"{100 * a[k]:.2f}"
+              for k in ("clean_acc", "robust_acc")]
+        rows.append([arm, a["n_synthetic"], *pm])
+    cmp_rows = [[f"{c['a']} − {c['b']}", c["metric"].replace("_acc", ""), f"{100 * c['difference']:+.2f}",
+                 f"± {200 * c['noise_se']:.2f} ({c['noise_from']})",
+                 "within noise" if c["within_noise"] else "beyond noise"] for c in r["comparisons"]]
     syn = [[a, s["n"], s["mean_pairwise_cosine"], s["label_entropy_normalised"], s["mean_confidence"],
             s["images_per_s"]] for a, s in r["synthetic"].items()]
-    tim = [[k, v] for k, v in r["timings_s"].items()]
+    loads = [s.get("load_during_sampling") for s in r["synthetic"].values()]
+    load_txt = "; ".join(f"1-min load average {ld['load_1min']} on {ld['cpus']} CPUs" for ld in loads if ld) \
+        or "machine load not recorded"
+    sd = r["synthetic_difference"]
+    cached = set(r["cached_stages"])
+    tim = [[k, "n/a (not recorded)" if v is None else v,
+            "an earlier run (cached)" if k in cached else "this run"] for k, v in r["timings_s"].items()]
     eps = r["arms"]["real"]["eps"]
+    one_seed = (" With one seed the interval covers only the test-set sampling, not training randomness "
+                "(use --seeds 3 or more)." if cfg.seeds == 1 else "")
     return "\n\n".join([
         f"# cdp-fast pipeline: {r['data']}",
         f"Real training images: {r['n_real_train']}; test images: {r['n_test']}; device: {r['device']}; "
@@ -351,52 +571,42 @@ def _report(cfg: PipelineConfig, r: dict, markdown_table) -> str:
         "## Robust accuracy (TRADES, test split)",
         f"Linf eps = {eps:.4g}; robust = PGD-{cfg.eval_attack_steps} accuracy (%).",
         markdown_table(rows, ["arm", "synthetic images", "clean acc", "robust acc"]),
+        "Differences (percentage points) with a 95% noise interval (2 standard errors: binomial on the "
+        "test-set size, or the spread over seeds when larger). A difference inside it is not evidence "
+        "that one arm is better." + one_seed,
+        markdown_table(cmp_rows, ["arms", "accuracy", "difference", "noise (95%)", "verdict"]),
         "![accuracy](accuracy.png)",
         "## Synthetic sets",
+        f"Both sets start from the same initial noise; guidance changed the images by "
+        f"{sd['mean_abs_diff_255']:.2f}/255 per pixel on average, and "
+        f"{100 * sd['identical_pixel_fraction']:.0f}% of pixels are identical in the two sets.",
         "Mean pairwise cosine of the classifier features (lower = more diverse), normalised entropy "
-        "of the pseudo-label distribution, mean pseudo-label confidence, sampling throughput.",
-        markdown_table(syn, ["set", "n", "mean cos", "label entropy", "confidence", "images/s"]),
+        "of the pseudo-label distribution, mean pseudo-label confidence, and sampling throughput. "
+        f"images/s is wall-clock time measured while the machine was loaded ({load_txt}): "
+        "it is not a benchmark and a difference between the sets is not a speed result "
+        "(use `cdp-fast bench`).",
+        markdown_table(syn, ["set", "n", "mean cos", "label entropy", "confidence", "images/s (under load)"]),
         "![samples](samples.png)\n\n![embedding](embedding.png)",
         *_sweep_report(r, markdown_table),
         "## Settings",
         "```json\n" + json.dumps(r["config"], indent=2) + "\n```",
         "## Wall time (s)",
-        markdown_table(tim, ["stage", "seconds"]),
+        "Each stage's time is from the run that computed it; reused (cached) stages keep their "
+        "original time. total_this_run is this invocation only.",
+        markdown_table(tim, ["stage", "seconds", "computed by"]),
     ]) + "\n"
 
 
-# guidance-scale sweep stage (issue 13) -------------------------------------------------------------
-def _sweep_stage(cfg: PipelineConfig, out: Path, dep: dict, *, unet, schedule, meta, clf, data,
-                 device) -> dict:
-    """Run (or reuse) the sweep in ``out/sweep`` with the Contrastive-DP arm's guidance settings."""
-    scfg = SweepConfig(checkpoint=str(out / "diffusion"), classifier=str(out / "classifier"),
-                       data=cfg.data, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
-                       out=str(out / "sweep"), scales=tuple(validate_scales(cfg.sweep_scales)),
-                       guidance=cfg.guidance, features="classifier", head=cfg.head, n=cfg.sweep_n,
-                       batch_size=min(cfg.sample_batch, cfg.sweep_n), steps=cfg.sweep_steps,
-                       t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
-                       tolerance=cfg.sweep_tolerance, seed=cfg.seed + 1000, device=cfg.device)
-    st = _Stage(out, "sweep", {**dep, **_keyed(to_dict(scfg))}, cfg.force)
-    if st.fresh:
-        return json.loads((st.dir / "sweep.json").read_text())
-    print(f"[pipeline] 2b/6 guidance sweep: {len(scfg.scales)} scales x {scfg.n} images")
-    res = run_sweep(scfg, model=unet, schedule=schedule, meta=meta, clf=clf, data=data, device=device)
-    st.done(guidance_scale=res["guidance_scale"])
-    return res
-
-
-def _sweep_results(res: dict, scale: float, chosen: bool, synth: dict) -> dict:
-    """results.json entries: the sweep rows, the arm's scale, and the arm's own pixel change."""
+# guidance-scale sweep (issue 13) ---------------------------------------------------------------------
+def _sweep_results(res: dict, scale: float, chosen: bool) -> dict:
+    """results.json entries: the sweep rows and the scale the Contrastive-DP arm used."""
     keys = ("scale", "pixel_change", "separability", "probe_accuracy", "diversity", "fidelity",
             "confidence", "broken")
-    ddim, cdp = synth["ddim"][0], synth["contrastive-dp"][0]
     return {"guidance_sweep": [{k: r.get(k) for k in keys} for r in res["guidance_sweep"]],
             "guidance_scale": scale,
             "guidance_scale_source": "sweep" if chosen else "--scale",
             "guidance_choice": res["choice"],
-            "guidance_reference_real_train": res["reference_real_train"],
-            # the arm at its own step count, same noise as DDIM
-            "contrastive_dp_pixel_change_vs_ddim": float((cdp.float() - ddim.float()).abs().mean() / 255.0)}
+            "guidance_reference_real_train": res["reference_real_train"]}
 
 
 def _sweep_report(r: dict, markdown_table) -> list[str]:
@@ -413,6 +623,6 @@ def _sweep_report(r: dict, markdown_table) -> list[str]:
         markdown_table(rows, header),
         f"Rule: {c['rule']}. Chosen: lambda = {c['scale']:g}. {c['note']}".strip(),
         used + f" At its own step count the arm's images differ from the DDIM set's (same noise) by "
-               f"{r['contrastive_dp_pixel_change_vs_ddim']:.4f} on average in [0, 1] pixel units.",
+               f"{r['synthetic_difference']['mean_abs_diff_255'] / 255:.4f} on average in [0, 1] pixel units.",
         "![guidance sweep](sweep/sweep.png)\n\n![same noise across scales](sweep/sweep_images.png)",
     ]

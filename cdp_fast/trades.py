@@ -46,7 +46,7 @@ from safetensors.torch import save as st_save
 
 from . import attacks, models
 from . import data as data_mod
-from .config import field
+from .config import check_eps, field
 from .evaluate import evaluate
 from .training import (
     PRECISIONS,
@@ -94,7 +94,9 @@ class TrainRobustConfig:
                            choices=("sgd", "adamw"))
     weight_decay: float = field(5e-4, help="weight decay (not applied to biases / BN)")
     schedule: str = field("cosine", help="learning-rate schedule", choices=("cosine", "onecycle", "constant"))
-    eps: float | None = field(None, help="Linf radius in [0,1] units (default: dataset's, digits 0.3)")
+    eps: float | None = field(None, help="Linf radius in [0, 1] pixel units, fractions like 8/255 accepted "
+                              "(default: the dataset's: digits and mnist 0.3, fashion-mnist 0.1, cifar10 and "
+                              "gtsrb 8/255; the pipeline uses 0.1 on digits, see its --help)")
     step_size: float | None = field(None, help="attack step size (default: dataset's)")
     attack_steps: int | None = field(None, help="TRADES attack steps K (default: dataset's)")
     beta: float | None = field(None, help="TRADES beta (default: dataset's)")
@@ -247,6 +249,7 @@ def _check_cfg(cfg: TrainRobustConfig) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {cfg.log_every}")
+    check_eps(cfg.eps)
 
 
 # Synthetic sets above this size are read lazily under --synthetic-store auto.
@@ -340,6 +343,9 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
     state_path = out / STATE_FILE
     if cfg.resume and not state_path.is_file():
         raise FileNotFoundError(f"--resume: {state_path} not found (nothing to resume)")
+    if not cfg.resume and state_path.is_file():  # never restart over (and so destroy) earlier work
+        raise ValueError(f"{out} already holds a training run ({STATE_FILE}); add --resume to continue "
+                         f"it, or choose another --out (or delete the folder) to start afresh")
     out.mkdir(parents=True, exist_ok=True)
 
     # Validation split: val_size real training images chosen by a seeded permutation.

@@ -44,12 +44,31 @@ def progress(iterable=None, *, total=None, desc: str = "", disable: bool | None 
                 file=sys.stderr, **kw)
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where possible: setting it to read it races threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write via a temp file + rename so a crash never leaves a half-written file behind."""
+    """Write via a temp file + rename so a crash never leaves a half-written file behind.
+
+    The file gets the permissions a plain ``open(path, "w")`` would (0666 minus the umask):
+    mkstemp makes its temp file 0600, which would leave outputs unreadable to colleagues.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

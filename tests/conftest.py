@@ -5,8 +5,13 @@
   (right for gradients, whose small entries have no meaningful relative error); with
   ``scale="elem"`` it is elementwise ``atol + rtol * |expected|``. Also available as a fixture.
 * ``requires_cuda``: skip marker for GPU-only tests (combine with ``pytest.mark.gpu``).
+
+Without diffusers (the ``interop`` extra) the diffusers-equivalence tests are skipped; the header
+and the end of the run say so, with the count, so a green run never hides them.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -41,3 +46,25 @@ def _assert_close(actual, expected, *, rtol, atol=0.0, scale="max", name="", sho
 @pytest.fixture
 def assert_close():
     return _assert_close
+
+
+DIFFUSERS_NOTE = ("diffusers is not installed: {n} diffusers-equivalence tests (tests/test_diffusers_compat.py, "
+                  "tests/test_sampler.py) were SKIPPED; pip install -e '.[dev,interop]' (as CI does) runs them")
+
+
+def pytest_report_header(config):
+    if importlib.util.find_spec("diffusers") is None:
+        return ["diffusers not installed: the diffusers-equivalence tests will be skipped "
+                "(pip install -e '.[dev,interop]' runs them)"]
+    return []
+
+
+def diffusers_skips(skipped_reports) -> int:
+    """How many skipped tests were skipped for want of diffusers."""
+    return sum("diffusers" in str(getattr(r, "longrepr", "")) for r in skipped_reports)
+
+
+def pytest_terminal_summary(terminalreporter):
+    n = diffusers_skips(terminalreporter.stats.get("skipped", []))
+    if n:
+        terminalreporter.write_line(DIFFUSERS_NOTE.format(n=n), yellow=True, bold=True)

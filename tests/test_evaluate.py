@@ -1,14 +1,12 @@
 """`cdp-fast eval`: result schema, attack semantics, errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from cdp_fast import attacks
 from cdp_fast.evaluate import EvalConfig, evaluate, resolve_precision, run
 
 
@@ -86,8 +84,29 @@ def test_errors(tmp_path):
         resolve_precision("int8", torch.device("cpu"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchattacks") is not None, reason="torchattacks installed")
-def test_autoattack_without_torchattacks_is_a_clear_error():
+def test_autoattack_is_built_in_and_records_its_own_settings(tmp_path):
+    # it used to need torchattacks (whose install replaced the user's torch) and wrote
+    # "steps": 20, "restarts": 1 (PGD's settings) into its JSON
     model, (x, y) = linear_model(), data()
-    with pytest.raises(ValueError, match="torchattacks"):
-        evaluate(model, x, y, eps=0.1, attack="autoattack", device="cpu", show_progress=False)
+    r = evaluate(model, x, y, eps=0.1, attack="autoattack", device="cpu", show_progress=False,
+                 aa_iters=5, aa_targets=9)
+    assert r["attack_name"] == "AutoAttack (APGD-CE + APGD-T subset)"
+    assert r["components"] == ["apgd-ce", "apgd-t"] and r["n_iter"] == 5
+    assert r["n_target_classes"] == 3  # 4 classes: at most 3 targets
+    assert "steps" not in r and 0.0 <= r["robust_acc"] <= r["clean_acc"] <= 1.0
+    pgd = evaluate(model, x, y, eps=0.1, attack="pgd", steps=5, device="cpu", show_progress=False)
+    assert r["robust_acc"] <= pgd["robust_acc"] + 1e-9 or r["robust_acc"] == 0
+
+
+def test_eval_accepts_a_train_robust_run_folder(tmp_path, capsys):
+    from cdp_fast import models
+
+    torch.manual_seed(0)
+    m = models.build("small-cnn", num_classes=10, in_channels=1, image_size=8)
+    models.save(m, tmp_path / "run" / "best")
+    models.save(m, tmp_path / "run" / "last")
+    res = run(EvalConfig(checkpoint=str(tmp_path / "run"), data="digits", steps=1, limit=4, device="cpu"))
+    assert res["checkpoint"] == str(tmp_path / "run" / "best")
+    assert "best/" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):  # a folder that is neither still fails clearly
+        run(EvalConfig(checkpoint=str(tmp_path / "empty"), data="digits", device="cpu"))
