@@ -35,8 +35,9 @@ from . import models
 from .config import field
 from .diffusion_train import load_diffusion
 from .figures import guidance_sweep_figures, markdown_table
-from .generate import GenerateConfig, make_guidance, sample_batches
+from .generate import GenerateConfig, make_guidance, sample_shard
 from .guidance import LOSSES
+from .sampler import DDIMSampler
 from .utils import progress, resolve_device, write_json
 
 # log spaced, 0 (the reference) then 1e3 .. 1e6
@@ -260,11 +261,12 @@ def run_sweep(cfg: SweepConfig, *, model, schedule, meta: dict, clf, data, devic
                               group_size=cfg.group_size, head=cfg.head,
                               features="identity", seed=cfg.seed, device=str(device))
         feats = clf.features if cfg.features == "classifier" else None
-        g = make_guidance(gcfg, device, feats) if guided else None
-        try:
-            imgs = torch.cat([b[1] for b in sample_batches(model, schedule, meta, gcfg, guidance=g,
-                                                           labeler=clf, device=device,
-                                                           desc=f"lambda={s:g}")])
+        g = make_guidance(gcfg, device, feats, image_shape=meta["image_shape"]) if guided else None
+        sampler = DDIMSampler(model, schedule, steps=gcfg.steps, eta=gcfg.eta, skip=gcfg.skip, guidance=g,
+                              method=gcfg.method, bf16=gcfg.bf16, cuda_graphs=gcfg.cuda_graphs)
+        try:  # the same shards (same seeds, so the same initial noise) at every scale
+            imgs = torch.cat([sample_shard(sampler, gcfg, meta, i, labeler=clf, device=device)[0]
+                              for i in range(-(-cfg.n // cfg.batch_size))])
         except ValueError as e:
             if "NaN" not in str(e) and "inf" not in str(e):
                 raise
