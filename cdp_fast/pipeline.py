@@ -199,7 +199,7 @@ class _Plan:
     base: dict
     defaults: dict
     dcfg: object          # TrainDiffusionConfig
-    scfg: SweepConfig     # the guidance-scale sweep
+    scfg: SweepConfig     # the guidance-scale sweep (pipeline.run rebuilds it: _sweep_config)
     gcfgs: dict           # arm -> GenerateConfig (contrastive-dp: scale None = the sweep's choice)
     rcfgs: dict           # (arm, seed index) -> TrainRobustConfig
 
@@ -295,13 +295,7 @@ def _plan(cfg: PipelineConfig) -> _Plan:
             seed=cfg.seed + 1000, device=cfg.device,
             **(dict(scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
                     head=cfg.head) if guided else {}))
-    scfg = SweepConfig(checkpoint=str(Path(cfg.out) / "diffusion"), classifier=str(Path(cfg.out) / "classifier"),
-                       data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
-                       out=str(Path(cfg.out) / "sweep"), scales=tuple(validate_scales(cfg.sweep_scales)),
-                       guidance=cfg.guidance, features="classifier", head=cfg.head, n=cfg.sweep_n,
-                       batch_size=min(cfg.sample_batch, cfg.sweep_n), steps=cfg.sweep_steps,
-                       t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
-                       tolerance=cfg.sweep_tolerance, seed=cfg.seed + 1000, device=cfg.device)
+    scfg = _sweep_config(resolved)  # checks the grid and the rule's tolerance
     base = {"data": name, "data_dir": cfg.data_dir, "real_limit": cfg.real_limit, "seed": cfg.seed}
     return _Plan(resolved, base, defaults, dcfg, scfg, gcfgs, rcfgs)
 
@@ -366,18 +360,10 @@ def run(cfg: PipelineConfig) -> dict:
     unet, schedule, meta = load_diffusion(st.dir, device=device)
 
     # 2b. guidance-scale sweep: chooses the Contrastive-DP scale unless --scale is given ----------
-    t0 = time.perf_counter()
-    dep = {**base, "diffusion": _key(_keyed(to_dict(dcfg))), "classifier": clf_name,
-           "classifier_epochs": cfg.classifier_epochs,
-           **{k: v for k, v in _keyed(to_dict(plan.scfg)).items() if k != "classifier"}}  # a path
-    st = _Stage(out, "sweep", dep, cfg.force)
-    _log("guidance-scale sweep", f"guidance-scale sweep: {len(plan.scfg.scales)} scales x "
-         f"{plan.scfg.n} images", st.fresh)
-    if not st.fresh:
-        sweep_res = run_sweep(dataclasses.replace(plan.scfg, out=str(st.dir)), model=unet, schedule=schedule,
-                              meta=meta, clf=clf, data=data, device=device)
-    finish("sweep", st, t0, guidance_scale=None if st.fresh else sweep_res["guidance_scale"])
-    sweep_res = json.loads((st.dir / "sweep.json").read_text())
+    sweep_res = _sweep_stage(cfg, out, {**base, "diffusion": _key(_keyed(to_dict(dcfg))), "classifier": clf_name,
+                                        "classifier_epochs": cfg.classifier_epochs},
+                             unet=unet, schedule=schedule, meta=meta, clf=clf, data=data, device=device,
+                             finish=finish)
     scale = cfg.scale if cfg.scale is not None else sweep_res["guidance_scale"]
 
     # 3 + 4. synthetic sets from the same noise, pseudo-labelled ----------------------------------
@@ -598,6 +584,40 @@ def _report(cfg: PipelineConfig, r: dict, markdown_table) -> str:
 
 
 # guidance-scale sweep (issue 13) ---------------------------------------------------------------------
+def _sweep_config(cfg: PipelineConfig) -> SweepConfig:
+    """The sweep with the Contrastive-DP arm's guidance settings (checked on construction)."""
+    out = Path(cfg.out)
+    return SweepConfig(checkpoint=str(out / "diffusion"), classifier=str(out / "classifier"),
+                       data=cfg.data, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+                       out=str(out / "sweep"), scales=tuple(validate_scales(cfg.sweep_scales)),
+                       guidance=cfg.guidance, features="classifier", head=cfg.head, n=cfg.sweep_n,
+                       batch_size=min(cfg.sample_batch, cfg.sweep_n), steps=cfg.sweep_steps,
+                       t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
+                       tolerance=cfg.sweep_tolerance, seed=cfg.seed + 1000, device=cfg.device)
+
+
+def _sweep_stage(cfg: PipelineConfig, out: Path, dep: dict, *, unet, schedule, meta, clf, data, device,
+                 finish=None) -> dict:
+    """Run (or reuse) the sweep stage ``out/sweep``; returns its sweep.json. ``finish(name, st, t0,
+    **info)`` records the stage (run()'s bookkeeping); by default the stage is just marked done."""
+    scfg = _sweep_config(cfg)
+    t0 = time.perf_counter()
+    keyed = {k: v for k, v in _keyed(to_dict(scfg)).items() if k != "classifier"}  # a path
+    st = _Stage(out, "sweep", {**dep, **keyed}, cfg.force)
+    _log("guidance-scale sweep", f"guidance-scale sweep: {len(scfg.scales)} scales x {scfg.n} images",
+         st.fresh)
+    info = {}
+    if not st.fresh:
+        res = run_sweep(dataclasses.replace(scfg, out=str(st.dir)), model=unet, schedule=schedule, meta=meta,
+                        clf=clf, data=data, device=device)
+        info = {"guidance_scale": res["guidance_scale"]}
+    if finish is not None:
+        finish("sweep", st, t0, **info)
+    elif not st.fresh:
+        st.done(seconds=round(time.perf_counter() - t0, 2), **info)
+    return json.loads((st.dir / "sweep.json").read_text())
+
+
 def _sweep_results(res: dict, scale: float, chosen: bool) -> dict:
     """results.json entries: the sweep rows and the scale the Contrastive-DP arm used."""
     keys = ("scale", "pixel_change", "separability", "probe_accuracy", "diversity", "fidelity",
