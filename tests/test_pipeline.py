@@ -140,7 +140,7 @@ def test_rerun_reuses_finished_stages(tiny_run, monkeypatch, capsys):
     assert before["arms"] == after["arms"]
     # each stage keeps the time of the run that computed it (a cached rerun used to write 0.0 s)
     stages = [k for k in before["timings_s"] if k != "total_this_run"]
-    assert len(stages) == 7 and sorted(after["cached_stages"]) == sorted(stages)
+    assert len(stages) == 8 and sorted(after["cached_stages"]) == sorted(stages)
     assert {k: after["timings_s"][k] for k in stages} == {k: before["timings_s"][k] for k in stages}
     assert all(before["timings_s"][k] > 0 for k in stages)
     assert "an earlier run (cached)" in (tiny_run / "report.md").read_text()
@@ -158,7 +158,8 @@ BAD_SETTINGS = [["--eps", "-1"], ["--eps", "8"], ["--robust-epochs", "0"], ["--c
                 ["--synthetic-fraction", "1.5"], ["--batch-size", "0"], ["--lr", "-0.1"],
                 ["--attack-steps", "0"], ["--eval-attack-steps", "0"], ["--t-min", "500", "--t-max", "400"],
                 ["--group-size", "1"], ["--classifier", "resnet-999"], ["--robust-model", "vit"],
-                ["--data", "imagenet"], ["--real-limit", "0"], ["--data", "mnist", "--data-dir", "/nonexistent/d"]]
+                ["--data", "imagenet"], ["--real-limit", "0"], ["--sweep-scales", "-1"], ["--sweep-n", "0"],
+                ["--sweep-tolerance", "-1"], ["--data", "mnist", "--data-dir", "/nonexistent/d"]]
 
 
 def test_bad_setting_changes_nothing(tiny_run, monkeypatch, capsys):
