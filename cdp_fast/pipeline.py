@@ -377,7 +377,9 @@ def _sweep_stage(cfg: PipelineConfig, out: Path, dep: dict, *, unet, schedule, m
                        batch_size=min(cfg.sample_batch, cfg.sweep_n), steps=cfg.sweep_steps,
                        t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
                        tolerance=cfg.sweep_tolerance, seed=cfg.seed + 1000, device=cfg.device)
-    st = _Stage(out, "sweep", {**dep, **_keyed(to_dict(scfg))}, cfg.force)
+    # no paths in the key (the classifier checkpoint is keyed by dep's model name + epochs)
+    key = {k: v for k, v in _keyed(to_dict(scfg)).items() if k not in ("classifier", "seed")}
+    st = _Stage(out, "sweep", {**dep, **key, "sweep_seed": scfg.seed}, cfg.force)
     if st.fresh:
         return json.loads((st.dir / "sweep.json").read_text())
     print(f"[pipeline] 2b/6 guidance sweep: {len(scfg.scales)} scales x {scfg.n} images")
