@@ -602,8 +602,9 @@ def _sweep_stage(cfg: PipelineConfig, out: Path, dep: dict, *, unet, schedule, m
     **info)`` records the stage (run()'s bookkeeping); by default the stage is just marked done."""
     scfg = _sweep_config(cfg)
     t0 = time.perf_counter()
-    keyed = {k: v for k, v in _keyed(to_dict(scfg)).items() if k != "classifier"}  # a path
-    st = _Stage(out, "sweep", {**dep, **keyed}, cfg.force)
+    # no paths in the key (the classifier checkpoint is keyed by dep's model name + epochs)
+    keyed = {k: v for k, v in _keyed(to_dict(scfg)).items() if k not in ("classifier", "seed")}
+    st = _Stage(out, "sweep", {**dep, **keyed, "sweep_seed": scfg.seed}, cfg.force)
     _log("guidance-scale sweep", f"guidance-scale sweep: {len(scfg.scales)} scales x {scfg.n} images",
          st.fresh)
     info = {}
