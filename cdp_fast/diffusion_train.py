@@ -72,7 +72,8 @@ class TrainDiffusionConfig:
     data: str = field("digits", help="dataset name", choices=DATASETS)
     data_dir: str | None = field(None, help="folder with the dataset files (not needed for digits)")
     real_limit: int | None = field(
-        None, help="train on only these N real images (the same N the classifiers see; no leakage)")
+        None, help="train on N real images: a class-balanced subset, deterministic in --seed "
+                      "(the same N the classifiers see; no leakage)")
     iters: int | None = field(None, help="training iterations (None: per-dataset default, "
                                          "digits 1000, MNIST 50k, CIFAR-10 800k)")
     batch_size: int | None = field(None, help="batch size (None: 64 for digits, 128 otherwise)")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .config import check_data_dir, check_eps, field, to_dict
+from .guidance import LOSSES
 from .sweep import (
     DEFAULT_SCALES,
     SweepConfig,
@@ -51,7 +52,8 @@ ARMS = ("real", "ddim", "contrastive-dp")
 class PipelineConfig:
     data: str = field("digits", help="dataset: digits (built in), mnist, fashion-mnist, cifar10, gtsrb")
     data_dir: str | None = field(None, help="folder with the dataset files (not needed for digits)")
-    real_limit: int | None = field(None, help="real training images allowed (they alone train the "
+    real_limit: int | None = field(None, help="real training images allowed: a class-balanced "
+                                               "subset, deterministic in --seed (they alone train the "
                                                "diffusion model and the classifiers)")
     out: str = field("runs/pipeline", help="output folder (stages cached here)")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
@@ -68,7 +70,7 @@ class PipelineConfig:
     sample_batch: int = field(500, help="sampling batch (= shard size)")
     sample_steps: int = field(50, help="DDIM steps")
     guidance: str = field("hnm", help="contrastive loss of Contrastive-DP",
-                          choices=("hnm", "hnm-easy", "infonce"))
+                          choices=LOSSES)
     scale: float | None = field(None, help="guidance scale lambda of the Contrastive-DP arm (None: "
                                 "the scale the guidance sweep chooses)")
     t_min: int | None = field(400, help="guide steps with t >= t_min (the authors' CIFAR window)")

@@ -76,7 +76,7 @@ class NonFiniteLossError(ValueError):
 class TrainRobustConfig:
     data: str = field("digits", help="dataset: digits, mnist, fashion-mnist, cifar10, gtsrb")
     data_dir: str | None = field(None, help="folder with the dataset files")
-    real_limit: int | None = field(None, help="use only the first N real training images")
+    real_limit: int | None = field(None, help="use N real training images: a class-balanced subset, deterministic in --seed")
     synthetic: str | None = field(None, help="synthetic .npz file or folder of shards")
     synthetic_fraction: float = field(0.7, help="fraction of every batch drawn from synthetic data")
     synthetic_store: str = field("auto", help="memory: load the synthetic set into memory (on the device); "
