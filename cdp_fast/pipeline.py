@@ -201,7 +201,6 @@ class _Plan:
     base: dict
     defaults: dict
     dcfg: object          # TrainDiffusionConfig
-    scfg: SweepConfig     # the guidance-scale sweep (pipeline.run rebuilds it: _sweep_config)
     gcfgs: dict           # arm -> GenerateConfig (contrastive-dp: scale None = the sweep's choice)
     rcfgs: dict           # (arm, seed index) -> TrainRobustConfig
 
@@ -297,9 +296,9 @@ def _plan(cfg: PipelineConfig) -> _Plan:
             seed=cfg.seed + 1000, device=cfg.device,
             **(dict(scale=cfg.scale, t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
                     head=cfg.head) if guided else {}))
-    scfg = _sweep_config(resolved)  # checks the grid and the rule's tolerance
+    _sweep_config(resolved)  # the sweep's settings: checked on construction
     base = {"data": name, "data_dir": cfg.data_dir, "real_limit": cfg.real_limit, "seed": cfg.seed}
-    return _Plan(resolved, base, defaults, dcfg, scfg, gcfgs, rcfgs)
+    return _Plan(resolved, base, defaults, dcfg, gcfgs, rcfgs)
 
 
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
