@@ -2,7 +2,7 @@
 
 Cost models (what "achieved TFLOP/s" and "% of bound" mean; N = 2B rows of Z = [A; P]):
 
-HNM, forward + backward, fused kernel (SPEC §3.3):
+HNM, forward + backward, fused kernel (METHOD.md §7):
   forward  : similarity tiles S = Z Z^T                      2 N^2 d FLOPs
              exps: two scales (beta, 1 + beta) per entry     2 N^2 exps
   backward : recompute S                                     2 N^2 d FLOPs

@@ -1,4 +1,4 @@
-"""``trades_step``: images/s of one TRADES training step (SPEC §5).
+"""``trades_step``: images/s of one TRADES training step (METHOD.md §10).
 
 One step = the K-step KL attack, the TRADES loss on x and x_adv, backward, SGD (Nesterov) step and
 the EMA update, on a random batch already on the device (no data loading).

@@ -1,4 +1,4 @@
-"""L-infinity attacks: PGD on cross-entropy, CW-loss (margin) PGD, and the TRADES KL attack (SPEC §5).
+"""L-infinity attacks: PGD on cross-entropy, CW-loss (margin) PGD, and the TRADES KL attack (METHOD.md §10).
 
 All attacks take float images in [0, 1] (NCHW) and return adversarial images in the
 eps-ball around them, clipped to [0, 1]. Gradients are taken w.r.t. the input only
@@ -157,7 +157,7 @@ def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: f
                   init: str = "uniform", generator: torch.Generator | None = None,
                   precision: str = "fp32", bn: str = "eval",
                   log_p_nat: torch.Tensor | None = None) -> torch.Tensor:
-    """TRADES inner maximisation (SPEC §5): signed-gradient ascent of KL(p(x) || p(x_adv)).
+    """TRADES inner maximisation (METHOD.md §10): signed-gradient ascent of KL(p(x) || p(x_adv)).
 
     init: "uniform" (x + U(-eps, eps)) or "normal" (x + 0.001 * N(0, 1), the original TRADES).
     p(x) is computed once (under ``bn`` mode, no grad) unless ``log_p_nat`` is given.

@@ -1,6 +1,6 @@
 """The intermediate classifier (standard, non-robust training on the real data) and pseudo-labels.
 
-SPEC §1 step 3: synthetic images are labelled by a classifier trained on the real images only;
+METHOD.md §1 step 3: synthetic images are labelled by a classifier trained on the real images only;
 the confidence (max softmax probability) is kept beside each label.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Selection of informative synthetic images (SPEC §6, the paper's ablation).
+"""Selection of informative synthetic images (METHOD.md §12, the paper's ablation).
 
 Each criterion is a per-image score computed with a classifier, and :func:`select` keeps the
 top-k by that score. The paper ("four proposed selection criteria for choosing more informative

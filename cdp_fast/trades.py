@@ -1,4 +1,4 @@
-"""`cdp-fast train-robust`: mixed-precision TRADES adversarial training (SPEC §5).
+"""`cdp-fast train-robust`: mixed-precision TRADES adversarial training (METHOD.md §10).
 
     x_adv = TRADES-PGD(x)              (uniform start, K signed steps on KL(p(x) || p(x_adv)))
     loss  = CE(f(x), y) + beta * KL(p(x) || p(x_adv))    (KL summed over classes, mean over batch)

@@ -1,4 +1,4 @@
-"""Fused hard-negative-mining (HNM) contrastive loss, SPEC §3.1 / §3.3, and the fused
+"""Fused hard-negative-mining (HNM) contrastive loss, METHOD.md §6 / §7, and the fused
 "HNM gradient straight into the DDIM update" for pixel-space guidance.
 
 Public: :func:`hnm_loss`, :func:`hnm_guided_ddim_update`. The pure-PyTorch oracle is ``hnm_ref.py``.
@@ -336,7 +336,7 @@ def _forward_stats(p: _Prepared):
 def _row_epilogue(p: _Prepared, lse1, lse0, cnt, pos_logit, tau_plus, temperature):
     """Per-row loss [2B] and the backward coefficients (CA, CB, CP) of the mean loss, fp32.
 
-    Same formulas as the reference (SPEC §3.1); u = dmean/dNg is 0 where the Ng clamp or the ratio
+    Same formulas as the reference (METHOD.md §6); u = dmean/dNg is 0 where the Ng clamp or the ratio
     clamp binds, so the clamps carry zero gradient.
     """
     n = 2 * p.B
@@ -447,7 +447,7 @@ class _HNMFunction(torch.autograd.Function):
 @on_input_device
 def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, estimator="hard",
              labels=None, bank=None, bank_labels=None, group_size=None, backend="auto"):
-    """Hard-negative-mining contrastive loss of SPEC §3.1 (mean over the 2B rows of [A; P]).
+    """Hard-negative-mining contrastive loss of METHOD.md §6 (mean over the 2B rows of [A; P]).
 
     anchor, positive: [B, d] embeddings, used as given (normalise them yourself).
     labels [B] (int): conditional negatives (different class only). bank [M, d] (+ bank_labels
@@ -476,11 +476,11 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
 def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=10.0, tau_plus=0.1,
                            beta=1.0, estimator="hard", labels=None, bank=None, bank_labels=None,
                            group_size=None, eta=0.0, noise=None, clip_x0=None, backend="auto"):
-    """One Contrastive-DP DDIM step in pixel space (features = identity), SPEC §2 + §3.1.
+    """One Contrastive-DP DDIM step in pixel space (features = identity), METHOD.md §3 + §7.
 
     anchors = x.flatten(1), positives = positive.flatten(1) (detached); g = d hnm_loss / d anchor
     (shaped like x); e = eps + scale * g; x0 = (x - sqrt(1-a_t) e) / sqrt(a_t) (clamped to
-    +-clip_x0 if given); x_next = sqrt(a_next) x0 + c1 z + c2 e with c1, c2 of SPEC §2 and
+    +-clip_x0 if given); x_next = sqrt(a_next) x0 + c1 z + c2 e with c1, c2 of METHOD.md §3 and
     z = noise (or torch.randn_like(x) when eta > 0 and noise is None). a_t, a_next: floats or
     per-sample [B] tensors. No autograd. The Triton path writes x_next from the kernel that
     produces the anchor gradient (no gradient tensor is materialised).

@@ -1,4 +1,4 @@
-"""Fused InfoNCE (authors' one-directional variant), SPEC §3.2 / §3.3.
+"""Fused InfoNCE (authors' one-directional variant), METHOD.md §8.
 
 Public: :func:`infonce_loss`. The pure-PyTorch oracle is ``infonce_ref.py``.
 
@@ -199,7 +199,7 @@ class _InfoNCEFunction(torch.autograd.Function):
 
 @on_input_device
 def infonce_loss(query, key, *, temperature=0.1, negatives=None, backend="auto"):
-    """InfoNCE of SPEC §3.2: L2-normalise q, k (and negatives); logits_ij = q_i . k_j / T;
+    """InfoNCE of METHOD.md §8: L2-normalise q, k (and negatives); logits_ij = q_i . k_j / T;
     mean_i CE(logits_i, i). With negatives [M, d]: logits_i = [q_i . k_i, q_i . n_1..n_M] / T,
     target 0. backend: "reference" | "triton" | "auto". Returns a 0-d tensor (fp32 for half inputs).
     """

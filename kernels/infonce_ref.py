@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the authors' InfoNCE (one-directional), SPEC §3.2.
+"""Pure-PyTorch reference of the authors' InfoNCE (one-directional), METHOD.md §8.
 
     q, k (and negatives) L2-normalised;  logits_ij = q_i . k_j / T;  loss = mean_i CE(logits_i, i)
     with negatives n_1..n_M ("unpaired"): logits_i = [q_i . k_i, q_i . n_1, ..., q_i . n_M] / T,
@@ -41,7 +41,7 @@ def validate_infonce_inputs(query, key, *, temperature, negatives, check_values:
 
 
 def infonce_loss_reference(query, key, *, temperature=0.1, negatives=None, check: bool = True) -> torch.Tensor:
-    """SPEC §3.2 InfoNCE; fp32 math (fp64 for fp64 inputs), scalar in fp32 for half inputs."""
+    """METHOD.md §8 InfoNCE; fp32 math (fp64 for fp64 inputs), scalar in fp32 for half inputs."""
     if check:
         validate_infonce_inputs(query, key, temperature=temperature, negatives=negatives)
     ct = torch.float64 if query.dtype == torch.float64 else torch.float32

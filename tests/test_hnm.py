@@ -35,7 +35,7 @@ def get_negative_mask(batch_size):
 
 def authors_criterion(out_1, out_2, tau_plus, batch_size, beta, estimator, temperature):
     """The authors' dense criterion (Robinson et al. code as used by Contrastive-DP, with the
-    1e-4 clamps of SPEC §3.1), literally: 2B x 2B matrix, masked_select, powers of neg."""
+    1e-4 clamps of METHOD.md §6), literally: 2B x 2B matrix, masked_select, powers of neg."""
     out = torch.cat([out_1, out_2], dim=0)
     neg = torch.exp(torch.mm(out, out.t().contiguous()) / temperature)
     mask = get_negative_mask(batch_size)

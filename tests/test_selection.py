@@ -1,4 +1,4 @@
-"""Selection criteria (SPEC §6) on constructed cases, pseudo-labels, the intermediate classifier."""
+"""Selection criteria (METHOD.md §12) on constructed cases, pseudo-labels, the intermediate classifier."""
 from __future__ import annotations
 
 import pytest

@@ -20,7 +20,7 @@ from cdp_fast.trades import TrainRobustConfig, ema_decay_at, ema_update, lr_at
 # ---- the plain fp32 eager TRADES loop (independent of cdp_fast.trades) -------------------------
 def plain_trades(model, x_train, y_train, *, epochs, batch_size, lr, eps, step_size, steps, beta,
                  seed=0, weight_decay=5e-4):
-    """Zhang et al.'s TRADES loop, fp32 eager: uniform start, p(x) once per batch (as SPEC §5),
+    """Zhang et al.'s TRADES loop, fp32 eager: uniform start, p(x) once per batch (as METHOD.md §10),
     SGD Nesterov, cosine lr per step, weight decay on all parameters. x uint8 NCHW."""
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)

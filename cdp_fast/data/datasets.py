@@ -32,7 +32,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "gtsrb")
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
             "cifar-10": "cifar10", "cifar_10": "cifar10", "sklearn-digits": "digits"}
 
-# Per-dataset defaults read by the trainer / generator. eps etc. from SPEC §5 (TRADES MNIST:
+# Per-dataset defaults read by the trainer / generator. eps etc. from METHOD.md §10 (TRADES MNIST:
 # eps 0.3, alpha 0.01, 40 steps, beta 1; CIFAR: 8/255, 2/255, 10 steps, beta 6). digits is the tiny
 # offline stand-in for MNIST: same eps, 10 steps of 2.5 * eps / 10 to keep CPU runs short.
 # augment: "crop-flip" for CIFAR-like data, "crop" where a flip changes the class (digits, signs),
