@@ -426,7 +426,9 @@ def summary_table(doc: dict) -> str:
     hdr = (f"| kernel | sm | dtype | tiles R/C/K/DO | warps | units | regs | smem B | spills | "
            f"dots tc/fma | HGMMA | HMMA | problems |\n|{'---|' * 13}")
     lines = [hdr]
-    key = lambda u: (u["kernel"], -u["arch"], u["dtype"], _tiles_str(u["tiles"]), u["num_warps"])
+    def key(u):
+        return u["kernel"], -u["arch"], u["dtype"], _tiles_str(u["tiles"]), u["num_warps"]
+
     for (kern, arch, dt, tiles, nw), grp in itertools.groupby(sorted(ok, key=key), key=key):
         grp = list(grp)
         spills = sum(1 for u in grp if u["spill_stores"] or u["spill_loads"] or u["local"])

@@ -4,8 +4,13 @@ import json
 import pytest
 import torch
 
-from cdp_fast.diffusion_train import (TrainDiffusionConfig, load_diffusion, resolve_settings,
-                                      save_diffusion, train_diffusion)
+from cdp_fast.diffusion_train import (
+    TrainDiffusionConfig,
+    load_diffusion,
+    resolve_settings,
+    save_diffusion,
+    train_diffusion,
+)
 from cdp_fast.models.unet import UNet, build_unet, unet_kwargs
 
 SCHED = {"name": "cosine", "num_train_timesteps": 1000, "params": {}}

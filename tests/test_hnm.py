@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from cdp_fast.kernels import hnm_guided_ddim_update, hnm_loss
 from cdp_fast.kernels._backend import interpreting, triton_available
-from cdp_fast.kernels.hnm_ref import hnm_loss_reference
 
 triton_ok = pytest.mark.skipif(
     not (triton_available() and (torch.cuda.is_available() or interpreting())),
@@ -351,7 +350,7 @@ def near_clamp_groups(n_groups, d, dtype=torch.float32, seed=0):
     for k in range(n_groups):
         q, _ = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))
 
-        def at(deg):
+        def at(deg, q=q):
             r = math.radians(deg)
             return math.cos(r) * q[:, 0] + math.sin(r) * q[:, 1]
         A += [at(0), at(200 + k)]           # cos(a0, a1) = -cos(20+k deg): clamped
