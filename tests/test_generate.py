@@ -210,7 +210,7 @@ def test_unwritable_output_is_a_clean_error(ckpt, tmp_path):
 
 
 def test_disk_full_leaves_no_partial_shard(ckpt, reference, tmp_path, monkeypatch, capsys):
-    import cdp_fast.data as data_mod
+    import cdp_fast.data.datasets as data_mod  # where the shard writer (_atomic_savez) lives
 
     real = data_mod.atomic_write_bytes
     calls = []
