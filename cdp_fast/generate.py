@@ -172,9 +172,8 @@ def resolve_scale(cfg: GenerateConfig, feats, head: bool, image_shape=None) -> f
     dim = None
     if space == "pixel":
         if image_shape is None:
-            from .diffusion_train import _read_meta
-
-            image_shape = _read_meta(Path(cfg.checkpoint))["image_shape"]
+            raise ValueError("the pixel-space default scale depends on the image size: pass image_shape "
+                             "(the diffusion model's meta['image_shape']) or set cfg.scale")
         dim = int(np.prod(image_shape))
     return default_scale(cfg.guidance, space, dim=dim, group_size=G)
 

@@ -84,6 +84,21 @@ def check_embedding_pair(a, b, name_a: str, name_b: str) -> tuple[int, int]:
     return int(a.shape[0]), int(a.shape[1])
 
 
+def check_extra_rows(rows, like, d: int, name: str, like_name: str, hint: str = "") -> None:
+    """Shared checks of an extra set of rows (the HNM bank, InfoNCE's negatives): a 2-D [M, d]
+    tensor, M >= 1, with the embeddings' dtype and device."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(rows).__name__}")
+    if rows.dim() != 2 or rows.shape[1] != d:
+        raise ValueError(f"{name} must be 2-D [M, d={d}], got shape {tuple(rows.shape)}")
+    if rows.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one row{hint}")
+    if rows.dtype != like.dtype:
+        raise TypeError(f"{name} dtype {rows.dtype} differs from the {like_name}' dtype {like.dtype}")
+    if rows.device != like.device:
+        raise ValueError(f"{name} on {rows.device}, {like_name} on {like.device}")
+
+
 def check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature <= 0:

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_embedding_pair, check_temperature, launch_only
+from ._backend import check_embedding_pair, check_extra_rows, check_temperature, launch_only
 from .ddim_ref import ddim_coefficients, ddim_step_ref
 
 NEG_CLAMP = 1e-4                      # max(exp(s), 1e-4) on every negative similarity
@@ -104,16 +104,7 @@ def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estima
         if labels.device != anchor.device:
             raise ValueError(f"labels are on {labels.device}, embeddings on {anchor.device}")
     if bank is not None:
-        if not isinstance(bank, torch.Tensor):
-            raise TypeError(f"bank must be a torch.Tensor, got {type(bank).__name__}")
-        if bank.dim() != 2 or bank.shape[1] != d:
-            raise ValueError(f"bank must be 2-D [M, d={d}], got shape {tuple(bank.shape)}")
-        if bank.shape[0] < 1:
-            raise ValueError("bank must hold at least one row (pass bank=None for no bank)")
-        if bank.dtype != anchor.dtype:
-            raise TypeError(f"bank dtype {bank.dtype} differs from the embeddings' {anchor.dtype}")
-        if bank.device != anchor.device:
-            raise ValueError(f"bank is on {bank.device}, embeddings on {anchor.device}")
+        check_extra_rows(bank, anchor, d, "bank", "embeddings", " (pass bank=None for no bank)")
     if bank_labels is not None:
         if bank is None:
             raise ValueError("bank_labels given without a bank")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_embedding_pair, check_temperature
+from ._backend import check_embedding_pair, check_extra_rows, check_temperature
 
 __all__ = ["infonce_loss_reference", "validate_infonce_inputs"]
 
@@ -21,16 +21,7 @@ def validate_infonce_inputs(query, key, *, temperature, negatives, check_values:
         if B < 2:
             raise ValueError(f"infonce_loss without explicit negatives needs at least 2 pairs, got B={B}")
     else:
-        if not isinstance(negatives, torch.Tensor):
-            raise TypeError(f"negatives must be a torch.Tensor, got {type(negatives).__name__}")
-        if negatives.dim() != 2 or negatives.shape[1] != d:
-            raise ValueError(f"negatives must be 2-D [M, d={d}], got shape {tuple(negatives.shape)}")
-        if negatives.shape[0] < 1:
-            raise ValueError("negatives must hold at least one row")
-        if negatives.dtype != query.dtype:
-            raise TypeError(f"negatives dtype {negatives.dtype} differs from the query's {query.dtype}")
-        if negatives.device != query.device:
-            raise ValueError(f"negatives are on {negatives.device}, query on {query.device}")
+        check_extra_rows(negatives, query, d, "negatives", "queries")
         if B < 1:
             raise ValueError("infonce_loss needs at least one query")
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
