@@ -250,6 +250,18 @@ def test_example_script_runs_on_pipeline_outputs(tiny_run, tmp_path):
     _is_png(out / "samples.png")
 
 
+def test_synthetic_records_name_the_classifier_used(tiny_run):
+    # the pipeline passes its classifier objects to generate(): the record must say so
+    for arm in ("ddim", "contrastive-dp"):
+        used = json.loads((tiny_run / "synthetic" / arm / "generate.json").read_text())["used"]
+        assert used["labeler"]["class"] == "SmallCNN" and len(used["labeler"]["weights_sha256"]) == 16
+        if arm == "ddim":
+            assert used["features"] is None  # no guidance: no features used
+        else:
+            assert used["features"]["class"] == "SmallCNN.features"
+            assert used["features"]["weights_sha256"] == used["labeler"]["weights_sha256"]
+
+
 def test_generate_resumes_from_written_shards(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "gen"
     args = ["generate", "--checkpoint", str(tiny_run / "diffusion"), "--labeler",
