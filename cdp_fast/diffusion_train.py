@@ -31,10 +31,11 @@ import torch
 
 from . import config as _config
 from .config import field
+from .data import canonical_name, load_dataset
 from .models.checkpoint import load_into, read_file
 from .models.ddpm import DDPMUNet
 from .models.external import is_diffusers_folder, load_external
-from .models.unet import UNet
+from .models.unet import UNet, unet_kwargs
 from .schedules import NoiseSchedule
 from .utils import (
     atomic_write_bytes,
@@ -170,19 +171,10 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     ``data``: an already loaded ``ImageData`` (the pipeline passes the same real_limit-ed data
     its classifiers use); otherwise ``load_dataset(cfg.data, cfg.data_dir, real_limit, seed)``.
     """
-    from .models.unet import unet_kwargs
-
     if data is None:
-        from .data import load_dataset
-
         data = load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
     name = getattr(data, "name", cfg.data)
-    try:
-        from .data import canonical_name
-
-        name = canonical_name(name)
-    except ImportError:  # pragma: no cover - data module is part of the package
-        pass
+    name = canonical_name(name)
     s = resolve_settings(cfg, name)
     x_all = data.x_train
     if x_all.dtype != torch.uint8 or x_all.ndim != 4:

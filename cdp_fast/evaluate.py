@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import attacks
+from . import attacks, models
 from . import autoattack as aa
+from . import data as data_mod
 from .config import check_eps, field
 from .data import DATASETS, as_float01, dataset_defaults
 from .training import PRECISIONS, resolve_precision
@@ -133,9 +134,6 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def run(cfg: EvalConfig) -> dict:
-    from . import data as data_mod
-    from . import models
-
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required (a folder with model.safetensors + config.json)")
     check_eps(cfg.eps)

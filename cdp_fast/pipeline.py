@@ -33,7 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import data as data_mod
+from . import diffusion_train, models, pseudolabel, trades
+from . import generate as generate_mod
 from .config import check_data_dir, check_eps, field, to_dict
+from .figures import accuracy_bars, embedding_scatter, markdown_table, sample_grids
 from .guidance import LOSSES
 from .sweep import (
     DEFAULT_SCALES,
@@ -241,12 +245,6 @@ def _plan(cfg: PipelineConfig) -> _Plan:
     Nothing is loaded, trained or written here. The returned plan's ``cfg`` has every default
     filled in with the value actually used (no None left for eps, lr, attack steps, models).
     """
-    from . import data as data_mod
-    from . import models
-    from .diffusion_train import TrainDiffusionConfig, resolve_settings
-    from .generate import GenerateConfig
-    from .trades import TrainRobustConfig, _check_cfg, _resolve
-
     for ok, msg in _positive(cfg):
         if not ok:
             raise ValueError(msg)
@@ -259,10 +257,10 @@ def _plan(cfg: PipelineConfig) -> _Plan:
         if model is not None and model.lower().replace("_", "-") not in models.NAMES:
             raise ValueError(f"{flag} {model!r} is not a classifier this package builds; choose one of "
                              f"{', '.join(models.NAMES)}")
-    dcfg = TrainDiffusionConfig(data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+    dcfg = diffusion_train.TrainDiffusionConfig(data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
                                 iters=cfg.diffusion_iters, preset=cfg.diffusion_preset, seed=cfg.seed,
                                 device=cfg.device)
-    ds = resolve_settings(dcfg, name)
+    ds = diffusion_train.resolve_settings(dcfg, name)
     dcfg = dataclasses.replace(dcfg, iters=ds["iters"], preset=ds["preset"])
     if cfg.sample_steps > dcfg.num_train_timesteps:
         raise ValueError(f"--sample-steps {cfg.sample_steps} exceeds the diffusion model's "
@@ -276,21 +274,21 @@ def _plan(cfg: PipelineConfig) -> _Plan:
     rcfgs = {}
     for s in range(cfg.seeds):
         for arm in ARMS:
-            rcfg = TrainRobustConfig(data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
+            rcfg = trades.TrainRobustConfig(data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
                                      synthetic_fraction=cfg.synthetic_fraction, model=resolved.robust_model,
                                      epochs=_arm_epochs(cfg, arm), batch_size=cfg.batch_size, lr=cfg.lr,
                                      optimizer=cfg.robust_optimizer, eps=eps, step_size=2.5 * eps / steps,
                                      attack_steps=steps, eval_attack_steps=cfg.eval_attack_steps,
                                      out=str(Path(cfg.out) / "robust" / f"{arm}-seed{s}"),
                                      seed=cfg.seed + s, device=cfg.device)
-            _check_cfg(rcfg)
-            rcfg.lr = _resolve(rcfg, defaults, name)["lr"]  # also checks the attack settings
+            trades._check_cfg(rcfg)
+            rcfg.lr = trades._resolve(rcfg, defaults, name)["lr"]  # also checks the attack settings
             rcfgs[arm, s] = rcfg
     resolved.lr = rcfgs["real", 0].lr
     gcfgs = {}
     for arm, guidance in (("ddim", "none"), ("contrastive-dp", cfg.guidance)):
         guided = guidance != "none"
-        gcfgs[arm] = GenerateConfig(
+        gcfgs[arm] = generate_mod.GenerateConfig(
             checkpoint=str(Path(cfg.out) / "diffusion"), out=str(Path(cfg.out) / "synthetic" / arm),
             n=cfg.n_synthetic, batch_size=cfg.sample_batch, steps=cfg.sample_steps, guidance=guidance,
             seed=cfg.seed + 1000, device=cfg.device,
@@ -308,14 +306,6 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def run(cfg: PipelineConfig) -> dict:
-    from . import data as data_mod
-    from . import models
-    from .diffusion_train import load_diffusion, train_diffusion
-    from .figures import accuracy_bars, embedding_scatter, markdown_table, sample_grids
-    from .generate import generate
-    from .pseudolabel import train_classifier
-    from .trades import train_robust
-
     plan = _plan(cfg)  # every setting of every stage is checked before any stage runs
     cfg, base = plan.cfg, plan.base
     t_start = time.perf_counter()
@@ -341,7 +331,7 @@ def run(cfg: PipelineConfig) -> dict:
     st = _Stage(out, "classifier", {**base, "model": clf_name, "epochs": cfg.classifier_epochs}, cfg.force)
     _log("intermediate classifier", f"intermediate classifier ({clf_name})", st.fresh)
     if not st.fresh:
-        clf = train_classifier(data, clf_name, epochs=cfg.classifier_epochs, seed=cfg.seed, device=device)
+        clf = pseudolabel.train_classifier(data, clf_name, epochs=cfg.classifier_epochs, seed=cfg.seed, device=device)
         models.save(clf, st.dir, name=clf_name, data=data.name, role="intermediate classifier")
     finish("classifier", st, t0)
     clf = models.load(st.dir, device=device)
@@ -356,9 +346,9 @@ def run(cfg: PipelineConfig) -> dict:
     st = _Stage(out, "diffusion", {**base, **_keyed(to_dict(dcfg))}, cfg.force)
     _log("diffusion model", "diffusion model on the real training subset", st.fresh)
     if not st.fresh:
-        train_diffusion(dataclasses.replace(dcfg, out=str(st.dir)), data=data)
+        diffusion_train.train_diffusion(dataclasses.replace(dcfg, out=str(st.dir)), data=data)
     finish("diffusion", st, t0)
-    unet, schedule, meta = load_diffusion(st.dir, device=device)
+    unet, schedule, meta = diffusion_train.load_diffusion(st.dir, device=device)
 
     # 2b. guidance-scale sweep: chooses the Contrastive-DP scale unless --scale is given ----------
     sweep_res = _sweep_stage(cfg, out, {**base, "diffusion": _key(_keyed(to_dict(dcfg))), "classifier": clf_name,
@@ -380,7 +370,7 @@ def run(cfg: PipelineConfig) -> dict:
         st = _Stage(out / "synthetic", arm, dep, cfg.force)
         _log("synthetic sets + pseudo-labels", f"{cfg.n_synthetic} images: {arm}", st.fresh)
         if not st.fresh:
-            gen_info[arm] = generate(dataclasses.replace(gcfg, out=str(st.dir)), model=unet, schedule=schedule,
+            gen_info[arm] = generate_mod.generate(dataclasses.replace(gcfg, out=str(st.dir)), model=unet, schedule=schedule,
                                      meta=meta, features_model=clf.features, labeler=clf)
             gen_info[arm]["load_during_sampling"] = _load_note()
             gen_info[arm]["out"] = str(st.final)
@@ -405,7 +395,7 @@ def run(cfg: PipelineConfig) -> dict:
                 syn = None if arm == "real" else synth[arm][:2]
                 # an interrupted run of the same stage continues from its last finished epoch
                 resume = st.resuming and (st.dir / "train_state.safetensors").is_file()
-                train_robust(dataclasses.replace(rcfg, out=str(st.dir), resume=resume), data=data,
+                trades.train_robust(dataclasses.replace(rcfg, out=str(st.dir), resume=resume), data=data,
                              synthetic=syn)
             finish(f"robust_{arm}_seed{s}", st, t0)
             res = json.loads((st.dir / "results.json").read_text())
@@ -479,9 +469,7 @@ def _arm_epochs(cfg: PipelineConfig, arm: str) -> int:
 
 
 def _batched(fn, images_uint8: torch.Tensor, device, batch: int = 1024) -> torch.Tensor:
-    from .data import to_float
-
-    return torch.cat([fn(to_float(images_uint8[i:i + batch].to(device))).cpu()
+    return torch.cat([fn(data_mod.to_float(images_uint8[i:i + batch].to(device))).cpu()
                       for i in range(0, len(images_uint8), batch)])
 
 
