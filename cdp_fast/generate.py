@@ -408,7 +408,7 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     # validates steps against the schedule, eta, method/skip: before anything is written
     sampler = DDIMSampler(model, schedule, steps=cfg.steps, eta=cfg.eta, skip=cfg.skip,
                           guidance=guidance, method=cfg.method, bf16=cfg.bf16,
-                          cuda_graphs=cfg.cuda_graphs)
+                          cuda_graphs=cfg.cuda_graphs, reuse_runs=True)  # steps captured once per process
     doc = settings_doc(cfg, model=model, model_source=model_source, features=features,
                        features_source=features_source, labeler=labeler, labeler_source=labeler_source,
                        guidance=guidance, conditional=conditional)
@@ -421,6 +421,7 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     try:
         return _generate(cfg, out, doc, claimed, ranks, sampler, meta, labeler, device)
     finally:
+        sampler.close()  # frees the kept run (buffers, graphs, guidance head)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if ranks.owned:

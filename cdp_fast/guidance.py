@@ -115,6 +115,10 @@ class GuidanceRun(Protocol):
     def finish(self) -> None:
         """End of the run (also on error): restore what ``start`` changed."""
 
+    # optional: ``restart(seed, labels) -> bool`` starts the run again IN PLACE (after ``finish``)
+    # for a new seed and labels of the same shape, keeping every tensor the sampler's CUDA graphs
+    # captured; False = cannot, the sampler then calls ``start`` again (see DDIMSampler reuse_runs)
+
 
 class Guidance(Protocol):
     """What :class:`cdp_fast.sampler.DDIMSampler` calls on its ``guidance=`` argument."""
@@ -350,20 +354,15 @@ class _GuidanceRun:
         self.G = g.resolve_group_size(n)
         self.ngroups = n // self.G
 
+        self._settings = _settings(g)  # what restart() checks has not changed
+
         # freeze f for the run (restored by finish) -------------------------------------------------
         self._restore = []
         f = g.features
         # a module, or a bound method of one (e.g. ``classifier.features``): freeze the owner
         owner = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)
         self.owner = owner if isinstance(owner, nn.Module) else None
-        if self.owner is not None:
-            self._was_training = self.owner.training
-            self._restore = [(p, p.requires_grad) for p in self.owner.parameters()] + [(None, None)]
-            for p in self.owner.parameters():
-                p.requires_grad_(False)
-            self.owner.eval()
-            if self.channels_last:
-                self.owner.to(memory_format=torch.channels_last)
+        self._freeze()
 
         # fused pixel-space path? ---------------------------------------------------------------------
         # (the fused step has no eps_from_clipped_x0 option)
@@ -374,6 +373,7 @@ class _GuidanceRun:
 
         # real-image features (f is frozen: computed once) ---------------------------------------------
         self.bank = self.bank_labels = self.pos_feats = None
+        self._real_feats = self._real_labels = None
         real_feats = None
         if g.real_images is not None and g.pair != "previous":
             real = g.real_images.to(device=device, dtype=dtype)
@@ -387,20 +387,8 @@ class _GuidanceRun:
                 self.bank = real_feats.flatten(1) if self.fused_ok else real_feats
                 self.bank_labels = real_labels if (self.labels is not None and real_labels is not None) else None
             else:  # real-positive: one real image per anchor, of the anchor's class when known
-                gen = torch.Generator().manual_seed(seed + 0xC0DE)
-                M = real.shape[0]
-                if self.labels is not None and real_labels is not None:
-                    lab_cpu, rl_cpu = labels.cpu(), real_labels.cpu()
-                    idx = torch.empty(n, dtype=torch.long)
-                    for c in lab_cpu.unique().tolist():
-                        rows = (lab_cpu == c).nonzero().view(-1)
-                        pool = (rl_cpu == c).nonzero().view(-1)
-                        if pool.numel() == 0:
-                            raise ValueError(f"pair='real-positive': no real image of class {c}")
-                        idx[rows] = pool[torch.randint(pool.numel(), (rows.numel(),), generator=gen)]
-                else:
-                    idx = torch.randint(M, (n,), generator=gen)
-                self.pos_feats = real_feats[idx.to(device)].contiguous()
+                self._real_feats, self._real_labels = real_feats, real_labels
+                self.pos_feats = real_feats[self._positive_index(seed, self.labels)].contiguous()
 
         # static buffers: feature cache (positives = previous state's features) ----------------------
         # pixel (fused) mode keeps the raw flattened state in the state's dtype
@@ -414,20 +402,94 @@ class _GuidanceRun:
             self.cache = torch.zeros(n, fdim, device=device, dtype=torch.float32) if g.needs_previous else None
 
         # online embedding head --------------------------------------------------------------------------
+        self.fdim = fdim
         self.head, self.opt, self.params = None, None, []
         if g.head is not None:
-            if isinstance(g.head, nn.Module):
-                head = copy.deepcopy(g.head)
-            else:
-                in_dim = g.head_in_dim or fdim
-                head = EmbeddingHead(int(in_dim), *g.head_dims,
-                                     generator=torch.Generator().manual_seed(seed + 0x4EAD))
-            self.head = head.to(device=device, dtype=torch.float32).train()
+            self.head = self._new_head(seed)
             self.params = [p for p in self.head.parameters() if p.requires_grad]
             for p in self.params:
                 p.grad = torch.zeros_like(p)
             use_cap = bool(o.capturable and device.type == "cuda")
             self.opt = torch.optim.Adam(self.params, lr=g.head_lr, capturable=use_cap)
+
+    def _freeze(self) -> None:
+        """Freeze f (requires_grad False, eval mode) for the run; ``finish`` restores it."""
+        if self.owner is None or self._restore:
+            return
+        self._was_training = self.owner.training
+        self._restore = [(p, p.requires_grad) for p in self.owner.parameters()] + [(None, None)]
+        for p in self.owner.parameters():
+            p.requires_grad_(False)
+        self.owner.eval()
+        if self.channels_last:
+            self.owner.to(memory_format=torch.channels_last)
+
+    def _positive_index(self, seed: int, labels) -> torch.Tensor:
+        """real-positive: the real image of each anchor, drawn from the seed (of its class when known)."""
+        gen = torch.Generator().manual_seed(seed + 0xC0DE)
+        real_labels, n = self._real_labels, self.n
+        if labels is not None and real_labels is not None:
+            lab_cpu, rl_cpu = labels.cpu(), real_labels.cpu()
+            idx = torch.empty(n, dtype=torch.long)
+            for c in lab_cpu.unique().tolist():
+                rows = (lab_cpu == c).nonzero().view(-1)
+                pool = (rl_cpu == c).nonzero().view(-1)
+                if pool.numel() == 0:
+                    raise ValueError(f"pair='real-positive': no real image of class {c}")
+                idx[rows] = pool[torch.randint(pool.numel(), (rows.numel(),), generator=gen)]
+        else:
+            idx = torch.randint(self._real_feats.shape[0], (n,), generator=gen)
+        return idx.to(self.device)
+
+    def _new_head(self, seed: int) -> nn.Module:
+        """The head a run with this seed starts from (a copy of the given module, or seeded init)."""
+        g = self.g
+        if isinstance(g.head, nn.Module):
+            head = copy.deepcopy(g.head)
+        else:
+            head = EmbeddingHead(int(g.head_in_dim or self.fdim), *g.head_dims,
+                                 generator=torch.Generator().manual_seed(seed + 0x4EAD))
+        return head.to(device=self.device, dtype=torch.float32).train()
+
+    def restart(self, seed: int, labels: Optional[torch.Tensor]) -> bool:
+        """Start this run again in place for a new ``seed`` and ``labels`` (same n, shape, device and
+        label presence), exactly as a fresh ``start`` would, keeping every tensor object (static
+        buffers, head weights, Adam state) that CUDA graphs may have captured. False when the
+        guidance settings changed since ``start`` (the sampler then starts a fresh run)."""
+        g = self.g
+        if _settings(g) != self._settings:
+            return False
+        cond = (labels is not None) if g.conditional is None else g.conditional
+        if cond != (self.labels is not None):
+            return False
+        if labels is not None and tuple(labels.shape) != (self.n,):
+            return False
+        self._freeze()
+        try:
+            if self.labels is not None:
+                self.labels.copy_(labels)
+            if self.pos_feats is not None:
+                self.pos_feats.copy_(self._real_feats[self._positive_index(seed, self.labels)])
+            if self.cache is not None:
+                self.cache.zero_()
+            if self.head is not None:
+                fresh = self._new_head(seed)
+                with torch.no_grad():
+                    for old, new in zip(self.head.state_dict(keep_vars=True).values(),
+                                        fresh.state_dict(keep_vars=True).values()):
+                        old.copy_(new)
+                    for p in self.params:
+                        p.grad.zero_()
+                self.head.train()
+                # a fresh Adam's lazily created state is all zeros (step 0): zero it in place
+                for st in self.opt.state.values():
+                    for v in st.values():
+                        if isinstance(v, torch.Tensor):
+                            v.zero_()
+        except BaseException:
+            self.finish()
+            raise
+        return True
 
     # features / embeddings ------------------------------------------------------------------------
     def _autocast(self):
@@ -524,6 +586,12 @@ class _GuidanceRun:
         if self._restore and self.owner is not None:
             self.owner.train(self._was_training)
         self._restore = []
+
+
+def _settings(g: ContrastiveGuidance) -> tuple:
+    """The guidance settings a run (and its captured graphs) baked in; identity for objects."""
+    return tuple(id(v) if isinstance(v, (nn.Module, torch.Tensor)) or callable(v) else v
+                 for v in vars(g).values())
 
 
 def _infonce_conditional(q, k, labels, temperature, bank=None, bank_labels=None):

@@ -34,6 +34,17 @@ Graphs are not used for fp64 states, nor for noisy steps with ``fused_kernels=Fa
 comes from a host-seeded torch.Generator); a step kind whose capture fails (e.g. a kernel's
 argument checks reading a device value) warns once and runs eagerly.
 
+Reuse (``reuse_runs=True``, opt-in; ``generate`` turns it on): the sampler keeps its last run (static
+buffers, captured graphs, the guidance run with its head and capturable Adam) and restarts it in
+place when the next ``sample`` call has the same n, shape, device, dtype, label and x_T presence
+(and unchanged guidance settings): the state is refilled from the new seed (or x_T), the noise
+generator, Philox ``rng_state``, step counter and NaN flag are reset, the labels are copied into
+the captured label buffer, and the guidance run restarts itself (``GuidanceRun.restart``). So the
+steps are captured once per process, not once per call, and the result is exactly that of a
+fresh run. Anything else (other shapes, a guidance without ``restart``) builds a fresh run. The
+kept run holds its memory until ``close()`` (or the next non-matching call); ``sample`` always
+returns a copy.
+
 Other options: ``class_conditional`` (None: the model gets ``y`` whenever ``sample`` gets labels;
 False: labels only steer the guidance), ``backend`` ("auto" | "reference" | "triton", passed to
 the kernels).
@@ -120,7 +131,7 @@ class DDIMSampler:
                  cuda_graphs: Optional[bool] = None, bf16: Optional[bool] = None,
                  channels_last: Optional[bool] = None, fused_kernels: bool = True,
                  nan_check_every: Optional[int] = None, class_conditional: Optional[bool] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", reuse_runs: bool = False):
         if not callable(model):
             raise TypeError(f"model must be callable (x, t[, y]) -> eps, got {type(model).__name__}")
         if not isinstance(schedule, NoiseSchedule):
@@ -159,6 +170,10 @@ class DDIMSampler:
         self.fused_kernels, self.nan_check_every, self.backend = bool(fused_kernels), nan_check_every, backend
         # None: the model gets y whenever sample() gets labels; False: labels only steer guidance
         self.class_conditional = class_conditional
+        # kept run (reuse_runs): restarted in place when the next call matches its key
+        self.reuse_runs = bool(reuse_runs)
+        self._kept: Optional[_Run] = None
+        self._kept_key = None
 
         ab = schedule.alphas_cumprod  # float64
         self.timesteps: list[int] = list(reversed(asc))                 # sampling order
@@ -204,11 +219,51 @@ class DDIMSampler:
         device, dtype = self._resolve_device_dtype(device, dtype, x_T)
         # graphs, side streams and kernel launches all go to the sampling device's GPU
         with cuda_device_of(torch.device(device)):
-            run = _Run(self, n, shape, int(seed), labels, x_T, device, dtype)
+            if not self.reuse_runs:
+                run = _Run(self, n, shape, int(seed), labels, x_T, device, dtype)
+                try:
+                    return run.loop(progress)
+                finally:
+                    run.close()
+            key = self._run_key(n, shape, labels, x_T, device, dtype)
+            run, self._kept = self._kept, None
+            if run is not None:
+                try:
+                    ok = key == self._kept_key and run.restart(int(seed), labels, x_T)
+                except BaseException:
+                    run.close()
+                    raise
+                if not ok:
+                    run.close()
+                    run = None
+            if run is None:
+                run = _Run(self, n, shape, int(seed), labels, x_T, device, dtype)
             try:
-                return run.loop(progress)
-            finally:
-                run.close()
+                x0 = run.loop(progress).clone()  # the state buffer is reused by the next call
+            except BaseException:
+                run.close()  # a failed run is not kept
+                raise
+            run.end()
+            self._kept, self._kept_key = run, key
+            return x0
+
+    def _run_key(self, n, shape, labels, x_T, device, dtype):
+        """What a kept run must match to be restarted in place (everything its graphs baked in)."""
+        g = self.guidance
+        return (n, shape, torch.device(device), dtype, labels is not None, x_T is not None,
+                id(self.model), id(g), None if g is None else float(g.scale), tuple(self.guided_steps()),
+                self.eta, self.clip_x0, self.fused_kernels, self.cuda_graphs, self.bf16, self.channels_last,
+                self.class_conditional, self.backend, self.nan_check_every)
+
+    def close(self) -> None:
+        """Free the kept run (reuse_runs): its buffers, graphs and guidance state."""
+        run, self._kept, self._kept_key = self._kept, None, None
+        if run is not None:
+            run.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
 
     def _resolve_device_dtype(self, device, dtype, x_T):
         params = list(self.model.parameters()) if isinstance(self.model, torch.nn.Module) else []
@@ -246,31 +301,17 @@ class _Run:
         S = s.num_steps
 
         if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
-                raise TypeError("labels must be an integer tensor [n]")
-            if labels.shape != (n,):
-                raise ValueError(f"labels must have shape [n]=[{n}], got {tuple(labels.shape)}")
-            labels = labels.to(device=device, dtype=torch.long)
+            # the run's own buffer (graphs capture it; a restart copies new labels into it)
+            labels = self._check_labels(labels).clone()
         self.labels = labels
         self.model_labels = labels if s.class_conditional is not False else None
         if s.class_conditional and labels is None:
             raise ValueError("class_conditional=True: sample() needs labels")
 
         # static buffers --------------------------------------------------------------------------
-        if x_T is not None:
-            if not isinstance(x_T, torch.Tensor):
-                raise TypeError("x_T must be a tensor")
-            if tuple(x_T.shape) != (n,) + shape:
-                raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {(n,) + shape}")
-            self.x = x_T.detach().to(device=device, dtype=dtype).clone()
-        else:
-            g = torch.Generator(device=device).manual_seed(seed)
-            self.x = torch.randn((n,) + shape, generator=g, device=device, dtype=dtype)
-        if not bool(torch.isfinite(self.x).all()):
-            raise ValueError("x_T contains NaN or inf")
+        self.x = self._initial_state(seed, x_T)
         self.noise_gen = torch.Generator(device=device).manual_seed(seed + NOISE_SEED_OFFSET)
-        self.rng_state = torch.tensor([(seed * 2654435761 + 12345) % (2 ** 62), 0], dtype=torch.int64,
-                                      device=device)
+        self.rng_state = self._rng_state(seed)
         self.coef = s.coefficient_table().to(device=device, dtype=dtype)  # [S, 7], state dtype
         self.t_table = torch.tensor(s.timesteps, dtype=torch.long, device=device)  # [S]
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
@@ -297,6 +338,52 @@ class _Run:
         self.seen: dict[str, int] = {}
         self.side: torch.cuda.Stream | None = None   # one warm-up stream per run (see _graph_step)
         self.checked_shape = False
+
+    def _check_labels(self, labels) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+            raise TypeError("labels must be an integer tensor [n]")
+        if labels.shape != (self.n,):
+            raise ValueError(f"labels must have shape [n]=[{self.n}], got {tuple(labels.shape)}")
+        return labels.to(device=self.device, dtype=torch.long)
+
+    def _initial_state(self, seed: int, x_T) -> torch.Tensor:
+        n, shape, device, dtype = self.n, self.shape, self.device, self.dtype
+        if x_T is not None:
+            if not isinstance(x_T, torch.Tensor):
+                raise TypeError("x_T must be a tensor")
+            if tuple(x_T.shape) != (n,) + shape:
+                raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {(n,) + shape}")
+            x = x_T.detach().to(device=device, dtype=dtype).clone()
+        else:
+            g = torch.Generator(device=device).manual_seed(seed)
+            x = torch.randn((n,) + shape, generator=g, device=device, dtype=dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x_T contains NaN or inf")
+        return x
+
+    def _rng_state(self, seed: int) -> torch.Tensor:
+        return torch.tensor([(seed * 2654435761 + 12345) % (2 ** 62), 0], dtype=torch.int64, device=self.device)
+
+    def restart(self, seed: int, labels, x_T) -> bool:
+        """Start this run again in place for a new seed / labels / x_T (same shapes: the caller checks
+        the key). Every tensor the captured graphs read stays the same object. False: cannot (the
+        guidance run has no ``restart`` or refuses), build a fresh run instead."""
+        if self.grun is not None and not callable(getattr(self.grun, "restart", None)):
+            return False
+        new_labels = None if labels is None else self._check_labels(labels)
+        if (new_labels is None) != (self.labels is None):
+            return False
+        x = self._initial_state(seed, x_T)  # validates before anything is changed
+        if self.grun is not None and not self.grun.restart(seed, new_labels):
+            return False
+        self.x.copy_(x)
+        if new_labels is not None:
+            self.labels.copy_(new_labels)
+        self.noise_gen.manual_seed(seed + NOISE_SEED_OFFSET)
+        self.rng_state.copy_(self._rng_state(seed))
+        self.counter.zero_()
+        self.bad_step.fill_(-1)
+        return True
 
     def _kinds(self) -> list[str]:
         guided = self.s.guided_steps()
@@ -442,7 +529,11 @@ class _Run:
         self.graph[key] = graph
         graph.replay()
 
-    def close(self) -> None:
+    def end(self) -> None:
+        """End of one sample() call on a kept run: restore what the guidance changed (f's flags)."""
         if self.grun is not None:
             self.grun.finish()
+
+    def close(self) -> None:
+        self.end()
         self.graph.clear()

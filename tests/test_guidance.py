@@ -392,3 +392,150 @@ def test_sampler_drives_any_guidance_through_the_declared_contract(sched, gmm, m
     guided = s.guided_steps()
     assert g.calls == ["prime"] + ["gradient"] * sum(guided) + ["finish"]
     assert not torch.equal(out, plain)
+
+
+# ------------------------------------------------------------------------------------------------
+# reuse_runs: the guidance run (head, Adam state, feature cache, labels) restarted in place
+# ------------------------------------------------------------------------------------------------
+def _cond_model(gmm):
+    def model(x, t, y=None):
+        return gmm(x, t)
+    return model
+
+
+@pytest.mark.parametrize("kw,eta,conditional", [
+    (dict(loss="hnm", features="f", head=True), 0.0, False),      # online head + HNM
+    (dict(loss="hnm", features="f", head=True), 0.7, True),       # noisy steps, labels differ per call
+    (dict(loss="infonce", features="f", head="module"), 0.0, True),
+    (dict(loss="hnm", features=None, head=None, normalize=False), 0.0, True),   # fused pixel step
+    (dict(loss="hnm", features="f", head=True, pair="real-positive"), 0.0, True),
+    (dict(loss="hnm", features="f", head=True, pair="real-negative"), 0.5, False)])
+def test_reused_guided_run_equals_fresh_runs(sched, gmm, kw, eta, conditional):
+    real_labels = torch.arange(20) % 2
+    real = torch.randn(20, 2, generator=torch.Generator().manual_seed(5)) * 0.3
+    f = CountingFeatures().train()
+
+    def guidance():
+        k = dict(kw)
+        k["features"] = f if k["features"] == "f" else None
+        if k["head"] == "module":
+            k["head"] = _head()
+        if k.get("pair", "previous") != "previous":
+            k.update(real_images=real, real_labels=real_labels)
+        return ContrastiveGuidance(scale=3.0, t_min=300, **k)
+
+    model = _cond_model(gmm)
+    s = DDIMSampler(model, sched, steps=10, eta=eta, guidance=guidance(), class_conditional=False,
+                    reuse_runs=True)
+    grun = None
+    for seed in (0, 1, 2):
+        labels = (torch.arange(8) + seed // 2) % 2 if conditional else None
+        x = s.sample(8, (2,), seed=seed, labels=labels)
+        # between calls the feature net is the caller's again (restart freezes it anew)
+        assert f.training and all(p.requires_grad for p in f.parameters())
+        fresh = DDIMSampler(model, sched, steps=10, eta=eta, guidance=guidance(),
+                            class_conditional=False).sample(8, (2,), seed=seed, labels=labels)
+        assert torch.equal(x, fresh), f"seed {seed}"
+        grun = grun or s._kept.grun
+        assert s._kept.grun is grun and s._kept.graph == {}
+    plain = DDIMSampler(model, sched, steps=10, eta=eta).sample(8, (2,), seed=2)
+    assert (x - plain).abs().max() > 1e-4  # the guidance acts
+
+
+def test_reused_guided_run_keeps_its_tensors_and_restarts_them(sched, gmm):
+    """Head weights, Adam moments and step, the feature cache and labels are the same tensor
+    objects after a restart (CUDA graphs captured them), holding a fresh run's values."""
+    g = ContrastiveGuidance("hnm", CountingFeatures(), head=True, scale=3.0, t_min=300)
+    s = DDIMSampler(_cond_model(gmm), sched, steps=10, guidance=g, class_conditional=False, reuse_runs=True)
+    s.sample(8, (2,), seed=0, labels=torch.arange(8) % 2)
+    run = s._kept
+    gr = run.grun
+    before = [t for st in gr.opt.state.values() for t in st.values()] + list(gr.head.parameters()) \
+        + [gr.cache, gr.labels, run.x, run.labels, run.rng_state]
+    assert all(float(st["step"]) > 0 for st in gr.opt.state.values())
+    assert gr.labels is run.labels
+    labels = 1 - torch.arange(8) % 2
+    assert run.restart(5, labels, None)
+    after = [t for st in gr.opt.state.values() for t in st.values()] + list(gr.head.parameters()) \
+        + [gr.cache, gr.labels, run.x, run.labels, run.rng_state]
+    assert all(a is b for a, b in zip(before, after)) and len(before) == len(after)
+    assert all(float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+               for st in gr.opt.state.values())
+    fresh_head = _head_like(gr, 5)
+    assert all(torch.equal(a, b) for a, b in zip(gr.head.parameters(), fresh_head.parameters()))
+    assert not gr.cache.any() and torch.equal(run.labels, labels) and int(run.counter) == 0
+    gr.finish()
+
+
+def _head_like(gr, seed):
+    return EmbeddingHead(gr.fdim, *gr.g.head_dims, generator=torch.Generator().manual_seed(seed + 0x4EAD))
+
+
+def test_reuse_falls_back_to_a_fresh_run(sched, gmm):
+    """Changed guidance settings, or a guidance run without restart(): a new run, same results."""
+    g = ContrastiveGuidance("hnm", CountingFeatures(), head=True, scale=3.0, t_min=300)
+    s = DDIMSampler(gmm, sched, steps=10, guidance=g, reuse_runs=True)
+    s.sample(8, (2,), seed=0)
+    first = s._kept
+    g.temperature = 2.0  # baked into the captured steps: the kept run cannot be restarted
+    x = s.sample(8, (2,), seed=1)
+    assert s._kept is not first
+    assert torch.equal(x, DDIMSampler(gmm, sched, steps=10, guidance=g).sample(8, (2,), seed=1))
+
+    class NoRestart:  # the Guidance protocol without the optional restart
+        def __init__(self, inner):
+            self.inner, self.scale, self.needs_previous = inner, inner.scale, inner.needs_previous
+
+        def guided(self, t, i):
+            return self.inner.guided(t, i)
+
+        def start(self, options):
+            run = self.inner.start(options)
+            return type("R", (), {"fused_ok": run.fused_ok, "prime": run.prime, "gradient": run.gradient,
+                                  "fused_update": run.fused_update, "finish": run.finish})()
+
+    s = DDIMSampler(gmm, sched, steps=10, guidance=NoRestart(g), reuse_runs=True)
+    s.sample(8, (2,), seed=0)
+    first = s._kept
+    y = s.sample(8, (2,), seed=1)
+    assert s._kept is not first and torch.equal(y, x)
+    s.close()
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_reused_guided_graphs_captured_once_gpu(sched):
+    """On CUDA a reusing sampler captures its steps once and replays them for every later seed,
+    matching fresh (graph-captured) runs."""
+    torch.manual_seed(0)
+
+    class Eps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    class Feat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3))
+
+    model, feat = Eps().cuda(), Feat().cuda()
+    kw = dict(steps=20, eta=0.5, bf16=False, channels_last=False, cuda_graphs=True)
+    s = DDIMSampler(model, sched, guidance=ContrastiveGuidance("hnm", feat, head=True, scale=10.0, t_min=300),
+                    reuse_runs=True, **kw)
+    graphs = None
+    for seed in (0, 1, 2):
+        x = s.sample(16, (3, 8, 8), seed=seed)
+        g = ContrastiveGuidance("hnm", feat, head=True, scale=10.0, t_min=300)
+        fresh = DDIMSampler(model, sched, guidance=g, **kw).sample(16, (3, 8, 8), seed=seed)
+        torch.testing.assert_close(x, fresh, rtol=1e-4, atol=1e-4)
+        assert s._kept.graph, "nothing was captured"
+        graphs = graphs or dict(s._kept.graph)
+        assert all(s._kept.graph[k] is v for k, v in graphs.items())
+    s.close()

@@ -414,3 +414,68 @@ def test_eager_warmups_share_one_side_stream_and_silence_capturable_adam(monkeyp
     msgs = [str(w.message) for w in caught]
     assert not any("capturable=True" in m for m in msgs)
     assert msgs.count("another warning") == 2 * sm._WARMUP   # only that one warning is silenced
+
+
+# ------------------------------------------------------------------------------------------------
+# reuse_runs: one run (static buffers, graphs) restarted in place per sample() call (issue 12)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eta,fused,conditional", [(0.0, True, False), (1.0, True, True), (0.5, False, True)])
+def test_reused_run_equals_fresh_runs(sched, gmm, eta, fused, conditional):
+    kw = dict(steps=8, eta=eta, fused_kernels=fused)
+    s = DDIMSampler(gmm, sched, reuse_runs=True, **kw)
+    runs, outs = [], []
+    for seed in (0, 1, 2):
+        labels = (torch.arange(10) + seed) % 2 if conditional else None  # differ per call
+        x = s.sample(10, (2,), seed=seed, labels=labels)
+        runs.append(s._kept)
+        fresh = DDIMSampler(gmm, sched, **kw).sample(10, (2,), seed=seed, labels=labels)
+        assert torch.equal(x, fresh), f"seed {seed}"
+        outs.append(x)
+    assert runs[0] is runs[1] is runs[2]          # built once, restarted in place
+    assert runs[0].graph == {}                    # no CUDA here: nothing captured
+    assert not torch.equal(outs[0], outs[1])
+    # the result is a copy: the next call reuses the state buffer without touching it
+    assert outs[0].data_ptr() != runs[0].x.data_ptr()
+    s.close()
+    assert s._kept is None
+
+
+def test_reused_run_is_rebuilt_when_shapes_change(sched, gmm):
+    s = DDIMSampler(gmm, sched, steps=5, reuse_runs=True)
+    s.sample(6, (2,), seed=0)
+    first = s._kept
+    s.sample(6, (2,), seed=1)
+    assert s._kept is first
+    for kw in (dict(n=4, shape=(2,)), dict(n=4, shape=(2,), labels=torch.zeros(4, dtype=torch.long)),
+               dict(n=4, shape=(2,), dtype=torch.float64)):
+        before = s._kept
+        x = s.sample(kw.pop("n"), kw.pop("shape"), seed=3, **kw)
+        assert s._kept is not before
+        fresh = DDIMSampler(gmm, sched, steps=5).sample(4, (2,), seed=3, **kw)
+        assert torch.equal(x, fresh)
+    # x_T: restarted in place from the given state, exactly as a fresh run
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    a = s.sample(4, (2,), x_T=x_T)
+    run = s._kept
+    b = s.sample(4, (2,), x_T=x_T * 0.5)
+    assert s._kept is run
+    assert torch.equal(a, DDIMSampler(gmm, sched, steps=5).sample(4, (2,), x_T=x_T))
+    assert torch.equal(b, DDIMSampler(gmm, sched, steps=5).sample(4, (2,), x_T=x_T * 0.5))
+
+
+def test_reused_run_after_an_error_and_default_off(sched):
+    calls = []
+
+    def model(x, t):
+        calls.append(1)
+        return torch.full_like(x, float("nan")) if len(calls) == 3 else 0.1 * x
+
+    s = DDIMSampler(model, sched, steps=4, reuse_runs=True)
+    with pytest.raises(ValueError, match="NaN"):
+        s.sample(3, (2,), seed=0)
+    assert s._kept is None                        # a failed run is not kept
+    a = s.sample(3, (2,), seed=0)
+    assert torch.equal(a, DDIMSampler(model, sched, steps=4).sample(3, (2,), seed=0))
+    plain = DDIMSampler(model, sched, steps=4)
+    plain.sample(3, (2,), seed=0)
+    assert plain._kept is None                    # reuse is opt-in
