@@ -332,3 +332,23 @@ def test_progress_over_the_set_and_inside_each_shard(ckpt, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "sampling" in err and "4/4" in err, err  # the step bar inside a shard
     assert "generate (none, 1 proc)" in err and "img/s" in err and "4/4" in err, err
+
+
+def test_one_sampling_run_per_process_across_shards(ckpt, reference, tmp_path, monkeypatch):
+    """The run (static buffers, CUDA graphs on a GPU, the guidance run) is built once per process
+    and restarted in place for every shard; the shards equal the reference run's bytes."""
+    from cdp_fast import guidance, sampler
+
+    built = {"run": 0, "guidance": 0}
+    for mod, cls, key in ((sampler, "_Run", "run"), (guidance, "_GuidanceRun", "guidance")):
+        real_init = getattr(mod, cls).__init__
+
+        def counting(self, *a, _real=real_init, _key=key, **k):
+            built[_key] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(getattr(mod, cls), "__init__", counting)
+    out = tmp_path / "once"
+    assert cli_main(_args(ckpt, out, *GUIDED)) == 0
+    assert built == {"run": 1, "guidance": 1}, built  # 4 shards, one run
+    assert _shards(out) == _shards(reference)
