@@ -140,6 +140,7 @@ def guidance_sweep_figures(rows: Sequence[Mapping], strip: Mapping[float, np.nda
             ax.axvline(chosen, color="green", ls=":", label="chosen")
         if pos:
             ax.set_xscale("symlog", linthresh=min(pos))
+            ax.set_xlim(0, max(pos) * 1.5)  # no negative half of the symlog axis
         ax.set_xlabel("guidance scale lambda")
         ax.set_title(label, fontsize=10)
     axes.flat[0].legend(fontsize=8)
