@@ -141,6 +141,9 @@ def guidance_sweep_figures(rows: Sequence[Mapping], strip: Mapping[float, np.nda
         if pos:
             ax.set_xscale("symlog", linthresh=min(pos))
             ax.set_xlim(0, max(pos) * 1.5)  # no negative half of the symlog axis
+            grid = [r["scale"] for r in rows]
+            ax.set_xticks(grid, [f"{v:g}" for v in grid], rotation=45, fontsize=8)
+            ax.minorticks_off()
         ax.set_xlabel("guidance scale lambda")
         ax.set_title(label, fontsize=10)
     axes.flat[0].legend(fontsize=8)
