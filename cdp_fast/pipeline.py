@@ -85,13 +85,13 @@ class PipelineConfig:
     sweep_scales: tuple[float, ...] = field(DEFAULT_SCALES, help="guidance sweep: scales lambda "
                                             "(>= 0, 0 always added)")
     sweep_n: int = field(500, help="guidance sweep: images per scale")
-    sweep_steps: int = field(20, help="guidance sweep: DDIM steps")
+    sweep_steps: int = field(12, help="guidance sweep: DDIM steps")
     sweep_tolerance: float = field(0.5, help="guidance sweep rule: the largest scale whose "
                                    "classifier-feature Frechet distance to the real test set is at "
                                    "most (1 + tolerance) x lambda 0's")
     # 5. robust training
     robust_model: str | None = field(None, help="robust classifier (default: the dataset's model)")
-    robust_epochs: int = field(12, help="TRADES epochs of the synthetic arms (passes over the real "
+    robust_epochs: int = field(10, help="TRADES epochs of the synthetic arms (passes over the real "
                                         "data); the real-only arm gets as many steps")
     batch_size: int = field(128, help="TRADES batch size")
     robust_optimizer: str = field("adamw", help="TRADES optimiser. adamw by default here: on digits "
