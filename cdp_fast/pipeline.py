@@ -85,7 +85,8 @@ class PipelineConfig:
     sweep_scales: tuple[float, ...] = field(DEFAULT_SCALES, help="guidance sweep: scales lambda "
                                             "(>= 0, 0 always added)")
     sweep_n: int = field(500, help="guidance sweep: images per scale")
-    sweep_steps: int = field(20, help="guidance sweep: DDIM steps (too few and lambda 0 itself is far from the data: the rule then admits broken scales)")
+    sweep_steps: int = field(20, help="guidance sweep: DDIM steps (too few and lambda 0's own samples "
+                             "sit far from the data, so the rule admits broken scales)")
     sweep_tolerance: float = field(0.5, help="guidance sweep rule: the largest scale whose "
                                    "classifier-feature Frechet distance to the real test set is at "
                                    "most (1 + tolerance) x lambda 0's")
