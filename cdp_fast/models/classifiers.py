@@ -179,19 +179,23 @@ class _WideBlock(nn.Module):
         return out + sc
 
 
+def _wrn_shape(depth: int, widen: int, activation: str):
+    """Checked WideResNet settings: (blocks per group, activation class)."""
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"WideResNet depth must be 6n + 4 (e.g. 16, 28, 34, 70), got {depth}")
+    if widen < 1:
+        raise ValueError(f"WideResNet widen factor must be >= 1, got {widen}")
+    acts = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU}
+    if activation not in acts:
+        raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+    return (depth - 4) // 6, acts[activation]
+
+
 class WideResNet(Classifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *,
                  depth: int = 28, widen: int = 10, activation: str = "relu", mean=None, std=None):
         super().__init__(in_channels, *_norm_stats(in_channels, mean, std, identity=False))
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n + 4 (e.g. 16, 28, 34, 70), got {depth}")
-        if widen < 1:
-            raise ValueError(f"WideResNet widen factor must be >= 1, got {widen}")
-        acts = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU}
-        if activation not in acts:
-            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
-        act = acts[activation]
-        n = (depth - 4) // 6
+        n, act = _wrn_shape(depth, widen, activation)
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         blocks, cin = [], widths[0]
@@ -261,15 +265,7 @@ class DMWideResNet(Classifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, *,
                  depth: int = 28, widen: int = 10, activation: str = "swish", mean=None, std=None):
         super().__init__(in_channels, *_norm_stats(in_channels, mean, std, identity=False))
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n + 4 (e.g. 16, 28, 34, 70), got {depth}")
-        if widen < 1:
-            raise ValueError(f"WideResNet widen factor must be >= 1, got {widen}")
-        acts = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU}
-        if activation not in acts:
-            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
-        act = acts[activation]
-        n = (depth - 4) // 6
+        n, act = _wrn_shape(depth, widen, activation)
         w = (16, 16 * widen, 32 * widen, 64 * widen)
         self.init_conv = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
         self.layer = nn.Sequential(_DMBlockGroup(n, w[0], w[1], 1, act), _DMBlockGroup(n, w[1], w[2], 2, act),

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .unet import Upsample  # the same nearest x2 + 3x3 conv as the original
+
 __all__ = ["DDPMUNet", "DDPM_CONFIGS", "infer_config", "from_diffusers", "diffusers_config_to_kwargs"]
 
 
@@ -96,15 +98,6 @@ class Downsample(nn.Module):
         if self.padding == 0:  # the original: TF "SAME" for stride 2 pads right/bottom only
             x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class DDPMUNet(nn.Module):
