@@ -25,25 +25,12 @@ import torch
 
 from . import models, selection
 from .config import field
-from .data import load_synthetic, save_synthetic
+from .data import load_synthetic, save_synthetic, shard_files  # shard_files re-exported here
 from .utils import progress, resolve_device, write_json
 
 __all__ = ["ExportConfig", "SelectConfig", "export_npz", "select_shards", "shard_files", "run_export", "run_select"]
 
 FORMATS = {"cdp-fast": ("image", "label"), "authors": ("arr_0", "arr_1")}
-
-
-def shard_files(path) -> list[Path]:
-    """The shard files of ``path``: a folder's ``*.npz`` (sorted) or one npz file."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.glob("*.npz"))
-        if not files:
-            raise FileNotFoundError(f"{p}: no *.npz shards in this folder")
-        return files
-    if p.is_file():
-        return [p]
-    raise FileNotFoundError(f"synthetic data {p} does not exist (an .npz file or a folder of shards)")
 
 
 def _member_header(zf: zipfile.ZipFile, names) -> tuple[str, tuple, np.dtype]:
