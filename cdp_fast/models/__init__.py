@@ -11,13 +11,12 @@ shapes checked). The diffusion UNets live in ``cdp_fast.models.unet`` (trained h
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch.nn as nn
 
 from ..utils import atomic_write_bytes, write_json
-from .checkpoint import load_into, read_file, read_state_dict
+from .checkpoint import load_into, read_file, read_json_object, read_state_dict
 from .classifiers import (
     NAMES,
     Classifier,
@@ -82,12 +81,7 @@ def read_config(folder) -> dict:
     cf = p / CONFIG
     if not cf.is_file():
         raise FileNotFoundError(f"{cf} is missing: a checkpoint folder holds {WEIGHTS} and {CONFIG}")
-    try:
-        cfg = json.loads(cf.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cf} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cf} must hold a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(cf)
     missing = [k for k in ("name", "num_classes", "in_channels", "image_size") if k not in cfg]
     if missing:
         raise ValueError(f"{cf} lacks {missing}: not a classifier checkpoint (name={cfg.get('name')!r})")

@@ -11,6 +11,7 @@ mis-shaped keys are listed in one ValueError (never a silent ``strict=False``).
 """
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -24,6 +25,18 @@ __all__ = ["read_state_dict", "read_file", "unwrap", "split_prefixes", "check_ke
 # wrappers training scripts put around the weights, in the order they are looked for
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "ema_state_dict", "model", "net", "module")
 _NORM_NAMES = {"mean": "mean", "std": "std", "mu": "mean", "sigma": "std"}
+
+
+def read_json_object(path) -> dict:
+    """A JSON file holding one object (a config), with errors that name the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def read_file(path) -> object:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..schedules import NoiseSchedule
-from .checkpoint import load_into, read_file, split_prefixes, unwrap
+from .checkpoint import load_into, read_file, read_json_object, split_prefixes, unwrap
 from .ddpm import DDPMUNet, from_diffusers, infer_config
 
 __all__ = ["load_external", "is_diffusers_folder", "schedule_from_scheduler_config", "DDPM_SCHEDULE"]
@@ -25,16 +25,6 @@ __all__ = ["load_external", "is_diffusers_folder", "schedule_from_scheduler_conf
 DDPM_SCHEDULE = {"name": "linear", "num_train_timesteps": 1000, "params": {"beta_start": 1e-4, "beta_end": 0.02}}
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
                  "pytorch_model.bin")
-
-
-def _json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return obj
 
 
 def is_diffusers_folder(path) -> bool:
@@ -102,13 +92,13 @@ def load_external(path, device="cpu", *, image_size: int | None = None):
     if path.is_dir():
         root = path
         if (root / "model_index.json").is_file():
-            index = _json(root / "model_index.json")
+            index = read_json_object(root / "model_index.json")
             if "unet" not in index or not (root / "unet").is_dir():
                 raise ValueError(f"{root}: a diffusers pipeline folder without unet/ (components {sorted(index)})")
             unet_dir = root / "unet"
         else:
             unet_dir = root
-        cfg = _json(unet_dir / "config.json")
+        cfg = read_json_object(unet_dir / "config.json")
         wf = _weights_file(unet_dir)
         state, _ = split_prefixes(unwrap(read_file(wf), str(wf)))
         state, kwargs = from_diffusers(state, cfg)
@@ -116,7 +106,7 @@ def load_external(path, device="cpu", *, image_size: int | None = None):
         sched = dict(DDPM_SCHEDULE)
         for cand in (unet_dir / "scheduler_config.json", unet_dir.parent / "scheduler" / "scheduler_config.json"):
             if cand.is_file():
-                sched = schedule_from_scheduler_config(_json(cand), str(cand))
+                sched = schedule_from_scheduler_config(read_json_object(cand), str(cand))
                 break
         source = "diffusers"
     elif path.is_file():
