@@ -37,6 +37,7 @@ from .models.ddpm import DDPMUNet
 from .models.external import is_diffusers_folder, load_external
 from .models.unet import UNet, unet_kwargs
 from .schedules import NoiseSchedule
+from .training import ema_decay_at, ema_update
 from .utils import (
     atomic_write_bytes,
     progress,
@@ -132,10 +133,6 @@ def resolve_settings(cfg: TrainDiffusionConfig, dataset: str | None = None) -> d
                 warmup=warmup)
 
 
-def _ema_decay(decay: float, n: int) -> float:
-    return min(decay, (1.0 + n) / (10.0 + n))
-
-
 def save_diffusion(folder, model, meta: dict, loss_log: list | None = None) -> Path:
     """Write a checkpoint folder: ``model.safetensors`` (``model``'s weights) + ``config.json``.
 
@@ -203,7 +200,6 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     model = UNet(**ukw).to(device=device, memory_format=mf)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters()]
-    ema_params = [p for p in ema.parameters()]
     fwd = torch.compile(model) if cfg.compile else model
 
     sched = NoiseSchedule.from_name(s["schedule"], cfg.num_train_timesteps)
@@ -267,8 +263,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         lr_sched.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - _ema_decay(cfg.ema_decay, step - 1))
+        ema_update(ema, model, ema_decay_at(step - 1, 0, cfg.ema_decay))  # no warm-up copy phase
         loss_sum += loss.detach()
         window += 1
         if step % cfg.log_every == 0 or step == s["iters"]:
