@@ -32,7 +32,7 @@ from typing import Optional, Union
 import torch
 
 from ._backend import backend_for, on_input_device
-from .ddim_ref import _TINY, _alpha, compute_dtype, ddim_coefficients, ddim_update_ref
+from .ddim_ref import _TINY, _alpha, compute_dtype, ddim_coefficients, ddim_update_ref, philox_normal_ref
 
 try:  # Triton is optional: the reference backend works without it.
     import triton
@@ -41,10 +41,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["ddim_update", "make_rng_state", "advance_rng"]
+__all__ = ["ddim_update", "make_rng_state", "advance_rng", "rng_advance"]
 
 Alpha = Union[float, torch.Tensor]
 _BLOCK = 1024
+_MAX_PHILOX_ELEMS = 4 * 2 ** 32  # the per-launch counter index e // 4 is a uint32
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -62,9 +63,15 @@ def make_rng_state(seed: Optional[int] = None, device=None,
     return torch.tensor([seed, 0], dtype=torch.int64, device=device)
 
 
+def rng_advance(n: int) -> int:
+    """How far a draw of n normals moves the offset: n rounded up to whole Philox calls (4 normals)."""
+    return 4 * ((int(n) + 3) // 4)
+
+
 def advance_rng(rng_state: torch.Tensor, n: int) -> torch.Tensor:
-    """rng_state[1] += n in place (a device op: graph-safe). Returns rng_state."""
-    rng_state[1:].add_(int(n))
+    """Advance the state as a ``ddim_update`` of n elements does: rng_state[1] += rng_advance(n), in
+    place (a device op: graph-safe). Returns rng_state."""
+    rng_state[1:].add_(rng_advance(n))
     return rng_state
 
 
@@ -127,6 +134,58 @@ if triton is not None:
         return out, x0
 
     @triton.jit
+    def _sincos_2pi(u):
+        # (cos 2 pi u, sin 2 pi u) for u in [0, 1): quadrant q = round(4u), x = (4u - q) pi/2 in
+        # [-pi/4, pi/4], Taylor to x^9 / x^8 (error < 3e-8), then rotate by q quarter turns. Portable
+        # (HIP's libdevice has no sinpi) and short: tl.cos/tl.sin carry a Payne-Hanek slow path.
+        t = u * 4.0
+        q = tl.floor(t + 0.5)
+        x = (t - q) * 1.5707963267948966
+        x2 = x * x
+        s = x * (1.0 + x2 * (-1.6666666666666666e-01 + x2 * (8.3333333333333332e-03 + x2 * (
+            -1.9841269841269841e-04 + x2 * 2.7557319223985893e-06))))
+        c = 1.0 + x2 * (-0.5 + x2 * (4.1666666666666664e-02 + x2 * (
+            -1.3888888888888889e-03 + x2 * 2.4801587301587302e-05)))
+        qi = q.to(tl.int32) & 3
+        odd = (qi & 1) != 0
+        cos_ = tl.where(odd, s, c)
+        sin_ = tl.where(odd, c, s)
+        cos_ = tl.where((qi == 1) | (qi == 2), -cos_, cos_)
+        sin_ = tl.where(qi >= 2, -sin_, sin_)
+        return cos_, sin_
+
+    @triton.jit
+    def _box_muller(ra, rb):
+        # two uint32 -> two N(0, 1): u1 in (0, 1) from the top 31 bits of ra (+1/2: log never sees 0,
+        # |z| <= 6.7), u2 in [0, 1) from the top 24 bits of rb (exact in fp32); the twin of
+        # ddim_ref._box_muller_ref
+        u1 = ((ra >> 1).to(tl.int32).to(tl.float32) + 0.5) * 4.656612873077393e-10
+        u2 = (rb >> 8).to(tl.int32).to(tl.float32) * 5.960464477539063e-08
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        cs, sn = _sincos_2pi(u2)
+        return r * cs, r * sn
+
+    @triton.jit
+    def _philox_normals(rng_ptr, pid, BLOCK: tl.constexpr):
+        # BLOCK normals for the launch's elements e = pid * BLOCK + [0, BLOCK): element e is lane e % 4
+        # of Philox4x32-10(key = seed, counter = (C + e // 4) as (lo, hi, 0, 0)), C = ceil(offset / 4)
+        # (see the module doc). One Philox call per 4 normals; all per-element math is 32-bit: the
+        # 64-bit counter C + i is lo + i with a carry into hi (no 2^32 wrap: period 2^64 counters).
+        seed = tl.load(rng_ptr)
+        base = (tl.load(rng_ptr + 1) + 3) >> 2            # once per program, int64 scalar
+        lo = (base & 0xFFFFFFFF).to(tl.uint32)
+        hi = (base >> 32).to(tl.uint32)
+        i = pid.to(tl.uint32) * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+        c0 = lo + i
+        c1 = hi + (c0 < i).to(tl.uint32)
+        zero = c0 * 0
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+        n0, n1 = _box_muller(r0, r1)
+        n2, n3 = _box_muller(r2, r3)
+        # [BLOCK/4, 2, 2] -> [BLOCK] in the order n0 n1 n2 n3 of each counter
+        return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+
+    @triton.jit
     def _ddim_fwd_kernel(x_ptr, eps_ptr, grad_ptr, noise_ptr, out_ptr, x0_ptr,
                          at_ptr, an_ptr, rng_ptr,
                          at_val, an_val, scale, eta, clip, n_elem, inner,
@@ -149,9 +208,7 @@ if triton is not None:
         if NOISE_MODE == 1:
             z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         elif NOISE_MODE == 2:
-            seed = tl.load(rng_ptr)
-            base = tl.load(rng_ptr + 1)
-            z = tl.randn(seed, base + offs)
+            z = _philox_normals(rng_ptr, tl.program_id(0), BLOCK)
         else:
             z = x  # unused (HAS_NOISE is False)
         out, x0 = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, EPS_FROM_CLIPPED_X0,
@@ -201,6 +258,9 @@ def _launch(x, eps, grad, noise, a_t, a_next, *, eta, scale, clip_x0, eps_from_c
         noise_mode = 2
     else:
         noise_mode = 0
+    if noise_mode == 2 and n > _MAX_PHILOX_ELEMS:
+        raise ValueError(f"in-kernel noise draws at most {_MAX_PHILOX_ELEMS} elements per call (32-bit "
+                         f"Philox counter index), got {n}: split x or pass noise=")
     grid = (triton.cdiv(n, _BLOCK),)
     _ddim_fwd_kernel[grid](
         x, eps, grad if grad is not None else x, noise if noise_mode == 1 else x, out, x0,
@@ -323,14 +383,10 @@ def _check_inputs(x, eps, grad, noise, a_t, a_next, eta, scale, clip_x0):
             raise ValueError(f"{name} is on {a.device} but x is on {x.device}")
 
 
-def _reference_noise(x, rng_state, generator):
-    """Noise for the reference backend when ``noise`` is None (see the module doc)."""
-    if rng_state is None:
-        return None  # ddim_update_ref draws from `generator` / the default generator
-    seed, offset = (int(v) for v in rng_state.tolist())  # host read: fine for the oracle
-    g = torch.Generator(device="cpu").manual_seed((seed * 0x9E3779B1 + offset) % (2 ** 63))
-    dt = compute_dtype(x)
-    return torch.randn(x.shape, generator=g, dtype=dt).to(x.device)
+def _reference_noise(x, rng_state):
+    """The Triton kernel's noise stream in torch (see the module doc), shaped like x."""
+    z = philox_normal_ref(rng_state.to(x.device), x.numel(), compute_dtype(x))
+    return z.reshape(x.shape)
 
 
 @on_input_device
@@ -382,7 +438,7 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alpha, *
 
     if which == "reference":
         if draws and rng_state is not None:
-            noise_used = _reference_noise(x, rng_state, generator)
+            noise_used = _reference_noise(x, rng_state)
         out = ddim_update_ref(x, eps, a_t, a_next, eta=eta, noise=noise_used, grad=grad, scale=scale,
                               clip_x0=clip_x0, eps_from_clipped_x0=eps_from_clipped_x0,
                               return_x0=return_x0, generator=generator)
