@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from cdp_fast.kernels import ddim as ddim_mod
 from cdp_fast.kernels import ddim_update
 from cdp_fast.kernels._backend import interpreting, triton_available
-from cdp_fast.kernels import ddim as ddim_mod
 from cdp_fast.kernels.ddim import advance_rng, make_rng_state, rng_advance
 from cdp_fast.kernels.ddim_ref import ddim_coefficients, philox4x32_ref, philox_normal_ref
 from cdp_fast.kernels.hnm_ref import ddim_coefficients_per_sample
