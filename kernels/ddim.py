@@ -25,16 +25,16 @@ Philox words and uniforms, log / sin / cos in float64, so equal to ~1e-6; device
 advances the state the same way; without ``rng_state`` it uses ``generator`` or torch's default
 generator.
 
-Cost (sm_90, compile gate SASS of ``_ddim_fwd_kernel``, 1024-element programs, 4 warps: 8 elements
-per thread, straight-line code, so instructions / element = SASS / 8). Bytes / element: 3 x itemsize
-(x, eps in, x_next out; + itemsize for ``noise``, grad or x0 when given), e.g. 6 B in bf16, 12 B in
-fp32; the in-kernel noise reads none. Instructions / element, bf16 (fp32): no noise 18 (16), given
-noise 22 (19), in-kernel Philox 72 (68) — before this stream, ``tl.randn(seed, offset + i)`` took a
-whole Philox call per element and a libdevice cosf: 236 (234). Per element now: ~20 Philox
-(10 rounds / 4 lanes), ~25 Box-Muller (log, sqrt, polynomial sincos per pair / 2), ~1.5 shared-memory
-shuffle in half precision (the [BLOCK/4, 4] -> [BLOCK] reshape lands in another layout than the
-16-byte loads). At H200's ~3.3e13 thread-instructions/s and 4.8 TB/s that is ~4.6e11 elem/s issue vs
-8e11 elem/s memory in bf16 (still issue-bound, ~1.7x) and about balanced in fp32.
+Cost (sm_90, SASS of ``_ddim_fwd_kernel`` from the compile gate's cubins; 1024-element programs,
+4 warps: 8 elements per thread in straight-line code, so instructions / element ~ SASS / 8).
+Bytes / element: 3 x itemsize (x, eps in, x_next out; + itemsize for each of ``noise``, ``grad``,
+x0 when given), 6 B in bf16, 12 B in fp32; the in-kernel noise reads nothing. Instructions /
+element, bf16 (fp32): no noise 18 (16), given noise 22 (19), in-kernel Philox 70 (68), of which
+~20 Philox (10 rounds for 4 lanes) and ~25 Box-Muller (log, sqrt, polynomial sincos for 2 lanes).
+Before (``tl.randn(seed, offset + i)``: a whole Philox call per element, a libdevice cosf with its
+slow path): 236 (234), 48 (58) registers against 32 (40) now. At an H200's ~3.3e13 thread
+instructions/s and 4.8 TB/s (estimates, not measured): ~4.7e11 elem/s issue vs 8e11 elem/s
+memory in bf16, still issue-bound (~1.7x, was ~6x), about balanced in fp32.
 
 Alphas: ``a_t`` / ``a_next`` are Python floats (kernel arguments), 0-d/[1] tensors (read by the
 kernel through a pointer: e.g. ``table[step_counter]`` on the device, no host sync) or per-sample
@@ -184,24 +184,37 @@ if triton is not None:
         return r * cs, r * sn
 
     @triton.jit
-    def _philox_normals(rng_ptr, pid, BLOCK: tl.constexpr):
+    def _philox_normals(rng_ptr, pid, BLOCK: tl.constexpr, RUN: tl.constexpr):
         # BLOCK normals for the launch's elements e = pid * BLOCK + [0, BLOCK): element e is lane e % 4
         # of Philox4x32-10(key = seed, counter = (C + e // 4) as (lo, hi, 0, 0)), C = ceil(offset / 4)
         # (see the module doc). One Philox call per 4 normals; all per-element math is 32-bit: the
         # 64-bit counter C + i is lo + i with a carry into hi (no 2^32 wrap: period 2^64 counters).
+        # RUN (4 or 8: the elements of one 16-byte access) only places the work: position j of the
+        # [BLOCK/4] vectors computes counter R (j % NT) + j // NT, so that (with Triton's default
+        # layout, thread t holding positions t, t + NT, ...) a thread's R counters give its RUN
+        # adjacent elements and the result needs no shared-memory shuffle; the stream is the same.
+        R: tl.constexpr = RUN // 4
+        NT: tl.constexpr = BLOCK // RUN
         seed = tl.load(rng_ptr)
         base = (tl.load(rng_ptr + 1) + 3) >> 2            # once per program, int64 scalar
         lo = (base & 0xFFFFFFFF).to(tl.uint32)
         hi = (base >> 32).to(tl.uint32)
-        i = pid.to(tl.uint32) * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+        j = tl.arange(0, BLOCK // 4)
+        if R == 1:
+            k = j
+        else:
+            k = R * (j % NT) + j // NT
+        i = pid.to(tl.uint32) * (BLOCK // 4) + k.to(tl.uint32)
         c0 = lo + i
         c1 = hi + (c0 < i).to(tl.uint32)
         zero = c0 * 0
         r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
         n0, n1 = _box_muller(r0, r1)
         n2, n3 = _box_muller(r2, r3)
-        # [BLOCK/4, 2, 2] -> [BLOCK] in the order n0 n1 n2 n3 of each counter
-        return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+        z = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [BLOCK/4, 2, 2]: lanes n0 n1 n2 n3 in order
+        if R != 1:  # [j // NT, j % NT, lane] -> [j % NT, j // NT, lane]: counter order
+            z = tl.permute(tl.reshape(z, [R, NT, 4]), (1, 0, 2))
+        return tl.reshape(z, [BLOCK])
 
     @triton.jit
     def _ddim_fwd_kernel(x_ptr, eps_ptr, grad_ptr, noise_ptr, out_ptr, x0_ptr,
@@ -210,7 +223,7 @@ if triton is not None:
                          AT_MODE: tl.constexpr, AN_MODE: tl.constexpr, HAS_GRAD: tl.constexpr,
                          NOISE_MODE: tl.constexpr, CLIP: tl.constexpr,
                          EPS_FROM_CLIPPED_X0: tl.constexpr, WRITE_X0: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, RUN: tl.constexpr):
         # AT_MODE/AN_MODE: 0 = scalar argument, 1 = 0-d tensor (pointer), 2 = per-sample [B].
         # NOISE_MODE: 0 = none, 1 = given tensor, 2 = in-kernel Philox from rng_ptr = [seed, offset].
         pid = tl.program_id(0).to(tl.int64)
@@ -226,7 +239,7 @@ if triton is not None:
         if NOISE_MODE == 1:
             z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         elif NOISE_MODE == 2:
-            z = _philox_normals(rng_ptr, tl.program_id(0), BLOCK)
+            z = _philox_normals(rng_ptr, tl.program_id(0), BLOCK, RUN)
         else:
             z = x  # unused (HAS_NOISE is False)
         out, x0 = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, EPS_FROM_CLIPPED_X0,
@@ -288,7 +301,7 @@ def _launch(x, eps, grad, noise, a_t, a_next, *, eta, scale, clip_x0, eps_from_c
         AT_MODE=at_mode, AN_MODE=an_mode, HAS_GRAD=grad is not None, NOISE_MODE=noise_mode,
         CLIP=clip_x0 is not None,
         EPS_FROM_CLIPPED_X0=bool(eps_from_clipped_x0 and clip_x0 is not None),
-        WRITE_X0=bool(write_x0), BLOCK=_BLOCK, num_warps=4,
+        WRITE_X0=bool(write_x0), BLOCK=_BLOCK, RUN=8 if x.element_size() == 2 else 4, num_warps=4,
     )
     return out, (x0 if write_x0 else None)
 

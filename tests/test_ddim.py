@@ -256,6 +256,19 @@ def test_triton_noise_is_the_philox_stream(offset):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_noise_stream_half_precision(dtype):
+    """Half-precision x places the Philox work differently in the kernel (RUN = 8: two counters per
+    thread, then a permute); the stream must be the same: each element's noise is its own."""
+    x, eps, _, _ = _inputs((2, 3, 17, 19), seed=3)
+    x, n = x.to(dtype), x.numel()
+    z = _noise_of(x, eps, torch.tensor([5, 8], device=x.device), "triton").flatten().cpu()
+    want = philox_normal_ref(torch.tensor([5, 8]), n).double()
+    tol = 4 * 8 * torch.finfo(dtype).eps  # out is rounded to x's dtype (|out| < 8), then divided by c1 = 1/2
+    torch.testing.assert_close(z, want, rtol=0, atol=tol)
+
+
+@needs_triton
 def test_sincos_2pi_kernel_helper():
     """The kernel's polynomial sin/cos of 2 pi u over [0, 1), quadrant edges included."""
     import triton
