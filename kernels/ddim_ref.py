@@ -112,8 +112,9 @@ def philox4x32_ref(seed, c0: torch.Tensor, c1: torch.Tensor, c2=None, c3=None, r
 
 
 def _box_muller_ref(ra: torch.Tensor, rb: torch.Tensor, dtype: torch.dtype):
-    """The twin of ``kernels.ddim._box_muller`` (same uniforms; log / sin / cos in float64)."""
-    u1 = ((ra >> 1).double() + 0.5) * 2.0 ** -31
+    """The twin of ``kernels.ddim._box_muller``: the same fp32 uniforms (u1 rounded as the kernel
+    rounds it: -2 ln u1 is sensitive near u1 = 1), then log / sin / cos in float64."""
+    u1 = (((ra >> 1).to(torch.float32) + 0.5) * 2.0 ** -31).double()
     u2 = (rb >> 8).double() * 2.0 ** -24
     r = (-2.0 * u1.log()).sqrt()
     th = 2.0 * math.pi * u2
