@@ -174,7 +174,7 @@ if triton is not None:
 
     @triton.jit
     def _box_muller(ra, rb):
-        # two uint32 -> two N(0, 1): u1 in (0, 1) from the top 31 bits of ra (+1/2: log never sees 0,
+        # two uint32 -> two N(0, 1): u1 in (0, 1] from the top 31 bits of ra (+1/2: log never sees 0,
         # |z| <= 6.7), u2 in [0, 1) from the top 24 bits of rb (exact in fp32); the twin of
         # ddim_ref._box_muller_ref
         u1 = ((ra >> 1).to(tl.int32).to(tl.float32) + 0.5) * 4.656612873077393e-10
