@@ -83,6 +83,56 @@ def ddim_step_ref(x: torch.Tensor, e: torch.Tensor, coefficients, *, x0: Optiona
     return out, x0
 
 
+# ---------------------------------------------------------------- the in-kernel noise, in torch
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mul32(a: torch.Tensor, b: int):
+    """(hi, lo) 32-bit halves of a * b for uint32 values held in int64 (b split in 16-bit halves:
+    no int64 product overflows)."""
+    p_hi, p_lo = a * (b >> 16), a * (b & 0xFFFF)
+    return (p_hi + (p_lo >> 16)) >> 16, (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
+
+
+def philox4x32_ref(seed, c0: torch.Tensor, c1: torch.Tensor, c2=None, c3=None, rounds: int = 10):
+    """Philox4x32-10 (Salmon et al. 2011; Triton's ``tl.philox``) of counters (c0, c1, c2, c3), c2 and
+    c3 zero by default, with the 64-bit key ``seed`` (k0 = low, k1 = high 32 bits); uint32 values
+    held in int64 tensors (``seed`` may be a Python int)."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c2 = torch.zeros_like(c0) if c2 is None else c2
+    c3 = torch.zeros_like(c0) if c3 is None else c3
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(c2, _PHILOX_ROUND[1])
+        hi_a, lo_a = _mul32(c0, _PHILOX_ROUND[0])
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _M32, (k1 + _PHILOX_KEY[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def _box_muller_ref(ra: torch.Tensor, rb: torch.Tensor, dtype: torch.dtype):
+    """The twin of ``kernels.ddim._box_muller``: the same fp32 uniforms (u1 rounded as the kernel
+    rounds it: -2 ln u1 is sensitive near u1 = 1), then log / sin / cos in float64."""
+    u1 = (((ra >> 1).to(torch.float32) + 0.5) * 2.0 ** -31).double()
+    u2 = (rb >> 8).double() * 2.0 ** -24
+    r = (-2.0 * u1.log()).sqrt()
+    th = 2.0 * math.pi * u2
+    return (r * th.cos()).to(dtype), (r * th.sin()).to(dtype)
+
+
+def philox_normal_ref(rng_state: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The n normals a Triton ``ddim_update`` of n elements draws from ``rng_state`` = [seed, offset]
+    (int64): element e is lane e % 4 of Philox4x32-10(seed, counter ceil(offset / 4) + e // 4).
+    Device ops only (no host read of the state); does not advance it."""
+    seed, offset = rng_state[0], rng_state[1]
+    ctr = (offset + 3) // 4 + torch.arange((n + 3) // 4, dtype=torch.int64, device=rng_state.device)
+    r = philox4x32_ref(seed, ctr & _M32, (ctr >> 32) & _M32)
+    n0, n1 = _box_muller_ref(r[0], r[1], dtype)
+    n2, n3 = _box_muller_ref(r[2], r[3], dtype)
+    return torch.stack([n0, n1, n2, n3], dim=1).reshape(-1)[:n]
+
+
 def ddim_update_ref(x: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_next: Alpha, *,
                     eta: float = 0.0, noise: Optional[torch.Tensor] = None,
                     grad: Optional[torch.Tensor] = None, scale: float = 0.0,

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+from cdp_fast.kernels import ddim as ddim_mod
 from cdp_fast.kernels import ddim_update
 from cdp_fast.kernels._backend import interpreting, triton_available
-from cdp_fast.kernels.ddim import advance_rng, make_rng_state
-from cdp_fast.kernels.ddim_ref import ddim_coefficients
+from cdp_fast.kernels.ddim import advance_rng, make_rng_state, rng_advance
+from cdp_fast.kernels.ddim_ref import ddim_coefficients, philox4x32_ref, philox_normal_ref
 from cdp_fast.kernels.hnm_ref import ddim_coefficients_per_sample
 from cdp_fast.sampler import DDIMSampler
 from cdp_fast.schedules import NoiseSchedule
@@ -172,11 +173,12 @@ def test_rng_state_noise(backend):
     n = x.numel()
     st = make_rng_state(1234, device=x.device)
     z1 = _noise_of(x, eps, st, backend)
-    assert st.tolist() == [1234, n], "ddim_update must advance the offset by x.numel()"
+    assert st.tolist() == [1234, rng_advance(n)], "ddim_update must advance the offset by x.numel(), rounded up to 4"
+    assert rng_advance(n) == n + 2  # n = 1938: whole Philox calls of 4 normals
     assert abs(z1.mean().item()) < 0.1 and abs(z1.std().item() - 1) < 0.1, (z1.mean(), z1.std())
     assert abs(z1.flatten()[:-1].mul(z1.flatten()[1:]).mean().item()) < 0.1  # neighbours uncorrelated
     z2 = _noise_of(x, eps, st, backend)  # advanced state: fresh noise
-    assert st.tolist() == [1234, 2 * n]
+    assert st.tolist() == [1234, 2 * rng_advance(n)]
     assert (z1 - z2).abs().max() > 0.5 and abs(torch.corrcoef(torch.stack([z1.flatten(), z2.flatten()]))[0, 1]) < 0.1
     again = _noise_of(x, eps, make_rng_state(1234, device=x.device), backend)
     torch.testing.assert_close(again, z1, rtol=0, atol=1e-5)  # same state, same noise
@@ -185,6 +187,119 @@ def test_rng_state_noise(backend):
     rewound = make_rng_state(1234, device=x.device)
     advance_rng(rewound, n)  # the helper gives the state of the second call
     torch.testing.assert_close(_noise_of(x, eps, rewound, backend), z2, rtol=0, atol=1e-5)
+
+
+def test_philox_reference_known_answers():
+    """The torch Philox4x32-10 is the published one (Random123's kat_vectors), so the stream the
+    kernel is checked against is Philox and not a look-alike."""
+    kat = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+           ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+           ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, (k0, k1), want in kat:
+        c = [torch.tensor([v], dtype=torch.int64) for v in ctr]
+        got = philox4x32_ref(k0 | (k1 << 32), *c)
+        assert [int(v) for v in got] == list(want)
+
+
+def test_philox_normals_are_standard_normal():
+    """Statistics of the in-kernel stream (its torch twin, 2^20 draws; the Triton kernel is checked
+    against the twin below): moments, the CDF (Kolmogorov-Smirnov), and no correlation between the
+    4 lanes of one Philox call, the 2 normals of one Box-Muller pair (also of their squares),
+    neighbouring counters, or two seeds / two offsets."""
+    n = 2 ** 20
+    z = philox_normal_ref(torch.tensor([2024, 0]), n, torch.float64)
+    assert abs(z.mean().item()) < 5 / n ** 0.5 and abs(z.var().item() - 1) < 0.01
+    assert abs(z.pow(4).mean().item() - 3) < 0.05 and abs(z.pow(3).mean().item()) < 0.02
+    ks = (torch.special.ndtr(z.sort().values) - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max()
+    assert ks.item() < 1.95 / n ** 0.5, f"KS distance {ks.item():.3g}"  # 1.95/sqrt(n): p = 0.001
+    assert z.abs().max().item() < 6.7  # u1 >= 2^-32: |z| <= sqrt(-2 ln 2^-32)
+
+    def corr(a, b):
+        return abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item())
+
+    lanes = z.reshape(-1, 4)
+    for i, j in ((0, 1), (2, 3), (0, 2), (1, 3), (0, 3)):
+        assert corr(lanes[:, i], lanes[:, j]) < 0.01, (i, j)
+    assert corr(lanes[:, 0] ** 2, lanes[:, 1] ** 2) < 0.01  # the Box-Muller pair, beyond linear
+    assert corr(lanes[:-1, 0], lanes[1:, 0]) < 0.01      # consecutive counters
+    other_seed = philox_normal_ref(torch.tensor([2025, 0]), n, torch.float64)
+    later = philox_normal_ref(torch.tensor([2024, n]), n, torch.float64)
+    assert corr(z, other_seed) < 0.01 and corr(z, later) < 0.01
+    # the state's offset is in normals: offset n starts exactly where the first n draws end
+    torch.testing.assert_close(philox_normal_ref(torch.tensor([2024, 0]), 2 * n, torch.float64)[n:], later,
+                               rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("offset", [0, 6, 4 * (2 ** 32 - 100), 2 ** 62 - 4])
+def test_triton_noise_is_the_philox_stream(offset):
+    """Triton draws exactly the documented stream (philox_normal_ref) for aligned and unaligned
+    offsets (an unaligned one starts at the next whole counter), across the 2^32 wrap of the low
+    counter word (the carry into the high word: without it the noise past the wrap would repeat
+    the draws of offset 0) and near the top of the int64 offset; the reference backend draws the
+    same noise from the same state."""
+    x, eps, _, _ = _inputs((2, 3, 17, 19))  # 1938 elements: 2 programs, a tail of 2 in the last counter
+    n = x.numel()
+    st = torch.tensor([77, offset], dtype=torch.int64, device=x.device)
+    z = _noise_of(x, eps, st, "triton").flatten()
+    assert st.tolist() == [77, offset + rng_advance(n)]
+    want = philox_normal_ref(torch.tensor([77, offset]), n).double()
+    torch.testing.assert_close(z.cpu(), want, rtol=0, atol=2e-5)
+    st_ref = torch.tensor([77, offset], dtype=torch.int64, device=x.device)
+    torch.testing.assert_close(_noise_of(x, eps, st_ref, "reference").flatten().cpu(), want, rtol=0, atol=2e-5)
+    if offset == 4 * (2 ** 32 - 100):  # counters 2^32 + k: a fresh stream, not counters k again
+        past = z[400:].cpu()
+        torch.testing.assert_close(past, philox_normal_ref(torch.tensor([77, 2 ** 34]), n - 400).double(),
+                                   rtol=0, atol=2e-5)
+        assert (past - philox_normal_ref(torch.tensor([77, 0]), n - 400).double()).abs().max() > 1
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_noise_stream_half_precision(dtype):
+    """Half-precision x places the Philox work differently in the kernel (RUN = 8: two counters per
+    thread, then a permute); the stream must be the same: each element's noise is its own."""
+    x, eps, _, _ = _inputs((2, 3, 17, 19), seed=3)
+    x, n = x.to(dtype), x.numel()
+    z = _noise_of(x, eps, torch.tensor([5, 8], device=x.device), "triton").flatten().cpu()
+    want = philox_normal_ref(torch.tensor([5, 8]), n).double()
+    tol = 4 * 8 * torch.finfo(dtype).eps  # out is rounded to x's dtype (|out| < 8), then divided by c1 = 1/2
+    torch.testing.assert_close(z, want, rtol=0, atol=tol)
+
+
+@needs_triton
+def test_sincos_2pi_kernel_helper():
+    """The kernel's polynomial sin/cos of 2 pi u over [0, 1), quadrant edges included."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(u_ptr, c_ptr, s_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        c, s = ddim_mod._sincos_2pi(tl.load(u_ptr + i))
+        tl.store(c_ptr + i, c)
+        tl.store(s_ptr + i, s)
+
+    u = torch.cat([torch.arange(0, 64) / 64, torch.tensor([0.125 - 2 ** -24, 0.125 + 2 ** -24, 0.375, 0.625,
+                                                           0.875, 1 - 2 ** -24])])
+    u = torch.cat([u, torch.rand(256 - u.numel(), generator=torch.Generator().manual_seed(0))]).float()
+    c, s = torch.empty_like(u), torch.empty_like(u)
+    _probe[(1,)](u, c, s, N=256)
+    th = 2 * math.pi * u.double()
+    assert (c.double() - th.cos()).abs().max() < 3e-7 and (s.double() - th.sin()).abs().max() < 3e-7
+
+
+@needs_triton
+def test_noise_size_limit_is_checked(monkeypatch):
+    """More elements than the 32-bit counter index covers: a clear error, and the state untouched."""
+    x, eps, _, _ = _inputs((2, 3, 5))
+    st = make_rng_state(1, device=x.device)
+    monkeypatch.setattr(ddim_mod, "_MAX_PHILOX_ELEMS", 16)
+    with pytest.raises(ValueError, match="at most 16 elements"):
+        ddim_update(x, eps, 0.2, 0.5, eta=1.0, rng_state=st, backend="triton")
+    assert st.tolist() == [1, 0]
+    ddim_update(x, eps, 0.2, 0.5, eta=1.0, noise=torch.randn_like(x), backend="triton")  # given noise: no limit
 
 
 @needs_triton
@@ -318,7 +433,7 @@ def test_cuda_graph_replay_draws_fresh_noise():
     first = out.clone()
     g.replay()
     assert (out - first).abs().max() > 0.1
-    assert st[1].item() == 3 * x.numel()  # warm-up + two replays (capture does not run)
+    assert st[1].item() == 3 * rng_advance(x.numel())  # warm-up + two replays (capture does not run)
 
 
 def test_one_coefficient_formula_for_every_caller():
