@@ -165,13 +165,13 @@ if triton is not None:
 def pixel_tiles(dtype: torch.dtype) -> dict:
     """Tiles of the two kernels: "coef" (R x C similarity tiles, K the feature step) and "gemm"
     (R x DO output tiles, C the contraction step). Interpreter (unless
-    ``_tiles.gpu_tiles_in_interpreter()``): 16 rows / columns (several tiles at test sizes), 64
-    features (d >= 640 gives >= 10 feature tiles anyway; 16 would cost seconds per test). GPU: 64-wide half tiles on tensor cores (the GEMM's
-    grid at B = G = 512, d = 3072: 8 x 24 = 192 programs); fp32 "ieee" dots run on FMA units,
-    so 32-wide. Chosen so that ptxas reports no spill on sm_90 / sm_80 (the AOT gate); untuned."""
+    ``_tiles.gpu_tiles_in_interpreter()``): 16 rows / columns (several tiles at test sizes),
+    64 / 128 features (d >= 640 gives >= 5 feature tiles anyway; 16 would cost seconds per
+    test). GPU: 64-wide half tiles on tensor cores (the GEMM's grid at B = G = 512, d = 3072:
+    8 x 24 = 192 programs); fp32 "ieee" dots run on FMA units, so 32-wide. Chosen so that ptxas reports no spill on sm_90 / sm_80 (the AOT gate); untuned."""
     if interpreting() and not _tiles._GPU_TILES_IN_INTERPRETER:
         t = dict(BLOCK_R=16, BLOCK_C=16, num_warps=4)
-        return dict(coef=dict(t, BLOCK_K=64), gemm=dict(t, BLOCK_DO=64))
+        return dict(coef=dict(t, BLOCK_K=64), gemm=dict(t, BLOCK_DO=128))
     if dtype == torch.float32:
         return dict(coef=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, num_warps=4),
                     gemm=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_DO=64, num_warps=4))
