@@ -175,8 +175,8 @@ def pixel_tiles(dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return dict(coef=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, num_warps=4),
                     gemm=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_DO=64, num_warps=4))
-    return dict(coef=dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=64, num_warps=4),
-                gemm=dict(BLOCK_R=64, BLOCK_C=64, BLOCK_DO=128, num_warps=4))
+    return dict(coef=dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=64, num_warps=8),
+                gemm=dict(BLOCK_R=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8))
 
 
 def guided_rows(p, lse1, lse0, ca, cb, cp, out, fused, *, budget_bytes=None):
