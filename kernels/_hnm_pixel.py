@@ -173,7 +173,7 @@ def pixel_tiles(dtype: torch.dtype) -> dict:
         t = dict(BLOCK_R=16, BLOCK_C=16, num_warps=4)
         return dict(coef=dict(t, BLOCK_K=64), gemm=dict(t, BLOCK_DO=128))
     if dtype == torch.float32:
-        return dict(coef=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, num_warps=4),
+        return dict(coef=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, num_warps=8),
                     gemm=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_DO=64, num_warps=4))
     return dict(coef=dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=64, num_warps=8),
                 gemm=dict(BLOCK_R=64, BLOCK_C=64, BLOCK_DO=128, num_warps=8))
