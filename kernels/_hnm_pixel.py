@@ -25,11 +25,13 @@ Cost model of the backward + DDIM step (anchor rows only; the forward statistics
 M = 0, hard estimator (4 exps per H entry: w1, w0 for the row's and the column's statistics):
     old  _hnm_bwd_kernel:  (d / BLOCK_DO) x G x 2G x 2d  (S, once per chunk)  +  G x 2G x 2d (dZ)
                            exps (d / BLOCK_DO) x 4 x G x 2G
-    new  coef + GEMM:      G x 2G x 2d (S once)  +  G x 2G x 2d (dZ)  + H write/read 8 x G x 2G bytes
-                           exps 4 x G x 2G
+    new  coef + GEMM:      G x 2G x 2d (S once)  +  G x 2G x 2d (dZ),  exps 4 x G x 2G;
+                           H (4 x G x 2G bytes) written once, read once per GEMM feature chunk
     B = G = 512, d = 3072, BLOCK_DO = 128: old 77.3 + 3.2 = 80.5 GFLOP, 50.3 M exps;
-                                           new  3.2 + 3.2 =  6.4 GFLOP,  2.1 M exps, 4 MiB of H traffic
+                                           new  3.2 + 3.2 =  6.4 GFLOP,  2.1 M exps,
+                                           H: 2 MiB written, 24 x 2 MiB read (L2-resident)
     (with the shared forward, 6.4 GFLOP / 2.1 M exps: the whole step 87.0 -> 12.9 GFLOP, 52.4 -> 4.2 M exps).
+    A bank adds G x M x 2d x (d / BLOCK_DO) (old) vs G x M x 2d (new) similarity FLOPs, plus G x M x 2d (dZ).
 """
 from __future__ import annotations
 
