@@ -131,3 +131,35 @@ def test_gpu_tiles_pixel_numerics(launches):
         out = hnm_guided_ddim_update(x, eps, 0.5, 0.6, pos, backend="triton", **kw)
     assert dict(launches) == {"coef": 1, "gemm": 1}
     assert _rel(out, hnm_guided_ddim_reference(x, eps, 0.5, 0.6, pos, **kw)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,gtol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_pixel_path_gpu_sampler_size(dtype, gtol, launches, monkeypatch):
+    # CIFAR pixel space at the authors' batch: 2 groups of 512, d = 3072
+    B, G = 1024, 512
+    x, eps, pos, _, _ = _inputs(B, (3, 32, 32), seed=11, pos_mix=0.1)
+    dev = dict(device="cuda", dtype=dtype)
+    x, eps, pos = x.to(**dev), eps.to(**dev), pos.to(**dev)
+    kw = dict(temperature=30.0, group_size=G)
+    ref = hnm_guided_ddim_reference(x.float(), eps.float(), 0.5, 0.6, pos.float(), scale=1e4, **kw)
+    ref0 = hnm_guided_ddim_reference(x.float(), eps.float(), 0.5, 0.6, pos.float(), scale=0.0, **kw)
+    delta = float((ref - ref0).abs().max())
+    assert delta > 1e-2 * float(ref.abs().max()), "guidance has no visible effect: weak test"
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = hnm_guided_ddim_update(x, eps, 0.5, 0.6, pos, scale=1e4, backend="triton", **kw)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert dict(launches) == {"coef": 1, "gemm": 1}
+    # Z = [A; P], x_next and H (4 B 2G bytes: 4 MiB here) plus O(B) vectors
+    assert extra < 3 * x.numel() * x.element_size() + 4 * B * 2 * G + (4 << 20), f"{extra / 2**20:.1f} MiB"
+    monkeypatch.setattr(_hnm_pixel, "PIXEL_MIN_D", 10 ** 9)   # the feature-chunked kernel, same inputs
+    old = hnm_guided_ddim_update(x, eps, 0.5, 0.6, pos, scale=1e4, backend="triton", **kw)
+    assert launches["bwd"] == 1
+    rounding = 2 * torch.finfo(dtype).eps * float(ref.abs().max())   # of x_next in the output dtype
+    for name, y in (("pixel", out), ("chunked", old)):
+        err = float((y.float() - ref).abs().max())
+        assert err <= gtol * delta + rounding, f"{name} {dtype}: |x_next - ref| {err:.3g}, guidance {delta:.3g}"
