@@ -48,7 +48,10 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     triton = None
     tl = None
 
-PIXEL_MIN_D = 640                 # hnm_guided_ddim_update takes this path for d >= PIXEL_MIN_D
+# hnm_guided_ddim_update takes this path for d >= PIXEL_MIN_D. By FLOPs it wins from d / BLOCK_DO > 2
+# chunks (d > 256); 640 (5 chunks, the threshold) leaves room for H's traffic and the extra
+# launch at small d. Untuned: a GPU run should move it.
+PIXEL_MIN_D = 640
 _H_BUDGET_BYTES = 256 * 2 ** 20   # H + G_bank buffer per chunk of groups (read at call time)
 
 if triton is not None:
