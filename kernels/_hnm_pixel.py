@@ -16,7 +16,7 @@ d / 128 = 24 feature chunks recomputes the similarity tiles (a full-d GEMM) and 
   DDIM update of METHOD.md §3 (``ddim._ddim_step_jit``) in the epilogue: writes x_next only.
 
 Memory: H is [groups in a chunk x G, 2G] fp32 plus [.. x G, M] fp32 with a bank, i.e.
-4 * B * (2G + M) bytes for the whole batch (B = G = 512, no bank: 2 MiB; M = 10^4: +20 MiB).
+4 * B * (2G + M) bytes for the whole batch (B = G = 512, no bank: 2 MiB; M = 10^4: +20 MB).
 Groups are processed in chunks so that the buffer stays under ``_H_BUDGET_BYTES`` (256 MiB); one
 launch pair per chunk (a single pair at the sampler's sizes).
 
