@@ -529,5 +529,12 @@ def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=
         nc = lse1 if noise is None else noise.detach().to(x.dtype).contiguous()
         fused = ((xc, ec, nc) + tuple(c.contiguous() for c in coef), float(scale),
                  0.0 if clip_x0 is None else float(clip_x0), noise is not None, clip_x0 is not None)
-        _backward_rows(p, lse1, lse0, ca, cb, cp, out, fused=fused)
+        if p.D >= _hnm_pixel.PIXEL_MIN_D:   # pixel space: H = G + G^T once per group, then a GEMM
+            _hnm_pixel.guided_rows(p, lse1, lse0, ca, cb, cp, out, fused)
+        else:
+            _backward_rows(p, lse1, lse0, ca, cb, cp, out, fused=fused)
     return out
+
+
+# the pixel-space path imports this module's kernels and helpers, so it is imported last
+from . import _hnm_pixel  # noqa: E402

@@ -26,7 +26,8 @@ from cdp_fast.kernels.hnm_ref import hnm_guided_ddim_reference, hnm_loss_referen
 from cdp_fast.kernels.infonce_ref import infonce_loss_reference
 
 KERNELS = {"_hnm_fwd_kernel", "_hnm_bwd_kernel", "_hnm_bank_bwd_kernel", "_infonce_fwd_kernel",
-           "_infonce_bwd_rows_kernel", "_infonce_bwd_cols_kernel", "_ddim_fwd_kernel"}
+           "_infonce_bwd_rows_kernel", "_infonce_bwd_cols_kernel", "_ddim_fwd_kernel",
+           "_hnm_pixel_coef_kernel", "_hnm_pixel_gemm_kernel"}   # the guided step at d = 3072 (_hnm_pixel.py)
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
