@@ -82,6 +82,83 @@ def test_aot_gate_compiles_every_kernel_without_spills(gate):
     assert "AOT GATE: PASS" in proc.stdout
 
 
+@needs_triton
+def test_aot_gate_counts_sass_instructions(gate):
+    """The SASS counters are parsed from the real dumps: every kernel has instructions, the HNM
+    forward issues its exps on the SFU (MUFU.EX2) inside its column loop, at least one per
+    similarity entry, and the half-precision kernels' tensor-core instructions sit in loops."""
+    proc, doc = gate
+    assert doc is not None, proc.stderr[-3000:]
+    for u in doc["units"]:
+        name = f"{u['kernel']} sm_{u['arch']} {u['dtype']} {u['flags']}"
+        assert u["insts"] > 100 and u["STG"] > 0, f"{name}: SASS counts not parsed: {u['insts']} insts"
+        if u["kernel"] != "_ddim_fwd_kernel":
+            assert u["loops"] >= 1 and u["loop_list"][0]["insts"] > 0, f"{name}: no loop found"
+            assert u["MUFU_EX2"] > 0, f"{name}: no MUFU.EX2 in a kernel made of exps"
+        if u["dtype"] != "fp32" and u["dots"] and u["arch"] == 90:
+            assert any(lp["HGMMA"] for lp in u["loop_list"]), f"{name}: no HGMMA inside a loop"
+    fwd = [u for u in doc["units"] if u["kernel"] == "_hnm_fwd_kernel"]
+    assert fwd
+    for u in fwd:
+        # one exp per (row, column) entry at least, whatever the tiles: the count is per entry
+        assert u["EX2_per_elem"] is not None and u["EX2_per_elem"] >= 1.0, (u["tiles"], u["EX2_per_elem"])
+    assert "MUFU.EX2" in proc.stdout and "EX2/elem" in proc.stdout   # in summary_table
+
+
+def test_sass_stats_synthetic():
+    """Loops are backward branches (nested ones each count; predicated ones too; the trailing
+    self-branch is not a loop), NOPs are not counted, EX2 per entry uses the first outermost loop
+    with exps."""
+    from cdp_fast.kernels._aot import sass_stats
+
+    sass = """
+        Function : k
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+        /*0010*/                   MUFU.RCP R5, R5 ;                      /* 0x0000000500057308 */
+        /*0020*/                   FFMA.FTZ R2, R3, R4, R2 ;              /* 0x0 */
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;  /* 0x0 */
+        /*0040*/                   LDG.E.128 R8, desc[UR6][R2.64] ;       /* 0x0 */
+        /*0050*/              @!P2 BRA 0x30 ;                             /* 0x0 */
+        /*0060*/                   MUFU.EX2 R27, R24 ;                    /* 0x0 */
+        /*0070*/                   MUFU.EX2 R28, R25 ;                    /* 0x0 */
+        /*0080*/                   FFMA R2, R3, R4, R2 ;                  /* 0x0 */
+        /*0090*/               @P1 BRA 0x20 ;                             /* 0x0 */
+        /*00a0*/                   MUFU.LG2 R9, R9 ;                      /* 0x0 */
+        /*00b0*/                   MUFU.EX2 R9, R9 ;                      /* 0x0 */
+        /*00c0*/                   STG.E desc[UR4][R2.64], R9 ;           /* 0x0 */
+        /*00d0*/                   EXIT ;                                 /* 0x0 */
+        /*00e0*/                   BRA 0xe0;                              /* 0x0 */
+        /*00f0*/                   NOP;                                   /* 0x0 */
+    """
+    st = sass_stats(sass, threads=64, tile_elems=32)
+    assert st["insts"] == 15                      # 16 lines minus the NOP
+    assert st["MUFU"] == 5 and st["MUFU_EX2"] == 3 and st["MUFU_LG2"] == 1 and st["MUFU_RCP"] == 1
+    assert st["FFMA"] == 2 and st["LDG"] == 1 and st["STG"] == 1 and st["ops"]["HGMMA"] == 1
+    assert st["loops"] == 2
+    outer, inner = st["loop_list"]
+    assert (outer["start"], outer["end"], outer["depth"]) == ("0x20", "0x90", 0)
+    assert (inner["start"], inner["end"], inner["depth"]) == ("0x30", "0x50", 1)
+    assert outer["MUFU_EX2"] == 2 and outer["HGMMA"] == 1 and outer["FFMA"] == 2 and outer["insts"] == 8
+    assert st["EX2_per_elem"] == 2 * 64 / 32      # 2 EX2 per iteration x 64 threads / 32 entries
+    assert sass_stats(sass)["EX2_per_elem"] is None
+    flat = sass_stats(sass.replace("@P1 BRA 0x20", "@P1 BRA 0xa0").replace("@!P2 BRA 0x30", "@!P2 BRA 0x60"))
+    assert flat["loops"] == 0 and flat["EX2_per_elem"] is None   # forward branches are not loops
+
+
+@needs_triton
+def test_aot_kernels_filter_rejects_a_regex_matching_nothing():
+    if not _nvidia_tools():
+        pytest.skip("this triton wheel bundles no CUDA tools (ptxas / cuobjdump)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # records the CI share's launches (no compile) and names what it could have compiled
+    proc = subprocess.run([sys.executable, "-m", "cdp_fast.kernels._aot", "--kernels", "^no_such_kernel$"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "matches none of the recorded kernels" in proc.stderr and "_hnm_fwd_kernel" in proc.stderr
+    assert "[aot]" not in proc.stdout   # nothing was compiled
+
+
 # ----------------------------------------------------------------------------------------------
 # numerics mode: GPU tiles through the interpreter, odd sizes, fp32
 # ----------------------------------------------------------------------------------------------
