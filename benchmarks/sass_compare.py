@@ -73,10 +73,10 @@ def compare_rows(before: dict, after: dict) -> list[dict]:
     and after. Op calls that launch the same unit on both sides share one row."""
     b, a = _index(before), _index(after)
     rows: dict[tuple, dict] = {}
-    for key in sorted(set(b) | set(a), key=lambda k: (k[0].split()[0], -k[2], k[0], k[1], k[3])):
+    for key in sorted(set(b) | set(a), key=lambda k: (k[0].split()[0], k[1], -k[2], k[0], k[3])):
         case, kernel, arch, n = key
         ub, ua = b.get(key), a.get(key)
-        rk = (kernel, arch, id(ub), id(ua))
+        rk = (kernel, arch, n, id(ub), id(ua))
         if rk not in rows:
             rows[rk] = dict(kernel=kernel + (f" #{n + 1}" if n else ""), arch=arch, dtype=(ub or ua)["dtype"], cases=[],
                             before={c: (f(ub) if ub else None) for c, f in COLUMNS.items()},
@@ -124,7 +124,8 @@ def render_table(before: dict, after: dict) -> str:
              "; ".join(r["cases"])] + [_cell(r["before"][c], r["after"][c]) for c in COLUMNS] for r in rows]
     ops = op_rows(before, after)
     ohead = ["op call", "sm", "kernels before", "kernels after"] + [f"Σ {c}" for c in SUMMED]
-    obody = [[r["case"], r["arch"], " ".join(r["kernels"]["before"]) or "-", " ".join(r["kernels"]["after"]) or "-"]
+    obody = [[r["case"], r["arch"], " ".join(r["kernels"]["before"]) or "-",
+              "same" if r["kernels"]["after"] == r["kernels"]["before"] else " ".join(r["kernels"]["after"]) or "-"]
              + [_cell(r["before"][c], r["after"][c]) for c in SUMMED] for r in ops]
     meta = (f"before: triton {before.get('triton', '?')}, targets {before.get('targets', '?')}; "
             f"after: triton {after.get('triton', '?')}, targets {after.get('targets', '?')}. "
@@ -133,16 +134,24 @@ def render_table(before: dict, after: dict) -> str:
     return "\n\n".join([meta, markdown_table(body, head), markdown_table(obody, ohead)])
 
 
+def _variant(case: str) -> str:
+    # "hnm_loss bf16 d=128 hard bank" -> "hnm_loss hard bank"; DDIM: only the options that are set
+    words = [w for w in case.split()[1:] if w not in ("fp32", "bf16", "fp16") and not w.startswith("d=")]
+    words = [w for w in words if not w.endswith(("=False", "=none", "=float")) and not w.startswith("a_")]
+    op = {"hnm_guided_ddim_update": "guided", "hnm_loss": "loss", "infonce_loss": "infonce",
+          "ddim_update": "ddim"}.get(case.split()[0], case.split()[0])
+    return " ".join([op] + words)[:48]
+
+
 def write_figure(before: dict, after: dict, path) -> Path:
     """Horizontal bars, before vs after, per kernel row: MUFU.EX2, EX2 per entry, instructions."""
     plt = _plt()
     rows = compare_rows(before, after)
-    labels = [f"{r['kernel'].strip('_').removesuffix('_kernel')} sm{r['arch']} {r['dtype']}"
-              f" [{r['cases'][0].split()[0]}{' +' + str(len(r['cases']) - 1) if len(r['cases']) > 1 else ''}]"
-              for r in rows]
+    labels = [f"{r['kernel'].strip('_').replace('_kernel', '')} sm{r['arch']} {r['dtype']} [{_variant(r['cases'][0])}"
+              f"{' +' + str(len(r['cases']) - 1) if len(r['cases']) > 1 else ''}]" for r in rows]
     panels = [("MUFU.EX2", "MUFU.EX2 (static)"), ("EX2/elem", "MUFU.EX2 per tile entry"), ("insts", "SASS instructions")]
     h = 0.38
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 1.2 + 0.34 * len(rows)), squeeze=False,
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 4.2 * len(panels), 1.4 + 0.3 * len(rows)), squeeze=False,
                              sharey=True)
     ys = list(range(len(rows)))
     for ax, (col, title) in zip(axes[0], panels):
@@ -156,7 +165,10 @@ def write_figure(before: dict, after: dict, path) -> Path:
     axes[0][0].invert_yaxis()
     axes[0][0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"SASS before vs after (triton {after.get('triton', '?')}; static counts, not speed)")
-    fig.tight_layout()
+    # room for the longest label (~0.055 in per character at 7 pt); tight_layout ignores shared y labels
+    width = fig.get_size_inches()[0]
+    fig.subplots_adjust(left=min(0.5, (0.3 + 0.055 * max(map(len, labels), default=10)) / width), right=0.99,
+                        top=1 - 0.9 / fig.get_size_inches()[1], bottom=0.5 / fig.get_size_inches()[1], wspace=0.08)
     return _save(fig, path)
 
 

@@ -226,3 +226,68 @@ def test_gpu_tiles_infonce_numerics(M, gpu_tiles):
     for x, y in zip(torch.autograd.grad(yt, lt), torch.autograd.grad(yr, lr), strict=True):
         # fp32: the chain through the normalisation cancels (the gradient is nearly along q ~ k)
         assert _rel(x, y) < 3e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# before/after comparison (benchmarks/sass_compare.py) on synthetic gate JSONs
+# ----------------------------------------------------------------------------------------------
+def _unit(kernel, cases, *, arch=90, dtype="bf16", ex2=36, per=2.25, insts=1000, hgmma=4, regs=128, spill=0):
+    return dict(kernel=kernel, arch=arch, dtype=dtype, cases=cases, tiles={"BLOCK_R": 64, "BLOCK_C": 64},
+                flags={}, regs=regs, smem=25600, spill_stores=spill, spill_loads=0, local=0, MUFU_EX2=ex2,
+                EX2_per_elem=per, insts=insts, HGMMA=hgmma, HMMA=0, problems=[])
+
+
+def _docs():
+    hl, ic = "hnm_loss bf16 d=128 pow2 hard plain", "infonce_loss bf16 d=128 pow2 negatives=None"
+    before = {"triton": "3.9.0", "targets": [90], "units": [
+        _unit("_hnm_fwd_kernel", [hl]), _unit("_hnm_bwd_kernel", [hl], ex2=72, per=4.5, insts=2000),
+        _unit("_infonce_fwd_kernel", [ic], ex2=16, per=1.0, insts=800),
+        _unit("_infonce_bwd_rows_kernel", [ic, ic], ex2=16, per=1.0, insts=900),   # dq and dk: 2 launches
+        _unit("_infonce_bwd_cols_kernel", [ic], ex2=16, per=1.0, insts=950),
+    ]}
+    after = {"triton": "3.9.0", "targets": [90], "units": [
+        _unit("_hnm_fwd_kernel", [hl], ex2=18, per=1.125, insts=900, hgmma=8),
+        _unit("_hnm_bwd_kernel", [hl], ex2=36, per=2.25, insts=1800, spill=8),
+        _unit("_infonce_fwd_kernel", [ic], ex2=16, per=1.0, insts=800),
+        _unit("_infonce_bwd_kernel", [ic], ex2=16, per=1.0, insts=1500),     # one backward kernel
+        dict(kernel="_broken", arch=90, dtype="bf16", cases=[hl], error="CompilationError: x", problems=["x"]),
+    ]}
+    return before, after
+
+
+def test_sass_compare_rows_and_op_sums():
+    from cdp_fast.benchmarks.sass_compare import compare_rows, op_rows, render_table
+
+    before, after = _docs()
+    rows = {r["kernel"]: r for r in compare_rows(before, after)}
+    fwd = rows["_hnm_fwd_kernel"]
+    assert fwd["before"]["MUFU.EX2"] == 36 and fwd["after"]["MUFU.EX2"] == 18 and fwd["only"] is None
+    assert fwd["before"]["EX2/elem"] == 2.25 and fwd["after"]["EX2/elem"] == 1.125
+    assert rows["_hnm_bwd_kernel"]["after"]["spill B"] == 8
+    assert rows["_infonce_bwd_cols_kernel"]["only"] == "before" and rows["_infonce_bwd_kernel"]["only"] == "after"
+    assert rows["_infonce_bwd_rows_kernel #2"]["only"] == "before"      # the second launch of one op call
+    assert "_broken" not in rows                                          # compile errors have no counts
+    ops = {r["case"]: r for r in op_rows(before, after)}
+    ic = ops["infonce_loss bf16 d=128 negatives=None"]
+    assert ic["before"]["MUFU.EX2"] == 16 * 4 and ic["after"]["MUFU.EX2"] == 16 * 2
+    assert ic["before"]["insts"] == 800 + 900 * 2 + 950 and ic["after"]["insts"] == 800 + 1500
+    assert len(ic["kernels"]["before"]) == 4 and len(ic["kernels"]["after"]) == 2
+    text = render_table(before, after)
+    assert "36 → 18 (0.50x)" in text and "2.25 → 1.125 (0.50x)" in text and "(before only)" in text
+    assert "triton 3.9.0" in text
+
+
+def test_sass_compare_cli_writes_table_and_figure(tmp_path, capsys):
+    from cdp_fast.benchmarks.sass_compare import main
+
+    before, after = _docs()
+    (tmp_path / "b.json").write_text(json.dumps(before))
+    (tmp_path / "a.json").write_text(json.dumps(after))
+    png, md = tmp_path / "fig" / "cmp.png", tmp_path / "cmp.md"
+    assert main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--png", str(png), "--md", str(md)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "MUFU.EX2" in md.read_text() and "36 → 18" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text(json.dumps({"units": "nope"}))
+    assert main([str(tmp_path / "bad.json"), str(tmp_path / "a.json")]) == 2
+    assert "not a compile-gate JSON" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.json"), str(tmp_path / "a.json")]) == 2
