@@ -22,26 +22,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 from .device import DEVICE_PEAKS, SFU_EXP_PER_CLK_PER_SM, sfu_exp_per_s
 
-__all__ = ["Cost", "bound", "hnm_bank_bwd", "hnm_bwd_rows", "hnm_fused_ddim", "hnm_fwd", "infonce_bwd",
+__all__ = ["Cost", "bound", "ddim_insts_per_elem", "hnm_bank_bwd", "hnm_bwd_rows", "hnm_fused_ddim", "hnm_fwd", "infonce_bwd",
            "infonce_fwd", "ddim_step", "kernel_costs", "main", "markdown"]
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BLOCK_DO = 128   # the backward kernels' feature chunk (kernels/_tiles.py: BLOCK_DO = min(128, 2^k >= d))
 
 
+# instruction issue: 4 schedulers per SM, one warp instruction (32 lanes) each per clock
+ISSUE_PER_CLK_PER_SM = 128
+
+
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """One launch: compulsory HBM bytes, FLOPs (2 per multiply-add), exps (MUFU.EX2)."""
+    """One launch: compulsory HBM bytes, FLOPs (2 per multiply-add), exps (MUFU.EX2) and, where
+    known from the compile gate's SASS, thread-instructions (0: not modelled)."""
     bytes: float
     flops: float
     exps: float
+    insts: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.bytes + other.bytes, self.flops + other.flops, self.exps + other.exps)
+        return Cost(self.bytes + other.bytes, self.flops + other.flops, self.exps + other.exps,
+                    self.insts + other.insts)
 
 
 def _chunks(d: int, recompute: bool) -> int:
@@ -111,12 +120,25 @@ def infonce_bwd(B, d, *, C=None, dtype="bf16", one_kernel=False) -> Cost:
     return Cost(bytes=io, flops=2 * side, exps=2 * c * E)
 
 
-def ddim_step(n, *, dtype="bf16", guided=False, noise="philox", x0=False) -> Cost:
+def ddim_step(n, *, dtype="bf16", guided=False, noise="philox", x0=False, insts_per_elem=0.0) -> Cost:
     """One elementwise DDIM update of n elements: reads x, eps (+ the fp32 guidance gradient, + the
-    noise tensor when given), writes x_next (+ x0). In-kernel Philox noise moves no bytes."""
+    noise tensor when given), writes x_next (+ x0). In-kernel Philox noise moves no bytes but costs
+    instructions: insts_per_elem from the gate's SASS (ddim_insts_per_elem) adds the issue bound."""
     s = BYTES[dtype]
     b = 3 * s * n + (4 * n if guided else 0) + (s * n if noise == "given" else 0) + (s * n if x0 else 0)
-    return Cost(bytes=b, flops=10 * n, exps=0)
+    return Cost(bytes=b, flops=10 * n, exps=0, insts=insts_per_elem * n)
+
+
+def ddim_insts_per_elem(gate_doc: dict, dtype="bf16", arch=90) -> float | None:
+    """SASS instructions per element of the plain in-kernel-noise DDIM step in a compile-gate JSON:
+    the kernel is straight-line code over BLOCK elements per program (its only loops are libdevice
+    slow paths, counted though rarely taken), so static instructions x threads / BLOCK."""
+    for u in gate_doc.get("units", []):
+        f = u.get("flags", {})
+        if (u.get("kernel") == "_ddim_fwd_kernel" and u.get("dtype") == dtype and u.get("arch") == arch
+                and f.get("NOISE_MODE") == 2 and not f.get("HAS_GRAD") and "insts" in u):
+            return u["insts"] * 32 * u["num_warps"] / u["tiles"]["BLOCK"]
+    return None
 
 
 def _peaks(device: str) -> dict:
@@ -128,16 +150,20 @@ def _peaks(device: str) -> dict:
 
 def bound(cost: Cost, *, device="h100", dtype="bf16") -> dict:
     """Lower bound on the time (us) of one launch: the largest of matmul (bf16/fp16: dense tensor
-    core; fp32: FMA, the kernels' input_precision="ieee"), exp (MUFU) and HBM time."""
+    core; fp32: FMA, the kernels' input_precision="ieee"), exp (MUFU), HBM and instruction-issue
+    time (the last only where Cost.insts is known)."""
     p = _peaks(device)
     mm = p["bf16"] if dtype in ("bf16", "fp16") else p["fp32"]
-    t = {"matmul": cost.flops / (mm * 1e12), "exp": cost.exps / sfu_exp_per_s(p), "hbm": cost.bytes / (p["hbm"] * 1e9)}
+    t = {"matmul": cost.flops / (mm * 1e12), "exp": cost.exps / sfu_exp_per_s(p), "hbm": cost.bytes / (p["hbm"] * 1e9),
+         "issue": cost.insts / (ISSUE_PER_CLK_PER_SM * p["sms"] * p["boost_mhz"] * 1e6)}
     limit = max(t, key=t.get)
     return {**{k: v * 1e6 for k, v in t.items()}, "bound_us": t[limit] * 1e6, "limit": limit}
 
 
-def kernel_costs(N, d, *, M=0, G=None, dtype="bf16") -> list[tuple[str, Cost, Cost]]:
-    """(kernel, today, planned) for issue 14's kernels at one size (hard estimator, beta = 1)."""
+def kernel_costs(N, d, *, M=0, G=None, dtype="bf16", ddim_insts=0.0) -> list[tuple[str, Cost, Cost]]:
+    """(kernel, today, planned) for issue 14's kernels at one size (hard estimator, beta = 1).
+    ddim_insts: today's SASS instructions per DDIM element (the planned row leaves them out: the
+    HBM bound it should reach)."""
     B = N // 2
     px = d >= 640   # the planned pixel-space GEMM path
     kw = dict(G=G, M=M, dtype=dtype)
@@ -152,7 +178,7 @@ def kernel_costs(N, d, *, M=0, G=None, dtype="bf16") -> list[tuple[str, Cost, Co
     inf = [("InfoNCE fwd (B = N/2)", infonce_fwd(B, d, dtype=dtype), infonce_fwd(B, d, dtype=dtype)),
            ("InfoNCE bwd", infonce_bwd(B, d, dtype=dtype), infonce_bwd(B, d, dtype=dtype, one_kernel=True))]
     inf.append(("= infonce_fwd_bwd", inf[0][1] + inf[1][1], inf[0][2] + inf[1][2]))
-    return out + inf + [("DDIM step (N x d elements, Philox)", ddim_step(N * d, dtype=dtype),
+    return out + inf + [("DDIM step (N x d elements, Philox)", ddim_step(N * d, dtype=dtype, insts_per_elem=ddim_insts),
                          ddim_step(N * d, dtype=dtype))]
 
 
@@ -160,7 +186,7 @@ def _fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
 
 
-def markdown(sizes=(1024, 16384), d=128, *, M=0, dtype="bf16", device="h100") -> str:
+def markdown(sizes=(1024, 16384), d=128, *, M=0, dtype="bf16", device="h100", ddim_insts=0.0) -> str:
     p = _peaks(device)
     mm = p["bf16"] if dtype in ("bf16", "fp16") else p["fp32"]
     lines = [f"{p['label']}: {mm} TFLOP/s ({'dense tensor core' if dtype != 'fp32' else 'fp32 FMA'}), "
@@ -169,7 +195,7 @@ def markdown(sizes=(1024, 16384), d=128, *, M=0, dtype="bf16", device="h100") ->
              "| N | kernel | MB | GFLOP today | Mexp today | bound today, us | GFLOP planned | Mexp planned "
              "| bound planned, us | planned / today |", "|" + "---|" * 10]
     for N in sizes:
-        for name, now, new in kernel_costs(N, d, M=M, dtype=dtype):
+        for name, now, new in kernel_costs(N, d, M=M, dtype=dtype, ddim_insts=ddim_insts):
             bn, bp = bound(now, device=device, dtype=dtype), bound(new, device=device, dtype=dtype)
             lines.append(f"| {N} | {name} | {_fmt(now.bytes / 1e6)} | {_fmt(now.flops / 1e9)} | {_fmt(now.exps / 1e6)} "
                          f"| {_fmt(bn['bound_us'])} ({bn['limit']}) | {_fmt(new.flops / 1e9)} | {_fmt(new.exps / 1e6)} "
@@ -184,11 +210,24 @@ def main(argv=None) -> int:
     ap.add_argument("--M", type=int, default=0, help="bank rows")
     ap.add_argument("--dtype", choices=tuple(BYTES), default="bf16")
     ap.add_argument("--device", default="h100", help=f"a DEVICE_PEAKS key: {', '.join(p for p, _ in DEVICE_PEAKS)}")
+    ap.add_argument("--sass", default=None, metavar="GATE_JSON",
+                    help="a compile-gate JSON (e.g. benchmarks/results/sass_before.json): the DDIM step's "
+                         "SASS instructions per element add an instruction-issue bound to today's DDIM row")
     args = ap.parse_args(argv)
     if any(n < 2 or n % 2 for n in args.N) or args.d < 1 or args.M < 0:
         ap.error("N must be even and >= 2, d >= 1, M >= 0")
+    ddim_insts = 0.0
+    if args.sass:
+        try:
+            doc = json.loads(Path(args.sass).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            ap.error(f"--sass {args.sass}: not a readable JSON file ({e})")
+        ddim_insts = ddim_insts_per_elem(doc, args.dtype, 90 if args.device.startswith("h") else 80)
+        if ddim_insts is None:
+            ap.error(f"--sass {args.sass}: no plain in-kernel-noise _ddim_fwd_kernel unit in {args.dtype}")
+        print(f"DDIM step today: {ddim_insts:.0f} SASS instructions per element ({args.sass})\n")
     try:
-        print(markdown(tuple(args.N), args.d, M=args.M, dtype=args.dtype, device=args.device))
+        print(markdown(tuple(args.N), args.d, M=args.M, dtype=args.dtype, device=args.device, ddim_insts=ddim_insts))
     except ValueError as e:
         ap.error(str(e))
     return 0

@@ -291,3 +291,58 @@ def test_sass_compare_cli_writes_table_and_figure(tmp_path, capsys):
     assert main([str(tmp_path / "bad.json"), str(tmp_path / "a.json")]) == 2
     assert "not a compile-gate JSON" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.json"), str(tmp_path / "a.json")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# cost model (benchmarks/cost_model.py, the README's table): issue 14's planned savings
+# ----------------------------------------------------------------------------------------------
+def test_cost_model_counts_and_planned_changes():
+    from cdp_fast.benchmarks import cost_model as cm
+
+    for N in (1024, 16384):
+        d, B = 128, N // 2
+        fwd, bwd = cm.hnm_fwd(N, d), cm.hnm_bwd_rows(N, d)
+        assert fwd.flops + bwd.flops == 6 * N * N * d          # S, recomputed S, (G + G^T) Z
+        assert fwd.exps + bwd.exps == 6 * N * N                 # two scales; both statistics in the backward
+        b1 = cm.hnm_fwd(N, d, beta_one=True).exps + cm.hnm_bwd_rows(N, d, beta_one=True).exps
+        assert b1 == 3 * N * N                                  # beta = 1 halves the exps
+        inf_now = cm.infonce_fwd(B, d) + cm.infonce_bwd(B, d)
+        inf_new = cm.infonce_fwd(B, d) + cm.infonce_bwd(B, d, one_kernel=True)
+        assert (inf_now.flops, inf_now.exps) == (10 * B * B * d, 3 * B * B)
+        assert (inf_new.flops, inf_new.exps) == (8 * B * B * d, 2 * B * B)
+        # groups and a bank: entries N * (2G + M)
+        assert cm.hnm_fwd(N, d, G=64, M=256).flops == 2 * d * N * (128 + 256)
+    # the H100 bound at N = 16384, d = 128, bf16: exp-bound today, matmul-bound with beta = 1
+    N, d = 16384, 128
+    now = cm.bound(cm.hnm_fwd(N, d) + cm.hnm_bwd_rows(N, d), device="h100")
+    new = cm.bound(cm.hnm_fwd(N, d, beta_one=True) + cm.hnm_bwd_rows(N, d, beta_one=True), device="h100")
+    exp_peak = 16 * 132 * 1980e6
+    assert now["limit"] == "exp" and abs(now["bound_us"] - 6 * N * N / exp_peak * 1e6) < 1e-6
+    assert new["limit"] == "matmul" and abs(new["bound_us"] - 6 * N * N * d / 989.4e12 * 1e6) < 1e-6
+    # pixel space: today's backward recomputes S and its exps once per 128-wide chunk (24x at 3072)
+    px_now, px_new = cm.hnm_bwd_rows(1024, 3072, dtype="fp16"), cm.hnm_bwd_rows(1024, 3072, dtype="fp16", recompute=False)
+    assert px_now.exps == 24 * px_new.exps and px_now.flops == (24 + 1) / 2 * px_new.flops
+    # the fused step: backward for the anchors only, columns over all rows; x, eps, noise in, x_next out
+    fz = cm.hnm_fused_ddim(N, d)
+    assert fz.flops == cm.hnm_bwd_rows(N, d).flops / 2 and fz.bytes > cm.hnm_bwd_rows(N, d).bytes
+    # DDIM: HBM bytes, and the issue bound once instructions per element are known
+    st = cm.ddim_step(1000, insts_per_elem=236.0)
+    assert st.bytes == 6000 and cm.bound(st, device="h100")["limit"] == "issue"
+    assert cm.bound(cm.ddim_step(1000), device="h100")["limit"] == "hbm"
+    with pytest.raises(ValueError, match="unknown device"):
+        cm.bound(st, device="tpu")
+
+
+def test_cost_model_reads_the_committed_baseline(capsys):
+    from cdp_fast.benchmarks import cost_model as cm
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sass_before.json"
+    doc = json.loads(path.read_text())
+    assert doc["triton"] and doc["targets"] == [80, 90] and "e823699" in doc["kernels_commit"]
+    per = cm.ddim_insts_per_elem(doc, "bf16", 90)
+    assert per is not None and per > 20                 # Philox + Box-Muller: far above the ~10 of the step
+    assert cm.main(["--sass", str(path), "--N", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "(issue)" in out and "H100 SXM" in out and "| 1024 | HNM fwd |" in out
+    with pytest.raises(SystemExit):
+        cm.main(["--N", "1023"])
