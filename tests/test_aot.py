@@ -92,7 +92,7 @@ def test_aot_gate_counts_sass_instructions(gate):
     for u in doc["units"]:
         name = f"{u['kernel']} sm_{u['arch']} {u['dtype']} {u['flags']}"
         assert u["insts"] > 100 and u["STG"] > 0, f"{name}: SASS counts not parsed: {u['insts']} insts"
-        if u["kernel"] != "_ddim_fwd_kernel":
+        if u["kernel"] in KERNELS - {"_ddim_fwd_kernel"}:   # the flash-style kernels: a column loop of exps
             assert u["loops"] >= 1 and u["loop_list"][0]["insts"] > 0, f"{name}: no loop found"
             assert u["MUFU_EX2"] > 0, f"{name}: no MUFU.EX2 in a kernel made of exps"
         if u["dtype"] != "fp32" and u["dots"] and u["arch"] == 90:
@@ -100,8 +100,9 @@ def test_aot_gate_counts_sass_instructions(gate):
     fwd = [u for u in doc["units"] if u["kernel"] == "_hnm_fwd_kernel"]
     assert fwd
     for u in fwd:
-        # one exp per (row, column) entry at least, whatever the tiles: the count is per entry
-        assert u["EX2_per_elem"] is not None and u["EX2_per_elem"] >= 1.0, (u["tiles"], u["EX2_per_elem"])
+        # one exp per (row, column) entry at least, whatever the tiles: the count is per entry (if a
+        # new loop structure moves exps out of the first outermost loop, sass_stats' rule must follow)
+        assert u["EX2_per_elem"] is not None and u["EX2_per_elem"] >= 1.0, (u["tiles"], u["loop_list"])
     assert "MUFU.EX2" in proc.stdout and "EX2/elem" in proc.stdout   # in summary_table
 
 
