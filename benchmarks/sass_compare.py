@@ -179,12 +179,20 @@ def main(argv=None) -> int:
     ap.add_argument("after", help="compile-gate JSON of the new tree (python -m cdp_fast.kernels._aot --evidence --json F)")
     ap.add_argument("--png", default=None, help="write the bar figure here")
     ap.add_argument("--md", default=None, help="also write the tables here (markdown)")
+    ap.add_argument("--kernels", default=None, metavar="REGEX",
+                    help="compare only these kernels (e.g. the after JSON of a gate run with the same --kernels)")
     args = ap.parse_args(argv)
     try:
         before, after = load(args.before), load(args.after)
-    except ValueError as e:
+        want = re.compile(args.kernels) if args.kernels else None
+    except (ValueError, re.error) as e:
         print(f"sass_compare: {e}", file=sys.stderr)
         return 2
+    if want is not None:
+        before, after = ({**doc, "units": [u for u in doc["units"] if want.search(u["kernel"])]} for doc in (before, after))
+        if not before["units"] and not after["units"]:
+            print(f"sass_compare: --kernels {args.kernels!r} matches no unit of either file", file=sys.stderr)
+            return 2
     text = render_table(before, after)
     print(text)
     if args.md:

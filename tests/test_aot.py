@@ -292,6 +292,10 @@ def test_sass_compare_cli_writes_table_and_figure(tmp_path, capsys):
     assert main([str(tmp_path / "bad.json"), str(tmp_path / "a.json")]) == 2
     assert "not a compile-gate JSON" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.json"), str(tmp_path / "a.json")]) == 2
+    assert main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--kernels", "^_infonce_fwd"]) == 0
+    out = capsys.readouterr().out
+    assert "_infonce_fwd_kernel" in out and "_hnm_fwd_kernel" not in out
+    assert main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--kernels", "^nothing$"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------
