@@ -321,8 +321,6 @@ def _compile(launch: Launch):
 # one SASS instruction of `cuobjdump -sass`: "/*0df0*/  @!P2 BRA 0x1230 ;" -> address, opcode, operands
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)([^;]*);", re.M)
 _BRANCH_TARGET = re.compile(r"^\s*(0x[0-9a-f]+)")
-# the flat per-unit counts (summary_table, sass_compare); MUFU_* are the SFU ops (EX2 = exp2, LG2 = log2)
-SASS_COUNTS = ("insts", "MUFU", "MUFU_EX2", "MUFU_LG2", "FFMA", "LDG", "STG", "LDGSTS", "loops")
 
 
 def sass_stats(sass: str, *, threads: int | None = None, tile_elems: int | None = None) -> dict:
@@ -492,8 +490,10 @@ def run_gate(plans, *, kernels: str | None = None, sass_dir: str | None = None, 
         u["problems"] = problems_of(u)
         rows.append(u)
     rows.sort(key=lambda u: (u["kernel"], -u["arch"], u["dtype"], json.dumps(u["tiles"]), _flag_str(u["flags"])))
-    return {"triton": triton.__version__, "torch": torch.__version__, "targets": sorted({a for p in plans for a in p.targets}),
-            "kernels": kernels, "recorded_kernels": sorted(recorded), "units": rows, "record_errors": record_errors, "seconds": round(time.time() - t0, 1)}
+    return {"triton": triton.__version__, "torch": torch.__version__,
+            "targets": sorted({a for p in plans for a in p.targets}), "kernels": kernels,
+            "recorded_kernels": sorted(recorded), "units": rows, "record_errors": record_errors,
+            "seconds": round(time.time() - t0, 1)}
 
 
 # --------------------------------------------------------------------------------------------
