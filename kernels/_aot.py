@@ -4,6 +4,8 @@ targets (sm_90 = H100/H200, sm_80 = A100) on a machine without a GPU.
     python -m cdp_fast.kernels._aot              # the CI share (a representative subset, ~2 min)
     python -m cdp_fast.kernels._aot --full       # all dtypes x dims x targets x variant flags
     python -m cdp_fast.kernels._aot --json out.json --table
+    python -m cdp_fast.kernels._aot --targets 90 --dims 128 --dtypes bf16 --kernels '^_hnm_'   # a slice
+    python -m cdp_fast.kernels._aot --evidence --json after.json   # issue 14's before/after units
 
 Run it with TRITON_INTERPRET unset: ``@triton.jit`` builds compilable kernels only then (the
 tests start it in a subprocess).
@@ -20,7 +22,10 @@ arguments exactly as on a GPU (dtypes, 16-byte alignment, divisibility) and call
 ``triton.compile(ASTSource(...), target=...)`` with the bundled ptxas; identical specialisations
 compile once. (3) CHECK. The bundled ``cuobjdump`` gives registers / local memory (spills) /
 static shared memory and the SASS (HGMMA, HMMA, STL/LDL); the TTIR / TTGIR say how many
-``tt.dot`` there are and how many were lowered to tensor cores (wgmma or mma).
+``tt.dot`` there are and how many were lowered to tensor cores (wgmma or mma). (4) COUNT. From
+the same SASS (``sass_stats``): instructions, MUFU per SFU function (EX2 = the exps, LG2), FFMA,
+LDG/STG/LDGSTS, the loops (backward branches) and MUFU.EX2 per similarity entry of the column
+loop -- static counts, for before/after comparisons (``benchmarks/sass_compare.py``).
 
 Fails (exit 1) on: a compile error, any spill (local memory or STL/LDL), shared memory above the
 per-block opt-in limit, registers x threads above 64 Ki, or a bf16/fp16 dot not on tensor cores.
@@ -58,7 +63,7 @@ try:
 except ImportError:  # pragma: no cover - the gate needs triton; main() says so
     triton = None
 
-__all__ = ["FULL", "QUICK", "Plan", "main", "run_gate"]
+__all__ = ["EVIDENCE", "FULL", "QUICK", "Plan", "main", "run_gate", "sass_stats", "summary_table"]
 
 SMEM_LIMIT = {90: 232448, 80: 166912}   # max dynamic + static shared memory per block (opt-in), bytes
 REGS_PER_SM = 65536
@@ -79,7 +84,7 @@ class Plan:
     guided_noise: tuple[str, ...] = ("none", "given", "drawn")
     guided_clip: tuple = (None, 1.0)
     infonce: bool = True
-    ddim: str = "cover"                          # "none" | "one" | "cover" | "full"
+    ddim: str = "cover"                          # "none" | "one" | "philox" | "cover" | "full"
     odd_sizes: bool = False                      # batch / group / bank sizes not multiples of 16
 
 
@@ -93,6 +98,17 @@ QUICK = (
          guided_noise=("none",), guided_clip=(None,), infonce=False, ddim="none"),
     Plan(targets=(90,), dtypes=("fp32",), dims=(100,), hnm=("labels+bank+bank_labels",), estimators=("hard",),
          guided=False, infonce=False, ddim="none"),
+)
+# The before/after evidence of issue 14 (benchmarks/sass_compare.py): the units whose SASS the
+# planned kernel changes should move, in the authors' default setting (hard estimator, beta = 1):
+# HNM forward / backward / bank backward, the fused-DDIM backward (noise drawn, x0 clipped),
+# InfoNCE forward / backward (with and without a negatives bank), the DDIM step with in-kernel
+# Philox noise; bf16 and fp32 at d = 128 on sm_90, fp16 at the pixel-space d = 3072 on sm_80.
+EVIDENCE = (
+    Plan(targets=(90,), dtypes=("bf16", "fp32"), dims=(128,), hnm=("plain", "bank"), estimators=("hard",),
+         guided_noise=("drawn",), guided_clip=(1.0,), ddim="philox"),
+    Plan(targets=(80,), dtypes=("fp16",), dims=(3072,), hnm=("plain", "bank"), estimators=("hard",),
+         guided_noise=("drawn",), guided_clip=(1.0,), ddim="philox"),
 )
 FULL = (
     Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128, 640, 3072), ddim="full"),
@@ -193,6 +209,9 @@ def _ddim_cases(plan: Plan, rnd):
         combos |= {base[:2] + (n, c) + base[4:] for n, c in itertools.product(noises, clips)}
         combos |= {base[:4] + (g, x0) for g, x0 in itertools.product((False, True), (False, True))}
         combos = sorted(combos)
+    elif plan.ddim == "philox":   # in-kernel noise: the plain step and the sampler's guided one
+        combos = [("float", "float", "philox", "none", False, False),
+                  ("per_sample", "tensor0d", "philox", "clip+rederive", True, True)]
     else:   # "one": every optional input present (the sampler's guided step, per-sample alphas)
         combos = [("per_sample", "tensor0d", "philox", "clip+rederive", True, True)]
     shape = (4, 3, 32, 32)
@@ -299,8 +318,64 @@ def _compile(launch: Launch):
     return k, buf.getvalue()
 
 
-def _analyse(kernel, ptxas_log: str, arch: int, workdir: Path) -> dict:
-    """Registers, spills, shared memory and dot lowering of one compiled kernel."""
+# one SASS instruction of `cuobjdump -sass`: "/*0df0*/  @!P2 BRA 0x1230 ;" -> address, opcode, operands
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)([^;]*);", re.M)
+_BRANCH_TARGET = re.compile(r"^\s*(0x[0-9a-f]+)")
+
+
+def sass_stats(sass: str, *, threads: int | None = None, tile_elems: int | None = None) -> dict:
+    """Static instruction statistics of one kernel's SASS (``cuobjdump -sass`` text).
+
+    insts: instructions without NOPs; ops: count per base opcode (``FFMA.FTZ`` -> FFMA); MUFU_<op>:
+    per SFU function; loops: the backward branches (one loop per branch target; nested loops each
+    count), with their address range, nesting depth and the MUFU.EX2 / HGMMA / instruction counts
+    inside (inclusive of nested loops). ``EX2_per_elem``: the MUFU.EX2 of the first outermost loop
+    that has any (the column loop of the flash-style kernels: one iteration per tile) x threads /
+    tile_elems, i.e. exps per similarity entry, comparable across tile sizes; None without a loop,
+    threads or tile_elems. These are static counts: what one pass over the code issues, not a
+    profile."""
+    insts = []
+    for m in _SASS_LINE.finditer(sass):
+        insts.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    ops: dict[str, int] = {}
+    mufu: dict[str, int] = {}
+    heads: dict[int, int] = {}   # loop head address -> last back-edge address
+    for addr, op, rest in insts:
+        base = op.split(".")[0]
+        if base == "NOP":
+            continue
+        ops[base] = ops.get(base, 0) + 1
+        if base == "MUFU":
+            fn = op.split(".")[1] if "." in op else "?"
+            mufu[fn] = mufu.get(fn, 0) + 1
+        if base in ("BRA", "JMP"):
+            t = _BRANCH_TARGET.match(rest)
+            if t and int(t.group(1), 16) < addr:
+                head = int(t.group(1), 16)
+                heads[head] = max(heads.get(head, addr), addr)
+    loops = []
+    for head, end in sorted(heads.items()):
+        body = [(op, a) for a, op, _ in insts if head <= a <= end]
+        loops.append(dict(start=hex(head), end=hex(end),
+                          depth=sum(1 for h, e in heads.items() if h <= head and end <= e and (h, e) != (head, end)),
+                          insts=sum(1 for op, _ in body if not op.startswith("NOP")),
+                          MUFU_EX2=sum(1 for op, _ in body if op.startswith("MUFU.EX2")),
+                          HGMMA=sum(1 for op, _ in body if op.startswith("HGMMA.")),
+                          FFMA=sum(1 for op, _ in body if op.split(".")[0] == "FFMA")))
+    out = dict(insts=sum(ops.values()), MUFU=ops.get("MUFU", 0), FFMA=ops.get("FFMA", 0), LDG=ops.get("LDG", 0),
+               STG=ops.get("STG", 0), LDGSTS=ops.get("LDGSTS", 0), loops=len(loops), loop_list=loops, ops=ops)
+    out.update({f"MUFU_{k}": v for k, v in sorted(mufu.items())})
+    out.setdefault("MUFU_EX2", 0)
+    out.setdefault("MUFU_LG2", 0)
+    first = next((lp for lp in loops if lp["depth"] == 0 and lp["MUFU_EX2"]), None)
+    out["EX2_per_elem"] = (round(first["MUFU_EX2"] * threads / tile_elems, 3)
+                           if first and threads and tile_elems else None)
+    return out
+
+
+def _analyse(kernel, ptxas_log: str, arch: int, workdir: Path, *, sass_dir: str | None = None,
+             stem: str = "kernel", tile_elems: int | None = None) -> dict:
+    """Registers, spills, shared memory, dot lowering and SASS statistics of one compiled kernel."""
     cubin = workdir / f"k{id(kernel)}_sm{arch}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
     res = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", str(cubin)],
@@ -311,6 +386,9 @@ def _analyse(kernel, ptxas_log: str, arch: int, workdir: Path) -> dict:
     regs, stack, static_smem, local = map(int, m.groups())
     sass = subprocess.run([_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                           timeout=300, check=True).stdout
+    if sass_dir:
+        Path(sass_dir).mkdir(parents=True, exist_ok=True)
+        (Path(sass_dir) / f"{stem}.sass").write_text(sass)
     ptx = {k: max(map(int, re.findall(rx, ptxas_log)), default=None) for k, rx in _PTXAS.items()}
     if ptx["spill_stores"] is None:
         raise RuntimeError("no ptxas -v log captured (was the kernel served from a cache?)")
@@ -328,6 +406,7 @@ def _analyse(kernel, ptxas_log: str, arch: int, workdir: Path) -> dict:
         tc_dots=wgmma + sum(a in mma_aliases for a in dot_layouts),
         fma_dots=sum(a not in mma_aliases for a in dot_layouts),
         HGMMA=len(re.findall(r"\bHGMMA\.", sass)), HMMA=len(re.findall(r"\bHMMA\.", sass)),
+        **sass_stats(sass, threads=32 * int(kernel.metadata.num_warps), tile_elems=tile_elems),
     )
 
 
@@ -342,6 +421,13 @@ def _describe(launch: Launch) -> dict:
     flags = {k: v for k, v in cx.items() if not k.startswith("BLOCK") and k != "LOG_EPS"}
     return dict(kernel=fn.__name__, dtype={v: k for k, v in DTYPES.items()}.get(first.dtype, str(first.dtype)),
                 tiles=tiles, flags=flags)
+
+
+def _tile_elems(tiles: dict) -> int | None:
+    """Similarity entries per column-loop iteration: BLOCK_R x BLOCK_C (None for other kernels)."""
+    r = tiles.get("BLOCK_R", tiles.get("BLOCK_M"))
+    c = tiles.get("BLOCK_C", tiles.get("BLOCK_N"))
+    return int(r) * int(c) if r and c else None
 
 
 def problems_of(u: dict) -> list[str]:
@@ -363,9 +449,13 @@ def problems_of(u: dict) -> list[str]:
     return out
 
 
-def run_gate(plans, *, log=print) -> dict:
-    """Record, compile and check every plan; returns {'units': [...], 'record_errors': [...]}."""
+def run_gate(plans, *, kernels: str | None = None, sass_dir: str | None = None, log=print) -> dict:
+    """Record, compile and check every plan; returns {'units': [...], 'record_errors': [...]}.
+    ``kernels``: a regular expression; only kernels whose name it matches (re.search) are compiled.
+    ``sass_dir``: also write each unit's SASS there (``<kernel>_sm<arch>_<dtype>_<n>.sass``)."""
+    want = re.compile(kernels) if kernels else None
     units: dict[tuple, dict] = {}
+    recorded: set[str] = set()
     record_errors: list[str] = []
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="cdp_aot_") as tmp, _fresh_cache(tmp):
@@ -375,6 +465,9 @@ def run_gate(plans, *, log=print) -> dict:
             for arch in plan.targets:
                 with _target(arch):
                     for launch in launches:
+                        recorded.add(launch.kernel.__name__)
+                        if want is not None and not want.search(launch.kernel.__name__):
+                            continue
                         desc = _describe(launch)
                         try:
                             k, ptxas_log = _compile(launch)
@@ -385,7 +478,9 @@ def run_gate(plans, *, log=print) -> dict:
                         key = (desc["kernel"], arch, id(k))
                         if key not in units:
                             units[key] = dict(desc, arch=arch, cases=[], _kernel=k)
-                            units[key].update(_analyse(k, ptxas_log, arch, Path(tmp)))
+                            units[key].update(_analyse(k, ptxas_log, arch, Path(tmp), sass_dir=sass_dir,
+                                                       stem=f"{desc['kernel']}_sm{arch}_{desc['dtype']}_{len(units)}",
+                                                       tile_elems=_tile_elems(desc["tiles"])))
                             log(f"[aot] {len(units):4d} units  {time.time() - t0:6.1f}s  {desc['kernel']} sm_{arch} "
                                 f"{desc['dtype']} {_flag_str(desc['flags'])}")
                         units[key]["cases"].append(launch.case)
@@ -395,7 +490,9 @@ def run_gate(plans, *, log=print) -> dict:
         u["problems"] = problems_of(u)
         rows.append(u)
     rows.sort(key=lambda u: (u["kernel"], -u["arch"], u["dtype"], json.dumps(u["tiles"]), _flag_str(u["flags"])))
-    return {"triton": triton.__version__, "units": rows, "record_errors": record_errors,
+    return {"triton": triton.__version__, "torch": torch.__version__,
+            "targets": sorted({a for p in plans for a in p.targets}), "kernels": kernels,
+            "recorded_kernels": sorted(recorded), "units": rows, "record_errors": record_errors,
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -424,7 +521,8 @@ def summary_table(doc: dict) -> str:
     """One line per kernel x target x dtype x tiles: ranges over the flag variants."""
     ok = [u for u in doc["units"] if not u.get("error")]
     hdr = (f"| kernel | sm | dtype | tiles R/C/K/DO | warps | units | regs | smem B | spills | "
-           f"dots tc/fma | HGMMA | HMMA | problems |\n|{'---|' * 13}")
+           f"dots tc/fma | HGMMA | HMMA | MUFU.EX2 | EX2/elem | MUFU | insts | FFMA | LDG/STG | loops | problems |"
+           f"\n|{'---|' * 20}")
     lines = [hdr]
     def key(u):
         return u["kernel"], -u["arch"], u["dtype"], _tiles_str(u["tiles"]), u["num_warps"]
@@ -436,20 +534,29 @@ def summary_table(doc: dict) -> str:
         lines.append(f"| {kern} | {-arch} | {dt} | {tiles} | {nw} | {len(grp)} | {_rng([u['regs'] for u in grp])} | "
                      f"{_rng([u['smem'] for u in grp])} | {spills} | "
                      f"{sum(u['tc_dots'] for u in grp)}/{sum(u['fma_dots'] for u in grp)} | "
-                     f"{_rng([u['HGMMA'] for u in grp])} | {_rng([u['HMMA'] for u in grp])} | {nprob} |")
+                     f"{_rng([u['HGMMA'] for u in grp])} | {_rng([u['HMMA'] for u in grp])} | "
+                     f"{_rng([u.get('MUFU_EX2') for u in grp])} | {_rng([u.get('EX2_per_elem') for u in grp])} | "
+                     f"{_rng([u.get('MUFU') for u in grp])} | {_rng([u.get('insts') for u in grp])} | "
+                     f"{_rng([u.get('FFMA') for u in grp])} | {_rng([u.get('LDG') for u in grp])}/"
+                     f"{_rng([u.get('STG') for u in grp])} | {_rng([u.get('loops') for u in grp])} | {nprob} |")
     for u in doc["units"]:
         if u.get("error"):
             lines.append(f"| {u['kernel']} | {u['arch']} | {u['dtype']} | {_tiles_str(u['tiles'])} | - | 1 | - | - | - "
-                         f"| - | - | - | COMPILE ERROR |")
+                         f"| - | - | - | - | - | - | - | - | - | - | COMPILE ERROR |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cdp_fast.kernels._aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="every dtype x dim x target x variant (long)")
+    ap.add_argument("--evidence", action="store_true",
+                    help="the before/after units of issue 14 (EVIDENCE; see benchmarks/sass_compare.py)")
     ap.add_argument("--targets", nargs="+", type=int, default=None, help="override the plans' targets")
     ap.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None, help="override the plans' dtypes")
     ap.add_argument("--dims", nargs="+", type=int, default=None, help="override the plans' feature dims")
+    ap.add_argument("--kernels", default=None, metavar="REGEX",
+                    help="compile only the kernels whose name matches this regular expression (re.search)")
+    ap.add_argument("--sass-dir", default=None, help="also write every unit's SASS into this folder")
     ap.add_argument("--table", action="store_true", help="also print every compile unit")
     ap.add_argument("--json", default=None, help="write every unit's numbers here")
     args = ap.parse_args(argv)
@@ -461,20 +568,33 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = its default
-    plans = FULL if args.full else QUICK
+    if args.full and args.evidence:
+        ap.error("--full and --evidence are different plan sets; pick one")
+    plans = FULL if args.full else EVIDENCE if args.evidence else QUICK
     over = {k: tuple(v) for k, v in (("targets", args.targets), ("dtypes", args.dtypes), ("dims", args.dims)) if v}
     plans = tuple(dataclasses.replace(p, **over) for p in plans)
-    doc = run_gate(plans)
+    if args.kernels:
+        try:
+            re.compile(args.kernels)
+        except re.error as e:
+            ap.error(f"--kernels {args.kernels!r} is not a regular expression: {e}")
+    doc = run_gate(plans, kernels=args.kernels, sass_dir=args.sass_dir)
+    if args.kernels and not doc["units"]:
+        print(f"aot: --kernels {args.kernels!r} matches none of the recorded kernels: "
+              f"{', '.join(doc['recorded_kernels'])}", file=sys.stderr)
+        return 2
     bad = [u for u in doc["units"] if u["problems"]]
     if args.table or bad:
-        print("\nunit | sm | dtype | tiles | warps | flags | regs | smem | spill st/ld B | dots tc/fma | HGMMA | HMMA")
+        print("\nunit | sm | dtype | tiles | warps | flags | regs | smem | spill st/ld B | dots tc/fma | HGMMA | HMMA | "
+              "MUFU.EX2 | EX2/elem | MUFU | insts | FFMA | LDG/STG | loops")
         for u in (doc["units"] if args.table else bad):
             if u.get("error"):
                 print(f"{u['kernel']} | {u['arch']} | {u['dtype']} | {u['cases'][0]} | {u['problems'][0]}")
                 continue
             print(f"{u['kernel']} | {u['arch']} | {u['dtype']} | {_tiles_str(u['tiles'])} | {u['num_warps']} | "
                   f"{_flag_str(u['flags'])} | {u['regs']} | {u['smem']} | {u['spill_stores']}/{u['spill_loads']} | "
-                  f"{u['tc_dots']}/{u['fma_dots']} | {u['HGMMA']} | {u['HMMA']}"
+                  f"{u['tc_dots']}/{u['fma_dots']} | {u['HGMMA']} | {u['HMMA']} | {u['MUFU_EX2']} | "
+                  f"{u['EX2_per_elem']} | {u['MUFU']} | {u['insts']} | {u['FFMA']} | {u['LDG']}/{u['STG']} | {u['loops']}"
                   + (f" | {'; '.join(u['problems'])}" if u["problems"] else ""))
     print()
     print(summary_table(doc))

@@ -83,6 +83,84 @@ def test_aot_gate_compiles_every_kernel_without_spills(gate):
     assert "AOT GATE: PASS" in proc.stdout
 
 
+@needs_triton
+def test_aot_gate_counts_sass_instructions(gate):
+    """The SASS counters are parsed from the real dumps: every kernel has instructions, the HNM
+    forward issues its exps on the SFU (MUFU.EX2) inside its column loop, at least one per
+    similarity entry, and the half-precision kernels' tensor-core instructions sit in loops."""
+    proc, doc = gate
+    assert doc is not None, proc.stderr[-3000:]
+    for u in doc["units"]:
+        name = f"{u['kernel']} sm_{u['arch']} {u['dtype']} {u['flags']}"
+        assert u["insts"] > 100 and u["STG"] > 0, f"{name}: SASS counts not parsed: {u['insts']} insts"
+        if u["kernel"] in KERNELS - {"_ddim_fwd_kernel"}:   # the flash-style kernels: a column loop of exps
+            assert u["loops"] >= 1 and u["loop_list"][0]["insts"] > 0, f"{name}: no loop found"
+            assert u["MUFU_EX2"] > 0, f"{name}: no MUFU.EX2 in a kernel made of exps"
+        if u["dtype"] != "fp32" and u["dots"] and u["arch"] == 90:
+            assert any(lp["HGMMA"] for lp in u["loop_list"]), f"{name}: no HGMMA inside a loop"
+    fwd = [u for u in doc["units"] if u["kernel"] == "_hnm_fwd_kernel"]
+    assert fwd
+    for u in fwd:
+        # one exp per (row, column) entry at least, whatever the tiles: the count is per entry (if a
+        # new loop structure moves exps out of the first outermost loop, sass_stats' rule must follow)
+        assert u["EX2_per_elem"] is not None and u["EX2_per_elem"] >= 1.0, (u["tiles"], u["loop_list"])
+    assert "MUFU.EX2" in proc.stdout and "EX2/elem" in proc.stdout   # in summary_table
+
+
+def test_sass_stats_synthetic():
+    """Loops are backward branches (nested ones each count; predicated ones too; the trailing
+    self-branch is not a loop), NOPs are not counted, EX2 per entry uses the first outermost loop
+    with exps."""
+    from cdp_fast.kernels._aot import sass_stats
+
+    sass = """
+        Function : k
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+        /*0010*/                   MUFU.RCP R5, R5 ;                      /* 0x0000000500057308 */
+        /*0020*/                   FFMA.FTZ R2, R3, R4, R2 ;              /* 0x0 */
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;  /* 0x0 */
+        /*0040*/                   LDG.E.128 R8, desc[UR6][R2.64] ;       /* 0x0 */
+        /*0050*/              @!P2 BRA 0x30 ;                             /* 0x0 */
+        /*0060*/                   MUFU.EX2 R27, R24 ;                    /* 0x0 */
+        /*0070*/                   MUFU.EX2 R28, R25 ;                    /* 0x0 */
+        /*0080*/                   FFMA R2, R3, R4, R2 ;                  /* 0x0 */
+        /*0090*/               @P1 BRA 0x20 ;                             /* 0x0 */
+        /*00a0*/                   MUFU.LG2 R9, R9 ;                      /* 0x0 */
+        /*00b0*/                   MUFU.EX2 R9, R9 ;                      /* 0x0 */
+        /*00c0*/                   STG.E desc[UR4][R2.64], R9 ;           /* 0x0 */
+        /*00d0*/                   EXIT ;                                 /* 0x0 */
+        /*00e0*/                   BRA 0xe0;                              /* 0x0 */
+        /*00f0*/                   NOP;                                   /* 0x0 */
+    """
+    st = sass_stats(sass, threads=64, tile_elems=32)
+    assert st["insts"] == 15                      # 16 lines minus the NOP
+    assert st["MUFU"] == 5 and st["MUFU_EX2"] == 3 and st["MUFU_LG2"] == 1 and st["MUFU_RCP"] == 1
+    assert st["FFMA"] == 2 and st["LDG"] == 1 and st["STG"] == 1 and st["ops"]["HGMMA"] == 1
+    assert st["loops"] == 2
+    outer, inner = st["loop_list"]
+    assert (outer["start"], outer["end"], outer["depth"]) == ("0x20", "0x90", 0)
+    assert (inner["start"], inner["end"], inner["depth"]) == ("0x30", "0x50", 1)
+    assert outer["MUFU_EX2"] == 2 and outer["HGMMA"] == 1 and outer["FFMA"] == 2 and outer["insts"] == 8
+    assert st["EX2_per_elem"] == 2 * 64 / 32      # 2 EX2 per iteration x 64 threads / 32 entries
+    assert sass_stats(sass)["EX2_per_elem"] is None
+    flat = sass_stats(sass.replace("@P1 BRA 0x20", "@P1 BRA 0xa0").replace("@!P2 BRA 0x30", "@!P2 BRA 0x60"))
+    assert flat["loops"] == 0 and flat["EX2_per_elem"] is None   # forward branches are not loops
+
+
+@needs_triton
+def test_aot_kernels_filter_rejects_a_regex_matching_nothing():
+    if not _nvidia_tools():
+        pytest.skip("this triton wheel bundles no CUDA tools (ptxas / cuobjdump)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # records the CI share's launches (no compile) and names what it could have compiled
+    proc = subprocess.run([sys.executable, "-m", "cdp_fast.kernels._aot", "--kernels", "^no_such_kernel$"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "matches none of the recorded kernels" in proc.stderr and "_hnm_fwd_kernel" in proc.stderr
+    assert "[aot]" not in proc.stdout   # nothing was compiled
+
+
 # ----------------------------------------------------------------------------------------------
 # numerics mode: GPU tiles through the interpreter, odd sizes, fp32
 # ----------------------------------------------------------------------------------------------
@@ -150,3 +228,127 @@ def test_gpu_tiles_infonce_numerics(M, gpu_tiles):
     for x, y in zip(torch.autograd.grad(yt, lt), torch.autograd.grad(yr, lr), strict=True):
         # fp32: the chain through the normalisation cancels (the gradient is nearly along q ~ k)
         assert _rel(x, y) < 3e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# before/after comparison (benchmarks/sass_compare.py) on synthetic gate JSONs
+# ----------------------------------------------------------------------------------------------
+def _unit(kernel, cases, *, arch=90, dtype="bf16", ex2=36, per=2.25, insts=1000, hgmma=4, regs=128, spill=0):
+    return dict(kernel=kernel, arch=arch, dtype=dtype, cases=cases, tiles={"BLOCK_R": 64, "BLOCK_C": 64},
+                flags={}, regs=regs, smem=25600, spill_stores=spill, spill_loads=0, local=0, MUFU_EX2=ex2,
+                EX2_per_elem=per, insts=insts, HGMMA=hgmma, HMMA=0, problems=[])
+
+
+def _docs():
+    hl, ic = "hnm_loss bf16 d=128 pow2 hard plain", "infonce_loss bf16 d=128 pow2 negatives=None"
+    before = {"triton": "3.9.0", "targets": [90], "units": [
+        _unit("_hnm_fwd_kernel", [hl]), _unit("_hnm_bwd_kernel", [hl], ex2=72, per=4.5, insts=2000),
+        _unit("_infonce_fwd_kernel", [ic], ex2=16, per=1.0, insts=800),
+        _unit("_infonce_bwd_rows_kernel", [ic, ic], ex2=16, per=1.0, insts=900),   # dq and dk: 2 launches
+        _unit("_infonce_bwd_cols_kernel", [ic], ex2=16, per=1.0, insts=950),
+    ]}
+    after = {"triton": "3.9.0", "targets": [90], "units": [
+        _unit("_hnm_fwd_kernel", [hl], ex2=18, per=1.125, insts=900, hgmma=8),
+        _unit("_hnm_bwd_kernel", [hl], ex2=36, per=2.25, insts=1800, spill=8),
+        _unit("_infonce_fwd_kernel", [ic], ex2=16, per=1.0, insts=800),
+        _unit("_infonce_bwd_kernel", [ic], ex2=16, per=1.0, insts=1500),     # one backward kernel
+        dict(kernel="_broken", arch=90, dtype="bf16", cases=[hl], error="CompilationError: x", problems=["x"]),
+    ]}
+    return before, after
+
+
+def test_sass_compare_rows_and_op_sums():
+    from cdp_fast.benchmarks.sass_compare import compare_rows, op_rows, render_table
+
+    before, after = _docs()
+    rows = {r["kernel"]: r for r in compare_rows(before, after)}
+    fwd = rows["_hnm_fwd_kernel"]
+    assert fwd["before"]["MUFU.EX2"] == 36 and fwd["after"]["MUFU.EX2"] == 18 and fwd["only"] is None
+    assert fwd["before"]["EX2/elem"] == 2.25 and fwd["after"]["EX2/elem"] == 1.125
+    assert rows["_hnm_bwd_kernel"]["after"]["spill B"] == 8
+    assert rows["_infonce_bwd_cols_kernel"]["only"] == "before" and rows["_infonce_bwd_kernel"]["only"] == "after"
+    assert rows["_infonce_bwd_rows_kernel #2"]["only"] == "before"      # the second launch of one op call
+    assert "_broken" not in rows                                          # compile errors have no counts
+    ops = {r["case"]: r for r in op_rows(before, after)}
+    ic = ops["infonce_loss bf16 d=128 negatives=None"]
+    assert ic["before"]["MUFU.EX2"] == 16 * 4 and ic["after"]["MUFU.EX2"] == 16 * 2
+    assert ic["before"]["insts"] == 800 + 900 * 2 + 950 and ic["after"]["insts"] == 800 + 1500
+    assert len(ic["kernels"]["before"]) == 4 and len(ic["kernels"]["after"]) == 2
+    text = render_table(before, after)
+    assert "36 → 18 (0.50x)" in text and "2.25 → 1.125 (0.50x)" in text and "(before only)" in text
+    assert "triton 3.9.0" in text
+
+
+def test_sass_compare_cli_writes_table_and_figure(tmp_path, capsys):
+    from cdp_fast.benchmarks.sass_compare import main
+
+    before, after = _docs()
+    (tmp_path / "b.json").write_text(json.dumps(before))
+    (tmp_path / "a.json").write_text(json.dumps(after))
+    png, md = tmp_path / "fig" / "cmp.png", tmp_path / "cmp.md"
+    assert main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--png", str(png), "--md", str(md)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "MUFU.EX2" in md.read_text() and "36 → 18" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text(json.dumps({"units": "nope"}))
+    assert main([str(tmp_path / "bad.json"), str(tmp_path / "a.json")]) == 2
+    assert "not a compile-gate JSON" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.json"), str(tmp_path / "a.json")]) == 2
+    assert main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--kernels", "^_infonce_fwd"]) == 0
+    out = capsys.readouterr().out
+    assert "_infonce_fwd_kernel" in out and "_hnm_fwd_kernel" not in out
+    assert main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--kernels", "^nothing$"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# cost model (benchmarks/cost_model.py, the README's table): issue 14's planned savings
+# ----------------------------------------------------------------------------------------------
+def test_cost_model_counts_and_planned_changes():
+    from cdp_fast.benchmarks import cost_model as cm
+
+    for N in (1024, 16384):
+        d, B = 128, N // 2
+        fwd, bwd = cm.hnm_fwd(N, d), cm.hnm_bwd_rows(N, d)
+        assert fwd.flops + bwd.flops == 6 * N * N * d          # S, recomputed S, (G + G^T) Z
+        assert fwd.exps + bwd.exps == 6 * N * N                 # two scales; both statistics in the backward
+        b1 = cm.hnm_fwd(N, d, beta_one=True).exps + cm.hnm_bwd_rows(N, d, beta_one=True).exps
+        assert b1 == 3 * N * N                                  # beta = 1 halves the exps
+        inf_now = cm.infonce_fwd(B, d) + cm.infonce_bwd(B, d)
+        inf_new = cm.infonce_fwd(B, d) + cm.infonce_bwd(B, d, one_kernel=True)
+        assert (inf_now.flops, inf_now.exps) == (10 * B * B * d, 3 * B * B)
+        assert (inf_new.flops, inf_new.exps) == (8 * B * B * d, 2 * B * B)
+        # groups and a bank: entries N * (2G + M)
+        assert cm.hnm_fwd(N, d, G=64, M=256).flops == 2 * d * N * (128 + 256)
+    # the H100 bound at N = 16384, d = 128, bf16: exp-bound today, matmul-bound with beta = 1
+    N, d = 16384, 128
+    now = cm.bound(cm.hnm_fwd(N, d) + cm.hnm_bwd_rows(N, d), device="h100")
+    new = cm.bound(cm.hnm_fwd(N, d, beta_one=True) + cm.hnm_bwd_rows(N, d, beta_one=True), device="h100")
+    exp_peak = 16 * 132 * 1980e6
+    assert now["limit"] == "exp" and abs(now["bound_us"] - 6 * N * N / exp_peak * 1e6) < 1e-6
+    assert new["limit"] == "matmul" and abs(new["bound_us"] - 6 * N * N * d / 989.4e12 * 1e6) < 1e-6
+    # pixel space: today's backward recomputes S and its exps once per 128-wide chunk (24x at 3072)
+    px_now, px_new = cm.hnm_bwd_rows(1024, 3072, dtype="fp16"), cm.hnm_bwd_rows(1024, 3072, dtype="fp16", recompute=False)
+    assert px_now.exps == 24 * px_new.exps and px_now.flops == (24 + 1) / 2 * px_new.flops
+    # the fused step: backward for the anchors only, columns over all rows; x, eps, noise in, x_next out
+    fz = cm.hnm_fused_ddim(N, d)
+    assert fz.flops == cm.hnm_bwd_rows(N, d).flops / 2 and fz.bytes > cm.hnm_bwd_rows(N, d).bytes
+    # DDIM: HBM bytes, and the issue bound once instructions per element are known
+    st = cm.ddim_step(1000, insts_per_elem=236.0)
+    assert st.bytes == 6000 and cm.bound(st, device="h100")["limit"] == "issue"
+    assert cm.bound(cm.ddim_step(1000), device="h100")["limit"] == "hbm"
+    with pytest.raises(ValueError, match="unknown device"):
+        cm.bound(st, device="tpu")
+
+
+def test_cost_model_reads_the_committed_baseline(capsys):
+    from cdp_fast.benchmarks import cost_model as cm
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sass_before.json"
+    doc = json.loads(path.read_text())
+    assert doc["triton"] and doc["targets"] == [80, 90] and "e823699" in doc["kernels_commit"]
+    per = cm.ddim_insts_per_elem(doc, "bf16", 90)
+    assert per is not None and per > 20                 # Philox + Box-Muller: far above the ~10 of the step
+    assert cm.main(["--sass", str(path), "--N", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "(issue)" in out and "H100 SXM" in out and "| 1024 | HNM fwd |" in out
+    with pytest.raises(SystemExit):
+        cm.main(["--N", "1023"])
