@@ -222,9 +222,11 @@ def ddim_coefficients_per_sample(a_t, a_next, eta: float, B: int, device) -> tup
 
 def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperature=10.0,
                               tau_plus=0.1, beta=1.0, estimator="hard", labels=None, bank=None,
-                              bank_labels=None, group_size=None, eta=0.0, noise=None, clip_x0=None):
+                              bank_labels=None, group_size=None, eta=0.0, noise=None, clip_x0=None,
+                              check: bool = True):
     """Pixel-space Contrastive-DP step: g = d hnm_loss(x.flatten(1), positive.flatten(1)) / d x,
-    e = eps + scale * g, then the DDIM update of METHOD.md §3. fp32 math, result in x's dtype."""
+    e = eps + scale * g, then the DDIM update of METHOD.md §3. fp32 math, result in x's dtype.
+    ``check``: raise on a row without negatives (the argument checks are the caller's)."""
     B = x.shape[0]
     anchor = x.detach().flatten(1).float().requires_grad_(True)
     pos = positive.detach().flatten(1).float()
@@ -233,7 +235,7 @@ def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperatu
         loss = hnm_loss_reference(anchor, pos, temperature=temperature, tau_plus=tau_plus, beta=beta,
                                   estimator=estimator, labels=labels, bank=bank32,
                                   bank_labels=bank_labels, group_size=group_size, check=False,
-                                  check_counts=True)
+                                  check_counts=check)
         (g,) = torch.autograd.grad(loss, anchor)
     coefficients = ddim_coefficients_per_sample(a_t, a_next, eta, B, x.device)
     view = (B,) + (1,) * (x.dim() - 1)
