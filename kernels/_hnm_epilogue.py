@@ -38,6 +38,10 @@ NO_NEGATIVES = 2
 if triton is not None:
     from .ddim import _ddim_coefficients_jit, _load_alpha
 
+    _CAP = tl.constexpr(-math.log(RATIO_CLAMP))   # -log max(ratio, 1e-4) <= -ln 1e-4
+    _BAD_VALUE = tl.constexpr(BAD_VALUE)
+    _NO_NEGATIVES = tl.constexpr(NO_NEGATIVES)
+
     @triton.jit
     def _log1p(y):
         # log(1 + y) for y >= 0 without losing small y (exp(-|x|) below fp32 epsilon)
@@ -88,7 +92,6 @@ if triton is not None:
         # COEF [3, 2B]: CA, CB, CP times n. PART [programs]: this program's share of the mean loss.
         # STATUS [programs] (CHECK): bits BAD_VALUE | NO_NEGATIVES. DDIM [5, B] (DDIM_COEF).
         pid = tl.program_id(0)
-        CAP: tl.constexpr = -math.log(RATIO_CLAMP)
         n = 2 * B
         total = tl.zeros((BLOCK_P,), tl.float32)
         bad = tl.zeros((BLOCK_P,), tl.int32)
@@ -105,7 +108,7 @@ if triton is not None:
                 p = tl.load(Z + (j + B)[:, None] * D + k[None, :], mask=m2, other=0.0).to(tl.float32)
                 dot += tl.sum(a * p, axis=1)
                 if CHECK:
-                    bad |= tl.max(_bad(a) | _bad(p), axis=1) * BAD_VALUE
+                    bad |= tl.max(_bad(a) | _bad(p), axis=1) * _BAD_VALUE
             pl = dot * scale
             pos = tl.exp(pl)
             for half in tl.static_range(2):          # row j (anchor) and row B + j (its positive)
@@ -115,13 +118,13 @@ if triton is not None:
                 if HARD:
                     lse0 = tl.load(LSE0 + r, mask=jm, other=0.0)
                 cnt = tl.load(CNT + r, mask=jm, other=1.0)
-                loss, ca, cb, cp = _row_terms(lse1, lse0, cnt, pl, pos, tau, beta, floor_c, CAP, HARD)
+                loss, ca, cb, cp = _row_terms(lse1, lse0, cnt, pl, pos, tau, beta, floor_c, _CAP, HARD)
                 total += tl.where(jm, loss, 0.0)
                 tl.store(COEF + r, ca, mask=jm)
                 tl.store(COEF + n + r, cb, mask=jm)
                 tl.store(COEF + 2 * n + r, cp, mask=jm)
                 if CHECK:
-                    bad |= (jm & (cnt == 0)).to(tl.int32) * NO_NEGATIVES
+                    bad |= (jm & (cnt == 0)).to(tl.int32) * _NO_NEGATIVES
             if DDIM_COEF:
                 a_t = _load_alpha(AT_MODE, at_val, AT, j, 1, jm)
                 a_n = _load_alpha(AN_MODE, an_val, AN, j, 1, jm)
@@ -139,7 +142,7 @@ if triton is not None:
                     k = k0 + tl.arange(0, BLOCK_D)
                     v = tl.load(BANK + mr[:, None] * D + k[None, :], mask=mm[:, None] & (k < D)[None, :],
                                 other=0.0)
-                    bad |= tl.max(_bad(v), axis=1) * BAD_VALUE
+                    bad |= tl.max(_bad(v), axis=1) * _BAD_VALUE
         tl.store(PART + pid, tl.sum(total, axis=0) * inv_n)
         if CHECK:
             tl.store(STATUS + pid, tl.max(bad, axis=0))

@@ -46,7 +46,7 @@ aten = torch.ops.aten
 NO_KERNEL_OPS = frozenset({
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
     "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "size", "stride",
-    "_has_compatible_shallow_copy_type", "lift_fresh",
+    "_has_compatible_shallow_copy_type", "lift_fresh", "_unsafe_view",  # a view without the alias mark
 })
 # ops that make the host wait for the device (a value, or an output size that depends on values)
 SYNC_OPS = frozenset({

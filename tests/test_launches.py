@@ -1,0 +1,146 @@
+"""Issue 14 item 6: device launches and host syncs of one fused HNM call at the sampler's size.
+
+Counted with ``cdp_fast.kernels._launches.count_launches`` (Triton launches + device ATen ops +
+host syncs) under TRITON_INTERPRET=1. Before this change (main e823699, same counter) one
+``hnm_loss`` forward + backward at N = 2B = 1024, d = 128, fp32 made 63 launches (2 Triton + 61
+ATen) and 1 sync without labels, 66 launches and 2 syncs with labels; the fused
+``hnm_guided_ddim_update`` 85 launches (tensor alphas) and 1 sync. At N = 1024 the interpreter
+would take many minutes to run the kernels, so the budgets are checked with the kernels
+recorded, not run (``execute=False``); ``test_recorded_counts_equal_executed_counts`` shows that
+this counts exactly what a real run at a small N counts (the host side never branches on N or on
+kernel outputs with ``check=False``).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cdp_fast.kernels import hnm_guided_ddim_update, hnm_loss
+from cdp_fast.kernels._backend import interpreting, triton_available
+from cdp_fast.kernels._launches import count_launches
+
+interpreter_only = pytest.mark.skipif(not (interpreting() and triton_available()),
+                                      reason="needs TRITON_INTERPRET=1")
+
+# what the hot path (check=False) reaches; a change that adds a launch or a sync must say so here
+BUDGET = {  # case: (forward launches, backward launches, syncs)
+    "plain": (3, 3, 0),     # cat(A, P), forward, epilogue | ones_like (autograd), coef * grad_out, backward
+    "labels": (4, 3, 0),    # + cat(labels, labels)
+}
+GUIDED_BUDGET = 4           # cat(x, positive), forward, epilogue, backward with the DDIM update fused
+
+
+def _pair(B, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(B, d, generator=g), dim=1).requires_grad_(True)
+    p = F.normalize(torch.randn(B, d, generator=g), dim=1).requires_grad_(True)
+    return a, p
+
+
+def _loss_counts(B, d, case, *, execute, check=False):
+    a, p = _pair(B, d)
+    kw = dict(labels=torch.arange(B) % 10) if case == "labels" else {}
+    with count_launches(execute) as fwd:
+        loss = hnm_loss(a, p, backend="triton", check=check, **kw)
+    with count_launches(execute) as bwd:
+        loss.backward()
+    return fwd, bwd
+
+
+def _guided_counts(B, d, *, execute, check=False):
+    g = torch.Generator().manual_seed(1)
+    x, e, pos = (torch.randn(B, d, generator=g) for _ in range(3))
+    with count_launches(execute) as c:
+        hnm_guided_ddim_update(x, e, torch.tensor(0.5), torch.tensor(0.6), pos, scale=2.0, backend="triton",
+                               check=check)
+    return c
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", sorted(BUDGET))
+def test_hnm_loss_launch_budget_at_sampler_size(case):
+    fwd, bwd = _loss_counts(512, 128, case, execute=False)
+    nf, nb, ns = BUDGET[case]
+    assert fwd.triton == ["_hnm_fwd_kernel", "_hnm_epilogue_kernel"] and bwd.triton == ["_hnm_bwd_kernel"]
+    assert fwd.launches <= nf, fwd.summary()
+    assert bwd.launches <= nb, bwd.summary()
+    assert len(fwd.syncs) + len(bwd.syncs) <= ns, (fwd.summary(), bwd.summary())
+
+
+@interpreter_only
+def test_guided_step_launch_budget_at_sampler_size():
+    c = _guided_counts(512, 128, execute=False)
+    assert c.launches <= GUIDED_BUDGET and not c.syncs, c.summary()
+
+
+@interpreter_only
+def test_recorded_counts_equal_executed_counts():
+    """Recording at N = 1024 counts what running the kernels counts (here at N = 16)."""
+    for case in BUDGET:
+        rec = _loss_counts(512, 128, case, execute=False)
+        run = _loss_counts(8, 16, case, execute=True)
+        for r, x in zip(rec, run, strict=True):
+            assert r.as_dict() == x.as_dict(), (case, r.summary(), x.summary())
+    assert _guided_counts(512, 128, execute=False).as_dict() == _guided_counts(8, 16, execute=True).as_dict()
+
+
+@interpreter_only
+def test_check_costs_one_sync_and_still_names_the_problem():
+    """check=True (the default) reads one status word the kernels wrote: one sync, no extra launch;
+    bad input still gets the clear errors (NaN embeddings or bank, a row without negatives)."""
+    fwd, bwd = _loss_counts(8, 16, "labels", execute=True, check=True)
+    assert fwd.syncs == ["aten._local_scalar_dense"] and not bwd.syncs
+    assert fwd.launches == BUDGET["labels"][0]
+    assert len(_guided_counts(8, 16, execute=True, check=True).syncs) == 1
+
+    a, p = _pair(6, 4)
+    bad = a.detach().clone().index_fill_(0, torch.tensor([2]), float("nan"))
+    with pytest.raises(ValueError, match="anchor contains NaN or inf"):
+        hnm_loss(bad, p, backend="triton")
+    with pytest.raises(ValueError, match="positive contains NaN or inf"):
+        hnm_loss(a, bad, backend="triton")
+    with pytest.raises(ValueError, match="bank contains NaN or inf"):
+        hnm_loss(a, p, bank=torch.full((3, 4), float("inf")), backend="triton")
+    with pytest.raises(ValueError, match="row 0 has no negatives"):
+        hnm_loss(a, p, labels=torch.zeros(6, dtype=torch.long), backend="triton")
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="anchor contains NaN or inf"):
+        hnm_guided_ddim_update(bad, x, 0.5, 0.6, x, scale=1.0, backend="triton")
+
+
+@interpreter_only
+def test_unchecked_nan_reaches_the_gradient():
+    """check=False skips the checks; a NaN embedding must then show up in its own gradient rows (so the
+    sampler's once-per-run state check catches it), not vanish in the clamp max(s, ln 1e-4)."""
+    a, p = _pair(6, 4)
+    a_bad = a.detach().clone().index_fill_(0, torch.tensor([2]), float("nan")).requires_grad_(True)
+    hnm_loss(a_bad, p, backend="triton", check=False).backward()
+    assert not torch.isfinite(a_bad.grad[2]).any() and not torch.isfinite(p.grad[2]).any()
+
+
+def test_counter_classifies_ops():
+    """Views and allocations are not launches; .item()/.tolist()/nonzero are syncs."""
+    x = torch.randn(4, 3)
+    with count_launches() as c:
+        y = x.t()[:, :2].unsqueeze(0).reshape(-1)  # views, then a reshape that must copy (clone)
+        z = torch.empty(3)
+        z.copy_(x[0])                       # one copy_
+        w = (x * 2).sum()                   # mul, sum
+        w.item()                            # sync
+        x.tolist()                          # sync
+        torch.nonzero(x > 0)                # gt, nonzero (launch + sync)
+    assert dict(c.aten) == {"clone": 1, "copy_": 1, "mul": 1, "sum": 1, "gt": 1, "nonzero": 1}, c.summary()
+    assert c.syncs == ["aten._local_scalar_dense", "Tensor.tolist", "aten.nonzero"]
+    assert y.shape == (6,)
+
+
+@interpreter_only
+def test_counter_counts_triton_launches_and_not_their_internals():
+    from cdp_fast.kernels import ddim_update
+
+    x = torch.randn(4, 8)
+    with count_launches() as c:
+        ddim_update(x, x, 0.5, 0.6, backend="triton")
+    assert c.triton == ["_ddim_fwd_kernel"], c.summary()
+    with count_launches(execute=False) as rec:
+        out = ddim_update(x, x, 0.5, 0.6, backend="triton")
+    assert rec.triton == c.triton and out.shape == x.shape
