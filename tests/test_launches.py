@@ -144,3 +144,49 @@ def test_counter_counts_triton_launches_and_not_their_internals():
     with count_launches(execute=False) as rec:
         out = ddim_update(x, x, 0.5, 0.6, backend="triton")
     assert rec.triton == c.triton and out.shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# the sampler's guidance: checks once per run, none per step
+# ------------------------------------------------------------------------------------------------
+def _gmm_sampler(guidance, backend):
+    from cdp_fast import DDIMSampler, NoiseSchedule
+    from cdp_fast.gmm import GaussianMixtureEps
+
+    sched = NoiseSchedule.linear(num_train_timesteps=1000)
+    gmm = GaussianMixtureEps([[1.0, 0.5], [-1.0, -0.5]], [0.3, 0.3], [0.5, 0.5], sched)
+    return DDIMSampler(gmm, sched, steps=4, guidance=guidance, backend=backend, bf16=False, cuda_graphs=False)
+
+
+@interpreter_only
+def test_fused_guided_sampler_step_makes_no_host_sync():
+    from cdp_fast import ContrastiveGuidance
+    from cdp_fast.sampler import _Run
+
+    s = _gmm_sampler(ContrastiveGuidance("hnm", None, scale=2.0, t_min=0), "triton")
+    run = _Run(s, 8, (2,), 0, torch.arange(8) % 2, None, torch.device("cpu"), torch.float32)
+    try:
+        assert run.kinds[:2] == ["prime", "guided"] and run.grun.fused_ok
+        with torch.no_grad():
+            run.step("prime", False)
+            with count_launches() as c:
+                run.step("guided", False)
+    finally:
+        run.close()
+    assert c.triton == ["_hnm_fwd_kernel", "_hnm_epilogue_kernel", "_hnm_bwd_kernel"], c.summary()
+    assert not c.syncs, c.summary()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_guidance_rejects_labels_without_negatives_at_start(fused):
+    """Conditional HNM guidance whose labels leave a row without negatives fails when the run starts
+    (the per-step loss calls no longer check), with the message the loss itself gives."""
+    from cdp_fast import ContrastiveGuidance
+
+    g = ContrastiveGuidance("hnm", None if fused else torch.nn.Linear(2, 4), scale=1.0, t_min=0, fused=fused,
+                            group_size=4)
+    labels = torch.tensor([0, 0, 0, 0, 1, 0, 1, 1])     # the first group of 4 has one class only
+    with pytest.raises(ValueError, match="row 0 has no negatives"):
+        _gmm_sampler(g, "reference").sample(8, (2,), labels=labels)
+    out = _gmm_sampler(g, "reference").sample(8, (2,), labels=torch.arange(8) % 2)
+    assert torch.isfinite(out).all()
