@@ -148,9 +148,10 @@ if triton is not None:
             tl.store(STATUS + pid, tl.max(bad, axis=0))
 
 
-def epilogue_programs(B: int, M: int, check_bank: bool) -> int:
-    """Programs of one epilogue launch: 1 up to ROWS_PER_PROG pairs (and bank rows when checked)."""
+def epilogue_programs(B: int, M: int, check_bank: bool) -> tuple[int, int]:
+    """(programs, pairs per program) of one epilogue launch: one program up to ROWS_PER_PROG pairs
+    (and bank rows, when they are checked)."""
     rows = max(B, M if check_bank else 0)
-    return max(1, -(-rows // ROWS_PER_PROG))
+    return max(1, -(-rows // ROWS_PER_PROG)), ROWS_PER_PROG
 
 

@@ -34,7 +34,7 @@ import math
 import torch
 
 from ._backend import backend_for, interpreting, launch_only, on_input_device
-from ._hnm_epilogue import BAD_VALUE, NO_NEGATIVES, ROWS_PER_PROG, epilogue_programs
+from ._hnm_epilogue import BAD_VALUE, NO_NEGATIVES, epilogue_programs
 from ._tiles import tile_config
 from .hnm_ref import (
     LOG_NEG_CLAMP,
@@ -370,7 +370,7 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check
     """
     n, dev = 2 * p.B, p.Z.device
     check_bank = bool(check and p.bank is not None)
-    progs = epilogue_programs(p.B, p.M, check_bank)
+    progs, per_prog = epilogue_programs(p.B, p.M, check_bank)
     coef = torch.empty(3, n, dtype=torch.float32, device=dev)
     part = torch.empty(progs, dtype=torch.float32, device=dev)
     status = torch.empty(progs, dtype=torch.int32, device=dev) if check else part
@@ -389,7 +389,7 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check
         at_val, an_val, eta,
         p.B, p.D, p.M, p.scale, float(tau_plus), p.beta, math.exp(-1.0 / float(temperature)), 1.0 / n,
         HARD=p.hard, CHECK=bool(check), CHECK_BANK=check_bank, DDIM_COEF=ddim is not None,
-        AT_MODE=at_mode, AN_MODE=an_mode, ROWS_PER_PROG=ROWS_PER_PROG, BLOCK_P=32, BLOCK_D=block_d,
+        AT_MODE=at_mode, AN_MODE=an_mode, ROWS_PER_PROG=per_prog, BLOCK_P=32, BLOCK_D=block_d,
         num_warps=4)
     loss = part.reshape(()) if progs == 1 else part.sum()
     return loss, coef, (status if check else None), ddim
