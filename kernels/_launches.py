@@ -24,19 +24,28 @@ host-device synchronisation. What is counted:
     dispatcher on CPU tensors; counted on any tensor, so host-side tensors are over-counted,
     never missed).
 
+CLI: ``python -m cdp_fast.kernels._launches [--n 1024] [--d 128] [--labels] [--check] [--json F]``
+counts one ``hnm_loss`` forward + backward and one ``hnm_guided_ddim_update`` (kernels run on a
+GPU, recorded under the interpreter).
+
 Ops that run inside a Triton launch (the interpreter's own tensor handling) are not counted.
 No side effects at import: the hooks exist only inside ``count_launches``.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import dataclasses
+import json
+import os
 import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .hnm import hnm_guided_ddim_update, hnm_loss
 
 __all__ = ["LaunchCount", "count_launches", "NO_KERNEL_OPS", "SYNC_OPS"]
 
@@ -175,3 +184,55 @@ def count_launches(execute: bool = True):
     finally:
         for cls, orig in originals:
             cls.run = orig
+
+
+def _hnm_counts(n: int, d: int, *, labels: bool, check: bool, device: str, execute: bool) -> dict:
+    """Counts of one hnm_loss forward, its backward and one hnm_guided_ddim_update at N = n = 2B."""
+    B = n // 2
+    g = torch.Generator().manual_seed(0)
+    a, p, x, e, pos = (torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=1).to(device)
+                       for _ in range(5))
+    a.requires_grad_(True)
+    p.requires_grad_(True)
+    kw = dict(backend="triton", check=check, labels=(torch.arange(B) % 10).to(device) if labels else None)
+    with count_launches(execute) as fwd:
+        loss = hnm_loss(a, p, **kw)
+    with count_launches(execute) as bwd:
+        loss.backward()
+    at, an = torch.tensor(0.5, device=device), torch.tensor(0.6, device=device)
+    with count_launches(execute) as guided:
+        hnm_guided_ddim_update(x, e, at, an, pos, scale=2.0, **kw)
+    return {"forward": fwd, "backward": bwd, "guided": guided}
+
+
+def main(argv=None) -> int:
+    """``python -m cdp_fast.kernels._launches [--n 1024] [--d 128] [--labels] [--check] [--json F]``:
+    launches and syncs of the fused HNM ops. On a GPU the kernels run; on the CPU (TRITON_INTERPRET=1)
+    they are recorded, not run (the host side does not depend on their outputs with check=False)."""
+    ap = argparse.ArgumentParser(prog="python -m cdp_fast.kernels._launches", description=main.__doc__)
+    ap.add_argument("--n", type=int, default=1024, help="rows of Z = [A; P] (2B)")
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--labels", action="store_true", help="conditional negatives")
+    ap.add_argument("--check", action="store_true", help="check=True (one status read per call)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        ap.error("without a GPU set TRITON_INTERPRET=1 (the Triton ops then run on CPU tensors)")
+    if args.check and not cuda:
+        ap.error("--check reads kernel outputs: it needs a GPU (or a small --n with the kernels run)")
+    counts = _hnm_counts(args.n, args.d, labels=args.labels, check=args.check,
+                         device="cuda" if cuda else "cpu", execute=cuda)
+    for k, c in counts.items():
+        print(f"{k:9s} {c.summary()}")
+    f, b = counts["forward"], counts["backward"]
+    print(f"fwd+bwd   {f.launches + b.launches} launches, {len(f.syncs) + len(b.syncs)} syncs")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({k: c.as_dict() for k, c in counts.items()} | {"n": args.n, "d": args.d,
+                      "labels": args.labels, "check": args.check, "device": "cuda" if cuda else "cpu"}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

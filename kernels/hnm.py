@@ -348,11 +348,12 @@ def _forward_stats(p: _Prepared):
     return lse1, lse0, cnt
 
 
-def _alpha_arg(a, B: int):
+def _alpha_arg(a, B: int, device):
     """(mode, float value, tensor) of a DDIM alpha for the epilogue: 0 = a host float, 1 = a
     one-element tensor, 2 = per sample [B] (as ddim.py's kernel takes them; never read on the host)."""
     if not isinstance(a, torch.Tensor):
         return 0, float(a), None
+    a = a.detach().to(device)
     if a.numel() == 1:
         return 1, 0.0, a.reshape(1)
     if a.shape != (B,):
@@ -375,7 +376,7 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check
     part = torch.empty(progs, dtype=torch.float32, device=dev)
     status = torch.empty(progs, dtype=torch.int32, device=dev) if check else part
     if alphas is not None:
-        (at_mode, at_val, at_t), (an_mode, an_val, an_t) = (_alpha_arg(a, p.B) for a in alphas[:2])
+        (at_mode, at_val, at_t), (an_mode, an_val, an_t) = (_alpha_arg(a, p.B, dev) for a in alphas[:2])
         ddim = torch.empty(5, p.B, dtype=torch.float32, device=dev)
         eta = float(alphas[2])
     else:

@@ -218,3 +218,16 @@ def test_epilogue_split_over_programs(monkeypatch, assert_close):
     lab = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 8])  # group 4 (pairs 8, 9: third program) is one class
     with pytest.raises(ValueError, match="row 8 has no negatives"):
         hnm_loss(a, p, labels=lab, group_size=2, backend="triton")
+
+
+@interpreter_only
+def test_adjacent_anchor_and_positive_are_not_copied(assert_close):
+    """A and P as the two halves of one buffer: Z = [A; P] is a view, the forward is 2 launches."""
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    with count_launches() as c:
+        loss = hnm_loss(z[:8], z[8:], backend="triton", check=False)
+    assert c.launches == 2 and "cat" not in c.aten, c.summary()
+    (got,) = torch.autograd.grad(loss, z)
+    want = hnm_loss(z[:8], z[8:], backend="reference")
+    assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert_close(got, torch.autograd.grad(want, z)[0], rtol=1e-4, atol=1e-6)
