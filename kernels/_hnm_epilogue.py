@@ -7,7 +7,8 @@ launch of ``_hnm_epilogue_kernel`` computes, for the 2B rows of Z = [A; P]:
 * the loss rows and their mean (or per-program partial sums when B is large),
 * the backward coefficients CA, CB, CP of the mean loss (METHOD.md §6; the formulas of
   ``hnm.py``'s reference epilogue, ``_row_epilogue``), already multiplied by n = 2B (see
-  ``hnm._coef_scaled``: the backward kernel's fp32 accumulator applies (1/T) / n),
+  ``hnm._coef_scaled``: the backward kernel's fp32 accumulator applies (1/T) / n); with BETA_ONE
+  (the kernels' beta = 1 path, when ``_Prepared.flags()`` has it) CA' = CA exp(2 LSE0 - LSE1),
 * optionally a status word (bit 0: a non-finite value in A, P or the bank; bit 1: a row without
   negatives) that the host reads once when it wants the checks, instead of syncing per check,
 * optionally (the fused guided DDIM step) the per-sample DDIM coefficients from a_t, a_next
@@ -48,7 +49,8 @@ if triton is not None:
         return tl.where(y < 1e-4, y - 0.5 * y * y, tl.log(1.0 + y))
 
     @triton.jit
-    def _row_terms(lse1, lse0, cnt, pl, pos, tau, beta, floor_c, CAP: tl.constexpr, HARD: tl.constexpr):
+    def _row_terms(lse1, lse0, cnt, pl, pos, tau, beta, floor_c, CAP: tl.constexpr, HARD: tl.constexpr,
+                   BETA_ONE: tl.constexpr):
         # one row of Z: its loss and its coefficients times n (ca, cb, cp), as hnm._row_epilogue.
         # d(-log ratio)/d s_pos through pos is -sigmoid(x), x = log Ng - s_pos; u = d(...)/dNg
         # = 1/(pos + Ng), zero where the Ng floor or the ratio clamp binds.
@@ -70,6 +72,8 @@ if triton is not None:
             u = gr * inv * active
             k = u * reweight / (1.0 - tau)
             ca = k * (1.0 + beta)
+            if BETA_ONE:   # the kernels' b = 1 path weighs w0^2 = w1 exp(LSE1 - 2 LSE0) by CA' = CA exp(2 LSE0 - LSE1)
+                ca = ca * tl.exp(2.0 * lse0 - lse1)
             cb = -k * beta
             cp = cp - u * tau * cnt * pos / (1.0 - tau)
         else:
@@ -86,7 +90,8 @@ if triton is not None:
     def _hnm_epilogue_kernel(Z, BANK, LSE1, LSE0, CNT, COEF, PART, STATUS,
                              DDIM, AT, AN, at_val, an_val, eta,
                              B, D, M, scale, tau, beta, floor_c, inv_n,
-                             HARD: tl.constexpr, CHECK: tl.constexpr, CHECK_BANK: tl.constexpr,
+                             HARD: tl.constexpr, BETA_ONE: tl.constexpr, CHECK: tl.constexpr,
+                             CHECK_BANK: tl.constexpr,
                              DDIM_COEF: tl.constexpr, AT_MODE: tl.constexpr, AN_MODE: tl.constexpr,
                              ROWS_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
         # COEF [3, 2B]: CA, CB, CP times n. PART [programs]: this program's share of the mean loss.
@@ -118,7 +123,7 @@ if triton is not None:
                 if HARD:
                     lse0 = tl.load(LSE0 + r, mask=jm, other=0.0)
                 cnt = tl.load(CNT + r, mask=jm, other=1.0)
-                loss, ca, cb, cp = _row_terms(lse1, lse0, cnt, pl, pos, tau, beta, floor_c, _CAP, HARD)
+                loss, ca, cb, cp = _row_terms(lse1, lse0, cnt, pl, pos, tau, beta, floor_c, _CAP, HARD, BETA_ONE)
                 total += tl.where(jm, loss, 0.0)
                 tl.store(COEF + r, ca, mask=jm)
                 tl.store(COEF + n + r, cb, mask=jm)

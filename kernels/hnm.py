@@ -389,7 +389,8 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check
         coef if ddim is None else ddim, coef if at_t is None else at_t, coef if an_t is None else an_t,
         at_val, an_val, eta,
         p.B, p.D, p.M, p.scale, float(tau_plus), p.beta, math.exp(-1.0 / float(temperature)), 1.0 / n,
-        HARD=p.hard, CHECK=bool(check), CHECK_BANK=check_bank, DDIM_COEF=ddim is not None,
+        HARD=p.hard, BETA_ONE=bool(p.flags().get("BETA_ONE", False)), CHECK=bool(check),
+        CHECK_BANK=check_bank, DDIM_COEF=ddim is not None,
         AT_MODE=at_mode, AN_MODE=an_mode, ROWS_PER_PROG=per_prog, BLOCK_P=32, BLOCK_D=block_d,
         num_warps=4)
     loss = part.reshape(()) if progs == 1 else part.sum()
@@ -411,20 +412,19 @@ def _raise_on_status(p: _Prepared, status, cnt, **tensors) -> None:
                          "pinned down again; are the inputs being modified concurrently?")
 
 
-def _coef_scaled(p: _Prepared) -> float:
-    """The accumulator scale (1/T) / n of the backward kernels. The epilogue stores the backward
-    coefficients times n = 2B: they carry the mean's 1/n, G = CA w1 + CB w0 is cast to the input
-    dtype before the second dot, and in fp16 1/n-sized G is subnormal (at T = 0.5, all of it from
-    N = 1024 on; flushed to zero at N = 16384). Scaled by n, G stays O(1/N) and the 1/n is
-    applied in fp32."""
-    return p.scale / (2 * p.B)
+def _coef_scaled(p: _Prepared, *coefs):
+    """The backward coefficients as the epilogue stores them (times n = 2B) and the accumulator
+    scale (1/T) / n that undoes it. They carry the mean's 1/n; G = CA w1 + CB w0 is cast to the
+    input dtype before the second dot, and in fp16 1/n-sized G is subnormal (at T = 0.5, all of it
+    from N = 1024 on; flushed to zero at N = 16384). Scaled by n, G stays O(1/N) and the 1/n is
+    applied in fp32. (The scaling itself is done by _hnm_epilogue_kernel: no launch here.)"""
+    return tuple(coefs) + (p.scale / (2 * p.B),)
 
 
-def _backward_rows(p: _Prepared, lse1, lse0, coef, out, *, fused=None):
+def _backward_rows(p: _Prepared, lse1, lse0, ca, cb, cp, out, *, fused=None):
     """Launch _hnm_bwd_kernel: dZ (into ``out`` [2B, D]) or, with ``fused``, x_next [B, D]."""
     bl = p.blocks
-    ca, cb, cp = coef[0], coef[1], coef[2]
-    acc_scale = _coef_scaled(p)
+    ca, cb, cp, acc_scale = _coef_scaled(p, ca, cb, cp)
     nloc = p.G if fused is not None else 2 * p.G
     grid = ((p.B // p.G) * triton.cdiv(nloc, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
     if fused is None:
@@ -440,13 +440,13 @@ def _backward_rows(p: _Prepared, lse1, lse0, coef, out, *, fused=None):
     return out
 
 
-def _backward_bank(p: _Prepared, lse1, lse0, coef):
+def _backward_bank(p: _Prepared, lse1, lse0, ca, cb):
     bl = p.blocks
-    acc_scale = _coef_scaled(p)
+    ca, cb, acc_scale = _coef_scaled(p, ca, cb)
     dbank = torch.empty_like(p.bank)
     grid = (triton.cdiv(p.M, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
     fl = p.flags()
-    _hnm_bank_bwd_kernel[grid](*p.ptrs(), lse1, lse0, coef[0], coef[1], dbank, 2 * p.B, p.M, p.D, p.scale,
+    _hnm_bank_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, dbank, 2 * p.B, p.M, p.D, p.scale,
                                p.beta, acc_scale,
                                HARD=fl["HARD"], BANK_COND=fl["BANK_COND"], LOG_EPS=fl["LOG_EPS"],
                                IEEE=fl["IEEE"], **bl)
@@ -474,10 +474,10 @@ class _HNMFunction(torch.autograd.Function):
         da = dp = dbank = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dz = torch.empty_like(p.Z)
-            _backward_rows(p, lse1, lse0, coef, dz)
+            _backward_rows(p, lse1, lse0, *coef, dz)
             da, dp = dz[: p.B], dz[p.B:]
         if ctx.has_bank and ctx.needs_input_grad[2]:
-            dbank = _backward_bank(p, lse1, lse0, coef)
+            dbank = _backward_bank(p, lse1, lse0, coef[0], coef[1])
         return da, dp, dbank, None, None, None, None, None, None, None, None
 
 
@@ -578,5 +578,5 @@ def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=
         nc = lse1 if noise is None else noise.detach().to(x.dtype).contiguous()
         fused = ((xc, ec, nc) + tuple(dcoef), float(scale),
                  0.0 if clip_x0 is None else float(clip_x0), noise is not None, clip_x0 is not None)
-        _backward_rows(p, lse1, lse0, coef, out, fused=fused)
+        _backward_rows(p, lse1, lse0, *coef, out, fused=fused)
     return out

@@ -231,3 +231,22 @@ def test_adjacent_anchor_and_positive_are_not_copied(assert_close):
     want = hnm_loss(z[:8], z[8:], backend="reference")
     assert_close(loss, want, rtol=1e-5, atol=1e-6)
     assert_close(got, torch.autograd.grad(want, z)[0], rtol=1e-4, atol=1e-6)
+
+
+@interpreter_only
+def test_epilogue_beta_one_coefficient():
+    """With the kernels' beta = 1 flag (BETA_ONE in _Prepared.flags()) the epilogue hands them
+    CA' = CA exp(2 LSE0 - LSE1); everything else is unchanged."""
+    from cdp_fast.kernels import hnm
+
+    a, p = _pair(6, 4)
+    prep = hnm._Prepared(a.detach(), p.detach(), None, None, None, 6, 0.5, 1.0, "hard")
+    lse1, lse0, cnt = hnm._forward_stats(prep)
+    args = (prep, lse1, lse0, cnt, 0.1, 0.5)
+    loss, coef, _, _ = hnm._row_epilogue(*args, check=False)
+    prep.flags = lambda base=prep.flags: {**base(), "BETA_ONE": True}
+    loss1, coef1, _, _ = hnm._row_epilogue(*args, check=False)
+    torch.testing.assert_close(loss1, loss)
+    torch.testing.assert_close(coef1[1:], coef[1:])
+    torch.testing.assert_close(coef1[0], coef[0] * torch.exp(2 * lse0 - lse1))
+    assert bool((coef[0] != 0).any())
