@@ -93,7 +93,8 @@ if triton is not None:
                              HARD: tl.constexpr, BETA_ONE: tl.constexpr, CHECK: tl.constexpr,
                              CHECK_BANK: tl.constexpr,
                              DDIM_COEF: tl.constexpr, AT_MODE: tl.constexpr, AN_MODE: tl.constexpr,
-                             ROWS_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                             ROWS_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_E: tl.constexpr):
         # COEF [3, 2B]: CA, CB, CP times n. PART [programs]: this program's share of the mean loss.
         # STATUS [programs] (CHECK): bits BAD_VALUE | NO_NEGATIVES. DDIM [5, B] (DDIM_COEF).
         pid = tl.program_id(0)
@@ -139,15 +140,14 @@ if triton is not None:
                 tl.store(DDIM + 2 * B + j, sn, mask=jm)
                 tl.store(DDIM + 3 * B + j, c1, mask=jm)
                 tl.store(DDIM + 4 * B + j, c2, mask=jm)
-        if CHECK_BANK:   # the bank's rows, split over the programs like the pairs
-            for m0 in range(pid * ROWS_PER_PROG, tl.minimum(pid * ROWS_PER_PROG + ROWS_PER_PROG, M), BLOCK_P):
-                mr = (m0 + tl.arange(0, BLOCK_P)).to(tl.int64)
-                mm = mr < M
-                for k0 in range(0, D, BLOCK_D):
-                    k = k0 + tl.arange(0, BLOCK_D)
-                    v = tl.load(BANK + mr[:, None] * D + k[None, :], mask=mm[:, None] & (k < D)[None, :],
-                                other=0.0)
-                    bad |= tl.max(_bad(v), axis=1) * _BAD_VALUE
+        if CHECK_BANK:   # the bank's rows, split over the programs like the pairs; flat (few registers)
+            e_lo = (pid * ROWS_PER_PROG).to(tl.int64) * D
+            e_hi = tl.minimum(pid * ROWS_PER_PROG + ROWS_PER_PROG, M).to(tl.int64) * D
+            bad_b = tl.zeros((BLOCK_E,), tl.int32)
+            for e0 in range(e_lo, e_hi, BLOCK_E):
+                e = e0 + tl.arange(0, BLOCK_E)
+                bad_b |= _bad(tl.load(BANK + e, mask=e < e_hi, other=0.0))
+            bad |= tl.max(bad_b, axis=0) * _BAD_VALUE
         tl.store(PART + pid, tl.sum(total, axis=0) * inv_n)
         if CHECK:
             tl.store(STATUS + pid, tl.max(bad, axis=0))

@@ -383,7 +383,7 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check
         at_mode = an_mode = 0
         at_val = an_val = eta = 0.0
         at_t = an_t = ddim = None
-    block_d = min(128, max(16, triton.next_power_of_2(p.D)))
+    block_d = min(64, max(16, triton.next_power_of_2(p.D)))   # 32 x 64 fp32 loads: no spill (AOT gate)
     _hnm_epilogue_kernel[(progs,)](
         p.Z, p.Z if p.bank is None else p.bank, lse1, lse0, cnt, coef, part, status,
         coef if ddim is None else ddim, coef if at_t is None else at_t, coef if an_t is None else an_t,
@@ -391,8 +391,8 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check
         p.B, p.D, p.M, p.scale, float(tau_plus), p.beta, math.exp(-1.0 / float(temperature)), 1.0 / n,
         HARD=p.hard, BETA_ONE=bool(p.flags().get("BETA_ONE", False)), CHECK=bool(check),
         CHECK_BANK=check_bank, DDIM_COEF=ddim is not None,
-        AT_MODE=at_mode, AN_MODE=an_mode, ROWS_PER_PROG=per_prog, BLOCK_P=32, BLOCK_D=block_d,
-        num_warps=4)
+        AT_MODE=at_mode, AN_MODE=an_mode, ROWS_PER_PROG=per_prog, BLOCK_P=32, BLOCK_D=block_d, BLOCK_E=1024,
+        num_warps=4, num_stages=1)   # a memory-light loop: pipelining only costs registers
     loss = part.reshape(()) if progs == 1 else part.sum()
     return loss, coef, (status if check else None), ddim
 
