@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -102,7 +101,6 @@ class _State:
     def __init__(self, count: LaunchCount):
         self.count = count
         self.paused = 0          # > 0 inside a Triton launch
-        self.thread = threading.get_ident()
 
     def counting(self) -> bool:
         return self.paused == 0
@@ -154,16 +152,18 @@ def _kernel_name(fn) -> str:
 
 @contextlib.contextmanager
 def count_launches(execute: bool = True):
-    """Count Triton launches, device ATen ops and host syncs made inside the block (on this
-    thread); yields a :class:`LaunchCount` filled as the block runs. ``execute=False``: Triton
-    kernels are recorded but not run."""
+    """Count Triton launches, device ATen ops and host syncs made inside the block; yields a
+    :class:`LaunchCount` filled as the block runs. ``execute=False``: Triton kernels are recorded
+    but not run. Triton launches are counted from any thread (on a GPU the autograd engine runs
+    the backward on its device thread); the dispatch modes reach that thread through autograd's
+    thread-local state (as PyTorch documents it; not yet checked on a GPU here)."""
     count = LaunchCount()
     state = _State(count)
     originals = [(cls, cls.__dict__["run"]) for cls in _kernel_classes()]
 
     def wrap(orig):
         def run(self, *args, grid, warmup, **kwargs):
-            if warmup or threading.get_ident() != state.thread:
+            if warmup:
                 return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
             if state.counting():
                 count.triton.append(_kernel_name(self))
