@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import hnm_guided_ddim_update, hnm_loss, infonce_loss
+from .kernels.hnm_ref import check_label_negatives
 
 __all__ = ["ContrastiveGuidance", "EmbeddingHead", "Guidance", "GuidanceRun", "GuidanceStart", "LOSSES",
            "PAIRS", "default_group_size", "default_scale"]
@@ -411,6 +412,20 @@ class _GuidanceRun:
                 p.grad = torch.zeros_like(p)
             use_cap = bool(o.capturable and device.type == "cuda")
             self.opt = torch.optim.Adam(self.params, lr=g.head_lr, capturable=use_cap)
+        self._check_once()
+
+    def _check_once(self, labels=None) -> None:
+        """The HNM loss's input checks, once per run: the per-step calls pass check=False and make
+        no host sync. Labels and bank are fixed for the run; a NaN/inf reaching the embeddings
+        makes the gradient, hence the state, non-finite: the sampler's own NaN check reports it."""
+        if self.g.loss not in ("hnm", "hnm-easy"):
+            return
+        labels = self.labels if labels is None else labels
+        if labels is not None:
+            check_label_negatives(labels, self.G, bank_labels=self.bank_labels,
+                                  n_bank=0 if self.bank is None else self.bank.shape[0])
+        if self.bank is not None and not bool(torch.isfinite(self.bank).all()):
+            raise ValueError("the guidance's real-image bank contains NaN or inf")
 
     def _freeze(self) -> None:
         """Freeze f (requires_grad False, eval mode) for the run; ``finish`` restores it."""
@@ -464,6 +479,8 @@ class _GuidanceRun:
             return False
         if labels is not None and tuple(labels.shape) != (self.n,):
             return False
+        if cond:
+            self._check_once(labels)   # before anything changes: a refused restart keeps the run
         self._freeze()
         try:
             if self.labels is not None:
@@ -519,7 +536,8 @@ class _GuidanceRun:
             loss = hnm_loss(za, zp, temperature=g.temperature, tau_plus=g.tau_plus, beta=g.beta,
                             estimator="hard" if g.loss == "hnm" else "easy", labels=self.labels,
                             bank=bank, bank_labels=self.bank_labels if bank is not None else None,
-                            group_size=self.G if self.G < self.n else None, backend=self.backend)
+                            group_size=self.G if self.G < self.n else None, backend=self.backend,
+                            check=False)   # checked once per run (_check_once): no host sync per step
             return loss * self.ngroups  # hnm_loss averages over all groups' rows: sum of group means
         total = za.new_zeros(())
         for k in range(self.ngroups):  # static host loop: graph-safe
@@ -574,7 +592,7 @@ class _GuidanceRun:
             tau_plus=g.tau_plus, beta=g.beta, estimator="hard" if g.loss == "hnm" else "easy",
             labels=self.labels, bank=self.bank, bank_labels=self.bank_labels,
             group_size=self.G if self.G < self.n else None, eta=0.0, clip_x0=clip_x0,
-            backend=self.backend)
+            backend=self.backend, check=False)   # checked once per run (_check_once)
         self.cache.copy_(x.flatten(1))  # x_t is the next step's positive
         return out
 

@@ -10,7 +10,10 @@ Layout of the Triton path (flash-attention style, nothing of size 2B x 2B is eve
   running max m_r of s' = max(s, ln 1e-4) and running sums l1_r = sum exp((1+b)(s' - m)),
   l0_r = sum exp(b (s' - m)) (one sum for "easy") plus the negative count N_r. Masks (self,
   partner, other group, same label, bank label) are built per tile from indices and label ids.
-* Per-row epilogue in PyTorch (O(rows) elementwise): loss rows and three gradient coefficients.
+* ``_hnm_epilogue_kernel`` (``_hnm_epilogue.py``): one small launch for the per-row epilogue
+  (positive logit, loss rows and their mean, three gradient coefficients, the input checks'
+  status word, the fused step's DDIM coefficients). With ``check=False`` one forward + backward
+  makes no host sync; at N = 2B = 1024 it is 6 device launches (tests/test_launches.py).
 * ``_hnm_bwd_kernel``: one program per (row block, feature chunk); recomputes the tiles and
   accumulates dZ_r = (1/T) sum_c (G_rc + G_cr) z_c. G_cr only needs row c's saved statistics,
   so each program owns its output rows: no atomics, deterministic. With FUSED_DDIM it handles the
@@ -30,13 +33,14 @@ import math
 
 import torch
 
-from ._backend import backend_for, interpreting, on_input_device
+from ._backend import backend_for, interpreting, launch_only, on_input_device
+from ._hnm_epilogue import BAD_VALUE, NO_NEGATIVES, epilogue_programs
 from ._tiles import tile_config
 from .hnm_ref import (
     LOG_NEG_CLAMP,
-    RATIO_CLAMP,
+    _capturing,
+    _check_finite,
     check_negative_counts,
-    ddim_coefficients_per_sample,
     hnm_guided_ddim_reference,
     hnm_loss_reference,
     validate_hnm_inputs,
@@ -56,6 +60,7 @@ __all__ = ["hnm_loss", "hnm_guided_ddim_update"]
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if triton is not None:
+    from ._hnm_epilogue import _hnm_epilogue_kernel
     from ._tiles import dot, sim_tile
     from .ddim import _ddim_step_jit  # the DDIM update of METHOD.md §3, shared with ddim.py
 
@@ -297,7 +302,7 @@ class _Prepared:
     def __init__(self, anchor, positive, bank, labels, bank_labels, G, temperature, beta, estimator):
         self.B, self.D = anchor.shape
         self.G = G
-        self.Z = torch.cat([anchor, positive], dim=0).contiguous()
+        self.Z = _stacked(anchor, positive)
         self.bank = None if bank is None else bank.contiguous()
         self.M = 0 if bank is None else bank.shape[0]
         self.lab = None if labels is None else torch.cat([labels, labels]).to(torch.int64).contiguous()
@@ -318,67 +323,102 @@ class _Prepared:
                 dummy if self.lab is None else self.lab, dummy if self.blab is None else self.blab)
 
 
+def _stacked(anchor, positive):
+    """Z = [A; P] as one contiguous [2B, d] tensor. When P already follows A in one buffer (e.g.
+    both are row slices of one embedding batch) Z is a view of it, saving the copy (one launch)."""
+    B, D = anchor.shape
+    if (anchor.is_contiguous() and positive.is_contiguous() and B * D > 0
+            and anchor.untyped_storage().data_ptr() == positive.untyped_storage().data_ptr()
+            and positive.data_ptr() == anchor.data_ptr() + B * D * anchor.element_size()):
+        return anchor.as_strided((2 * B, D), (D, 1))
+    return torch.cat([anchor, positive], dim=0)
+
+
 def _forward_stats(p: _Prepared):
     n = 2 * p.B
     dev = p.Z.device
     lse1 = torch.empty(n, dtype=torch.float32, device=dev)
-    lse0 = torch.zeros(n, dtype=torch.float32, device=dev) if not p.hard else torch.empty(n, dtype=torch.float32, device=dev)
+    lse0 = torch.empty(n, dtype=torch.float32, device=dev)   # unused (never read) by "easy"
     cnt = torch.empty(n, dtype=torch.float32, device=dev)
     bl = p.blocks
     grid = ((p.B // p.G) * triton.cdiv(2 * p.G, bl["BLOCK_R"]),)
     _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
                           BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
                           num_warps=bl["num_warps"], **p.flags())
-    check_negative_counts(cnt, p.lab)   # a row without negatives: from the kernel's own counts
     return lse1, lse0, cnt
 
 
-def _row_epilogue(p: _Prepared, lse1, lse0, cnt, pos_logit, tau_plus, temperature):
-    """Per-row loss [2B] and the backward coefficients (CA, CB, CP) of the mean loss, fp32.
+def _alpha_arg(a, B: int, device):
+    """(mode, float value, tensor) of a DDIM alpha for the epilogue: 0 = a host float, 1 = a
+    one-element tensor, 2 = per sample [B] (as ddim.py's kernel takes them; never read on the host)."""
+    if not isinstance(a, torch.Tensor):
+        return 0, float(a), None
+    a = a.detach().to(device)
+    if a.numel() == 1:
+        return 1, 0.0, a.reshape(1)
+    if a.shape != (B,):
+        raise ValueError(f"a_t / a_next must be a float or a per-sample tensor [B]=[{B}], got shape {tuple(a.shape)}")
+    return 2, 0.0, a.contiguous()
 
-    Same formulas as the reference (METHOD.md §6); u = dmean/dNg is 0 where the Ng clamp or the ratio
-    clamp binds, so the clamps carry zero gradient.
+
+def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check, alphas=None):
+    """One launch of ``_hnm_epilogue_kernel``: the loss (0-d fp32), the backward coefficients
+    COEF [3, 2B] = (CA, CB, CP) of the mean loss times n (see _coef_scaled), the status word
+    (``check``, else None) and, with ``alphas`` = (a_t, a_next, eta), the DDIM coefficients [5, B].
+
+    Formulas (METHOD.md §6, the reference's): loss_r = min(softplus(log Ng_r - s_pos), -ln 1e-4);
+    u = dmean/dNg is 0 where the Ng clamp or the ratio clamp binds, so the clamps carry zero gradient.
     """
-    n = 2 * p.B
-    N = cnt
-    pl = torch.cat([pos_logit, pos_logit])
-    pos = torch.exp(pl)
-    if p.hard:
-        reweight = N * torch.exp(lse1 - lse0)
-        ng_raw = (-tau_plus * N * pos + reweight) / (1.0 - tau_plus)
-        floor = N * math.exp(-1.0 / float(temperature))
-        ng = torch.maximum(ng_raw, floor)
-        ng_active = (ng_raw >= floor).to(torch.float32)
+    n, dev = 2 * p.B, p.Z.device
+    check_bank = bool(check and p.bank is not None)
+    progs, per_prog = epilogue_programs(p.B, p.M, check_bank)
+    coef = torch.empty(3, n, dtype=torch.float32, device=dev)
+    part = torch.empty(progs, dtype=torch.float32, device=dev)
+    status = torch.empty(progs, dtype=torch.int32, device=dev) if check else part
+    if alphas is not None:
+        (at_mode, at_val, at_t), (an_mode, an_val, an_t) = (_alpha_arg(a, p.B, dev) for a in alphas[:2])
+        ddim = torch.empty(5, p.B, dtype=torch.float32, device=dev)
+        eta = float(alphas[2])
     else:
-        ng = torch.exp(lse1)
-    # -log max(ratio, 1e-4) = min(softplus(log Ng - s_pos), -ln 1e-4), as in the reference
-    x = torch.log(ng) - pl
-    nll = torch.nn.functional.softplus(x)
-    cap = -math.log(RATIO_CLAMP)
-    loss_rows = torch.clamp(nll, max=cap)
-    gr = (nll <= cap).to(torch.float32) / n                  # d mean / d(-log ratio); 0 if clamped
-    inv = 1.0 / (pos + ng)
-    cp = -gr * torch.sigmoid(x)                              # d/ds_pos through pos: -Ng/(pos+Ng)
-    if p.hard:
-        u = gr * inv * ng_active
-        k = u * reweight / (1.0 - tau_plus)
-        ca = k * (1.0 + p.beta)
-        cb = -k * p.beta
-        cp = cp - u * tau_plus * N * pos / (1.0 - tau_plus)
-    else:
-        ca = gr * inv * ng
-        cb = torch.zeros_like(ca)
-    return loss_rows, ca, cb, cp
+        at_mode = an_mode = 0
+        at_val = an_val = eta = 0.0
+        at_t = an_t = ddim = None
+    block_d = min(64, max(16, triton.next_power_of_2(p.D)))   # 32 x 64 fp32 loads: no spill (AOT gate)
+    _hnm_epilogue_kernel[(progs,)](
+        p.Z, p.Z if p.bank is None else p.bank, lse1, lse0, cnt, coef, part, status,
+        coef if ddim is None else ddim, coef if at_t is None else at_t, coef if an_t is None else an_t,
+        at_val, an_val, eta,
+        p.B, p.D, p.M, p.scale, float(tau_plus), p.beta, math.exp(-1.0 / float(temperature)), 1.0 / n,
+        HARD=p.hard, BETA_ONE=bool(p.flags().get("BETA_ONE", False)), CHECK=bool(check),
+        CHECK_BANK=check_bank, DDIM_COEF=ddim is not None,
+        AT_MODE=at_mode, AN_MODE=an_mode, ROWS_PER_PROG=per_prog, BLOCK_P=32, BLOCK_D=block_d, BLOCK_E=1024,
+        num_warps=4, num_stages=1)   # a memory-light loop: pipelining only costs registers
+    loss = part.reshape(()) if progs == 1 else part.sum()
+    return loss, coef, (status if check else None), ddim
+
+
+def _raise_on_status(p: _Prepared, status, cnt, **tensors) -> None:
+    """The checks of ``check=True``: one host read of the epilogue's status word; only when it is
+    set are the inputs examined again for a message naming the tensor or the row."""
+    if status is None or _capturing() or launch_only():
+        return
+    code = int(status.reshape(()) if status.numel() == 1 else status.max())   # the one host sync
+    if code & BAD_VALUE:
+        _check_finite(**tensors)
+    if code & NO_NEGATIVES:
+        check_negative_counts(cnt, p.lab)
+    if code:
+        raise ValueError(f"hnm_loss: the input checks failed (status {code}) but the values could not be "
+                         "pinned down again; are the inputs being modified concurrently?")
 
 
 def _coef_scaled(p: _Prepared, *coefs):
-    """The backward coefficients times n = 2B, and the accumulator scale (1/T) / n that undoes it.
-
-    The coefficients carry the mean's 1/n; G = CA w1 + CB w0 is cast to the input dtype before
-    the second dot, and in fp16 1/n-sized G is subnormal (at T = 0.5, all of it from N = 1024 on;
-    flushed to zero at N = 16384). Scaled by n, G stays O(1/N) and the 1/n is applied in fp32."""
-    n = 2 * p.B
-    return tuple(c * n for c in coefs) + (p.scale / n,)
+    """The backward coefficients as the epilogue stores them (times n = 2B) and the accumulator
+    scale (1/T) / n that undoes it. They carry the mean's 1/n; G = CA w1 + CB w0 is cast to the
+    input dtype before the second dot, and in fp16 1/n-sized G is subnormal (at T = 0.5, all of it
+    from N = 1024 on; flushed to zero at N = 16384). Scaled by n, G stays O(1/N) and the 1/n is
+    applied in fp32. (The scaling itself is done by _hnm_epilogue_kernel: no launch here.)"""
+    return tuple(coefs) + (p.scale / (2 * p.B),)
 
 
 def _backward_rows(p: _Prepared, lse1, lse0, ca, cb, cp, out, *, fused=None):
@@ -406,7 +446,8 @@ def _backward_bank(p: _Prepared, lse1, lse0, ca, cb):
     dbank = torch.empty_like(p.bank)
     grid = (triton.cdiv(p.M, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
     fl = p.flags()
-    _hnm_bank_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, dbank, 2 * p.B, p.M, p.D, p.scale, p.beta, acc_scale,
+    _hnm_bank_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, dbank, 2 * p.B, p.M, p.D, p.scale,
+                               p.beta, acc_scale,
                                HARD=fl["HARD"], BANK_COND=fl["BANK_COND"], LOG_EPS=fl["LOG_EPS"],
                                IEEE=fl["IEEE"], **bl)
     return dbank
@@ -414,31 +455,30 @@ def _backward_bank(p: _Prepared, lse1, lse0, ca, cb):
 
 class _HNMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, positive, bank, labels, bank_labels, G, temperature, tau_plus, beta, estimator):
+    def forward(ctx, anchor, positive, bank, labels, bank_labels, G, temperature, tau_plus, beta, estimator,
+                check):
         p = _Prepared(anchor, positive, bank, labels, bank_labels, G, temperature, beta, estimator)
         lse1, lse0, cnt = _forward_stats(p)
-        pos_logit = (anchor.float() * positive.float()).sum(-1) * p.scale
-        loss_rows, ca, cb, cp = _row_epilogue(p, lse1, lse0, cnt, pos_logit, tau_plus, temperature)
+        loss, coef, status, _ = _row_epilogue(p, lse1, lse0, cnt, tau_plus, temperature, check=check)
+        _raise_on_status(p, status, cnt, anchor=anchor, positive=positive, bank=bank)
         ctx.p = p
-        ctx.save_for_backward(lse1, lse0, ca, cb, cp)
+        ctx.save_for_backward(lse1, lse0, coef)
         ctx.has_bank = bank is not None
-        loss = loss_rows.mean()
-        return loss if anchor.dtype in (torch.float32, torch.float64) else loss.float()
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        lse1, lse0, ca, cb, cp = ctx.saved_tensors
+        lse1, lse0, coef = ctx.saved_tensors
         p = ctx.p
-        go = grad_out.to(torch.float32)
-        ca, cb, cp = ca * go, cb * go, cp * go
+        coef = coef * grad_out.to(torch.float32)   # the one op grad_out costs (no host read)
         da = dp = dbank = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dz = torch.empty_like(p.Z)
-            _backward_rows(p, lse1, lse0, ca, cb, cp, dz)
+            _backward_rows(p, lse1, lse0, *coef, dz)
             da, dp = dz[: p.B], dz[p.B:]
         if ctx.has_bank and ctx.needs_input_grad[2]:
-            dbank = _backward_bank(p, lse1, lse0, ca, cb)
-        return da, dp, dbank, None, None, None, None, None, None, None
+            dbank = _backward_bank(p, lse1, lse0, coef[0], coef[1])
+        return da, dp, dbank, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +486,7 @@ class _HNMFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 @on_input_device
 def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, estimator="hard",
-             labels=None, bank=None, bank_labels=None, group_size=None, backend="auto"):
+             labels=None, bank=None, bank_labels=None, group_size=None, backend="auto", check=True):
     """Hard-negative-mining contrastive loss of METHOD.md §6 (mean over the 2B rows of [A; P]).
 
     anchor, positive: [B, d] embeddings, used as given (normalise them yourself).
@@ -454,28 +494,34 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
     [M]): extra negatives for every row. group_size G: B/G independent groups. backend:
     "reference" | "triton" | "auto" (auto: Triton for CUDA fp32/fp16/bf16 tensors, the reference
     otherwise, fp64 included). Differentiable w.r.t. anchor, positive and bank. Returns a 0-d
-    tensor (fp32 for half-precision inputs, else the inputs' dtype). The value checks (NaN/inf;
-    empty conditional negative sets, from the forward's negative counts) synchronise with the
-    device twice per call; they are skipped during CUDA-graph capture.
+    tensor (fp32 for half-precision inputs, else the inputs' dtype).
+
+    ``check`` (default True): raise a ValueError on NaN/inf inputs or on a row without negatives
+    (possible with conditional negatives). The Triton path computes both checks inside its kernels
+    and reads one status word: one host sync per call (skipped during CUDA-graph capture).
+    ``check=False`` makes no host sync at all (the sampler's guidance checks its inputs once per
+    run instead); bad input then gives NaN or meaningless values, not an error.
     """
     G = validate_hnm_inputs(anchor, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
                             estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
-                            group_size=group_size)
+                            group_size=group_size, check_values=False)
     kw = dict(temperature=temperature, tau_plus=tau_plus, beta=beta, estimator=estimator,
               labels=labels, bank=bank, bank_labels=bank_labels, group_size=group_size)
     resolved = backend_for(backend, anchor, positive, bank)
     if resolved == "reference" or (backend == "auto" and anchor.dtype == torch.float64):
-        return hnm_loss_reference(anchor, positive, check=False, check_counts=True, **kw)
+        if check and not _capturing():
+            _check_finite(anchor=anchor, positive=positive, bank=bank)
+        return hnm_loss_reference(anchor, positive, check=False, check_counts=bool(check), **kw)
     if anchor.dtype == torch.float64:
         raise TypeError("the triton backend of hnm_loss takes fp32/fp16/bf16 embeddings; use backend='reference' for fp64")
     return _HNMFunction.apply(anchor, positive, bank, labels, bank_labels, G, float(temperature),
-                              float(tau_plus), float(beta), estimator)
+                              float(tau_plus), float(beta), estimator, bool(check))
 
 
 @on_input_device
 def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=10.0, tau_plus=0.1,
                            beta=1.0, estimator="hard", labels=None, bank=None, bank_labels=None,
-                           group_size=None, eta=0.0, noise=None, clip_x0=None, backend="auto"):
+                           group_size=None, eta=0.0, noise=None, clip_x0=None, backend="auto", check=True):
     """One Contrastive-DP DDIM step in pixel space (features = identity), METHOD.md §3 + §7.
 
     anchors = x.flatten(1), positives = positive.flatten(1) (detached); g = d hnm_loss / d anchor
@@ -483,7 +529,9 @@ def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=
     +-clip_x0 if given); x_next = sqrt(a_next) x0 + c1 z + c2 e with c1, c2 of METHOD.md §3 and
     z = noise (or torch.randn_like(x) when eta > 0 and noise is None). a_t, a_next: floats or
     per-sample [B] tensors. No autograd. The Triton path writes x_next from the kernel that
-    produces the anchor gradient (no gradient tensor is materialised).
+    produces the anchor gradient (no gradient tensor is materialised); its DDIM coefficients are
+    computed in fp32 inside the epilogue kernel (as ``ddim_update``'s), never read on the host.
+    ``check``: as in :func:`hnm_loss` (``check=False``: no host sync).
     """
     if not isinstance(x, torch.Tensor) or not isinstance(eps, torch.Tensor) or not isinstance(positive, torch.Tensor):
         raise TypeError("x, eps and positive must be torch.Tensors")
@@ -501,12 +549,11 @@ def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=
         raise ValueError(f"clip_x0 must be > 0 or None, got {clip_x0!r}")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    B = x.shape[0]
     anchor2 = x.detach().flatten(1)
     pos2 = positive.detach().flatten(1)
     G = validate_hnm_inputs(anchor2, pos2, temperature=temperature, tau_plus=tau_plus, beta=beta,
                             estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
-                            group_size=group_size)
+                            group_size=group_size, check_values=False)
     if eta > 0 and noise is None:
         noise = torch.randn_like(x)
     if eta == 0:
@@ -514,25 +561,27 @@ def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=
     kw = dict(temperature=temperature, tau_plus=tau_plus, beta=beta, estimator=estimator,
               labels=labels, bank=bank, bank_labels=bank_labels, group_size=group_size)
     if backend_for(backend, x, eps, positive, bank) == "reference" or x.dtype == torch.float64:
+        if check and not _capturing():
+            _check_finite(anchor=anchor2, positive=pos2, bank=bank)
         return hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, scale=scale, eta=eta,
-                                         noise=noise, clip_x0=clip_x0, **kw)
+                                         noise=noise, clip_x0=clip_x0, check=bool(check), **kw)
     with torch.no_grad():
         bank_d = None if bank is None else bank.detach()
         p = _Prepared(anchor2, pos2, bank_d, labels, bank_labels, G, temperature, beta, estimator)
         lse1, lse0, cnt = _forward_stats(p)
-        pos_logit = (anchor2.float() * pos2.float()).sum(-1) * p.scale
-        _, ca, cb, cp = _row_epilogue(p, lse1, lse0, cnt, pos_logit, float(tau_plus), temperature)
-        coef = ddim_coefficients_per_sample(a_t, a_next, float(eta), B, x.device)
-        out = torch.empty_like(x).contiguous()
+        _, coef, status, dcoef = _row_epilogue(p, lse1, lse0, cnt, float(tau_plus), temperature, check=check,
+                                               alphas=(a_t, a_next, float(eta)))
+        _raise_on_status(p, status, cnt, anchor=anchor2, positive=pos2, bank=bank_d)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
         xc = x.detach().contiguous()
         ec = eps.detach().contiguous()
         nc = lse1 if noise is None else noise.detach().to(x.dtype).contiguous()
-        fused = ((xc, ec, nc) + tuple(c.contiguous() for c in coef), float(scale),
+        fused = ((xc, ec, nc) + tuple(dcoef), float(scale),
                  0.0 if clip_x0 is None else float(clip_x0), noise is not None, clip_x0 is not None)
         if p.D >= _hnm_pixel.PIXEL_MIN_D:   # pixel space: H = G + G^T once per group, then a GEMM
-            _hnm_pixel.guided_rows(p, lse1, lse0, ca, cb, cp, out, fused)
+            _hnm_pixel.guided_rows(p, lse1, lse0, *coef, out, fused)
         else:
-            _backward_rows(p, lse1, lse0, ca, cb, cp, out, fused=fused)
+            _backward_rows(p, lse1, lse0, *coef, out, fused=fused)
     return out
 
 

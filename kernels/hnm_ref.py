@@ -31,7 +31,8 @@ LOG_NEG_CLAMP = math.log(NEG_CLAMP)   # ... i.e. s' = max(s, ln 1e-4)
 RATIO_CLAMP = 1e-4                    # max(pos / (pos + Ng), 1e-4) inside the log
 ESTIMATORS = ("hard", "easy")
 
-__all__ = ["hnm_loss_reference", "negative_mask", "validate_hnm_inputs", "check_negative_counts", "LOG_NEG_CLAMP"]
+__all__ = ["hnm_loss_reference", "negative_mask", "validate_hnm_inputs", "check_negative_counts",
+           "check_label_negatives", "LOG_NEG_CLAMP"]
 
 
 def _capturing() -> bool:
@@ -64,6 +65,23 @@ def check_negative_counts(counts: torch.Tensor, row_labels: torch.Tensor | None)
         raise ValueError(
             f"row {r} has no negatives: every column it sees has its label "
             f"{int(row_labels[r])} (conditional negatives need a different class in its group or the bank)")
+
+
+def check_label_negatives(labels: torch.Tensor, group_size: int, *, bank_labels=None, n_bank: int = 0) -> None:
+    """Raise if a row would have no negatives, from the labels alone (no embeddings, no kernel).
+
+    For callers that fix the labels for many loss calls (the sampler's guidance checks once per
+    run and then calls ``hnm_loss(..., check=False)``). Row j of group g sees 2 (G - same_j)
+    in-group negatives (same_j: anchors of g with j's label, itself included) plus the bank rows
+    of another label (all ``n_bank`` without ``bank_labels``). O(B G + B M) work, one host sync.
+    """
+    B = labels.shape[0]
+    lg = labels.reshape(B // group_size, group_size)
+    counts = 2 * (group_size - (lg[:, :, None] == lg[:, None, :]).sum(-1).reshape(B))
+    if n_bank:
+        counts = counts + (n_bank if bank_labels is None else
+                           n_bank - (labels[:, None] == bank_labels[None, :]).sum(1))
+    check_negative_counts(torch.cat([counts, counts]), torch.cat([labels, labels]))
 
 
 def validate_hnm_inputs(anchor, positive, *, temperature, tau_plus, beta, estimator, labels,
@@ -222,9 +240,11 @@ def ddim_coefficients_per_sample(a_t, a_next, eta: float, B: int, device) -> tup
 
 def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperature=10.0,
                               tau_plus=0.1, beta=1.0, estimator="hard", labels=None, bank=None,
-                              bank_labels=None, group_size=None, eta=0.0, noise=None, clip_x0=None):
+                              bank_labels=None, group_size=None, eta=0.0, noise=None, clip_x0=None,
+                              check: bool = True):
     """Pixel-space Contrastive-DP step: g = d hnm_loss(x.flatten(1), positive.flatten(1)) / d x,
-    e = eps + scale * g, then the DDIM update of METHOD.md §3. fp32 math, result in x's dtype."""
+    e = eps + scale * g, then the DDIM update of METHOD.md §3. fp32 math, result in x's dtype.
+    ``check``: raise on a row without negatives (the argument checks are the caller's)."""
     B = x.shape[0]
     anchor = x.detach().flatten(1).float().requires_grad_(True)
     pos = positive.detach().flatten(1).float()
@@ -233,7 +253,7 @@ def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperatu
         loss = hnm_loss_reference(anchor, pos, temperature=temperature, tau_plus=tau_plus, beta=beta,
                                   estimator=estimator, labels=labels, bank=bank32,
                                   bank_labels=bank_labels, group_size=group_size, check=False,
-                                  check_counts=True)
+                                  check_counts=check)
         (g,) = torch.autograd.grad(loss, anchor)
     coefficients = ddim_coefficients_per_sample(a_t, a_next, eta, B, x.device)
     view = (B,) + (1,) * (x.dim() - 1)
