@@ -105,7 +105,36 @@ if triton is not None:
             acc = dot(pt.to(qt.dtype), qt, acc, IEEE)
         tl.store(DC + cols[:, None] * D + do[None, :], acc * gscale, mask=cmask[:, None] & domask[None, :])
 
-
+    @triton.jit
+    def _infonce_bwd_kernel(Q, C, LSE, DQ, DC, NQ, NC, D, scale,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_DO: tl.constexpr, IEEE: tl.constexpr, EXCL_DIAG: tl.constexpr):
+        # One pass over S: per column tile, p = exp(s - LSE) once (BLOCK_R x BLOCK_C exps), then
+        #   DQ[rows] += p @ C[cols]        (this program's rows: plain store at the end)
+        #   DC[cols] += p^T @ Q[rows]      (other programs own the same columns: fp32 atomics)
+        # DC must be zeroed by the caller. The atomics' summation order varies between runs.
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rmask = rows < NQ
+        do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        domask = do < D
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        # the row tile's output-feature chunk stays resident for the p^T @ Q products
+        qo = tl.load(Q + rows[:, None] * D + do[None, :], mask=rmask[:, None] & domask[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
+        for c0 in range(0, NC, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            cmask = cols < NC
+            s = sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            valid = rmask[:, None] & cmask[None, :]
+            if EXCL_DIAG:
+                valid = valid & (cols[None, :] != rows[:, None])
+            pr = tl.exp(tl.where(valid, s - lse[:, None], float("-inf"))).to(qo.dtype)
+            ocmask = cmask[:, None] & domask[None, :]
+            ct = tl.load(C + cols[:, None] * D + do[None, :], mask=ocmask, other=0.0)
+            acc = dot(pr, ct, acc, IEEE)
+            dct = dot(tl.trans(pr), qo, tl.zeros((BLOCK_C, BLOCK_DO), tl.float32), IEEE)
+            tl.atomic_add(DC + cols[:, None] * D + do[None, :], dct, mask=ocmask, sem="relaxed")
+        tl.store(DQ + rows[:, None] * D + do[None, :], acc, mask=rmask[:, None] & domask[None, :])
 
 
 _NORM_EPS = 1e-12   # F.normalize's default
@@ -133,7 +162,7 @@ class _InfoNCEFunction(torch.autograd.Function):
     C = k (paired) or the negatives (unpaired)."""
 
     @staticmethod
-    def forward(ctx, query, key, negatives, temperature):
+    def forward(ctx, query, key, negatives, temperature, deterministic):
         dt = query.dtype
         q32, qnorm = _normalize32(query)
         k32, knorm = _normalize32(key)
@@ -157,7 +186,7 @@ class _InfoNCEFunction(torch.autograd.Function):
             num_warps=bl["num_warps"])
         loss = (lse - diag).mean()
         ctx.save_for_backward(query, key, negatives, qnorm, knorm, nnorm, q, k, C, lse, diag)
-        ctx.paired, ctx.scale, ctx.ieee = paired, scale, ieee
+        ctx.paired, ctx.scale, ctx.ieee, ctx.deterministic = paired, scale, ieee, deterministic
         return loss if dt in (torch.float32, torch.float64) else loss.float()
 
     @staticmethod
@@ -169,15 +198,20 @@ class _InfoNCEFunction(torch.autograd.Function):
         gs = grad_out.to(torch.float32) * (ctx.scale / NQ)      # g / T as a device tensor
         # kernels get a unit gscale (graph-safe: no host read of grad_out); scale in PyTorch
         dq = torch.empty(NQ, D, dtype=torch.float32, device=q.device)
-        dc = torch.empty(NC, D, dtype=torch.float32, device=q.device)
         grid_r = (triton.cdiv(NQ, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
-        grid_c = (triton.cdiv(NC, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
         # paired: the kernels skip the diagonal, whose p_ii ~ 1 term would cancel against -k_i
         # (fp16 rounding of a near-1 probability times k, minus k): it is added below in fp32
-        _infonce_bwd_rows_kernel[grid_r](q, C, lse, dq, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee,
-                                         EXCL_DIAG=ctx.paired, **bl)
-        _infonce_bwd_cols_kernel[grid_c](q, C, lse, dc, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee,
-                                         EXCL_DIAG=ctx.paired, **bl)
+        if ctx.deterministic:   # two passes over S, fixed summation order
+            dc = torch.empty(NC, D, dtype=torch.float32, device=q.device)
+            grid_c = (triton.cdiv(NC, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
+            _infonce_bwd_rows_kernel[grid_r](q, C, lse, dq, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee,
+                                             EXCL_DIAG=ctx.paired, **bl)
+            _infonce_bwd_cols_kernel[grid_c](q, C, lse, dc, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee,
+                                             EXCL_DIAG=ctx.paired, **bl)
+        else:                   # one pass over S, dc by fp32 atomics (the accumulation target)
+            dc = torch.zeros(NC, D, dtype=torch.float32, device=q.device)
+            _infonce_bwd_kernel[grid_r](q, C, lse, dq, dc, NQ, NC, D, ctx.scale, IEEE=ctx.ieee,
+                                        EXCL_DIAG=ctx.paired, **bl)
         qf, kf = q.float(), k.float()
         pm1 = torch.expm1(diag - lse)[:, None]          # p_ii - 1 (paired) / p_i0 - 1, no cancellation
         # gradients w.r.t. the normalised rows (fp32) ...
@@ -194,19 +228,30 @@ class _InfoNCEFunction(torch.autograd.Function):
         dk = _normalize_backward(dk, key, knorm).to(key.dtype)
         if dn is not None:
             dn = _normalize_backward(dn, negatives, nnorm).to(negatives.dtype)
-        return dq, dk, dn, None
+        return dq, dk, dn, None, None
 
 
 @on_input_device
-def infonce_loss(query, key, *, temperature=0.1, negatives=None, backend="auto"):
+def infonce_loss(query, key, *, temperature=0.1, negatives=None, backend="auto",
+                 deterministic: bool | None = None):
     """InfoNCE of METHOD.md §8: L2-normalise q, k (and negatives); logits_ij = q_i . k_j / T;
     mean_i CE(logits_i, i). With negatives [M, d]: logits_i = [q_i . k_i, q_i . n_1..n_M] / T,
     target 0. backend: "reference" | "triton" | "auto". Returns a 0-d tensor (fp32 for half inputs).
+
+    deterministic (Triton backward only): True runs the two-kernel backward, bitwise reproducible;
+    False the one-kernel backward, whose key/negative gradient is summed by fp32 atomics in a
+    run-dependent order (differences at fp32 rounding, ~1e-7 relative; fine for a sampler).
+    None (default) follows ``torch.are_deterministic_algorithms_enabled()``. The forward and
+    the reference backend are deterministic either way.
     """
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True, False or None, got {deterministic!r}")
     validate_infonce_inputs(query, key, temperature=temperature, negatives=negatives)
     resolved = backend_for(backend, query, key, negatives)
     if resolved == "reference" or (backend == "auto" and query.dtype == torch.float64):
         return infonce_loss_reference(query, key, temperature=temperature, negatives=negatives, check=False)
     if query.dtype == torch.float64:
         raise TypeError("the triton backend of infonce_loss takes fp32/fp16/bf16; use backend='reference' for fp64")
-    return _InfoNCEFunction.apply(query, key, negatives, float(temperature))
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return _InfoNCEFunction.apply(query, key, negatives, float(temperature), deterministic)
