@@ -73,6 +73,7 @@ TRITON_CASES = [
     ("tiny-d", 19, 3, None, 0.05),
     ("one-negative", 18, 40, 1, 1.0),
     ("odd-more-negatives", 13, 35, 50, 0.2),   # M > B: more column tiles than row tiles
+    ("one-feature-chunk-negatives", 17, 16, 11, 0.1),   # d = the interpreter's BLOCK_DO
 ]
 BWD_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["one-kernel", "two-kernel"])
 
