@@ -10,13 +10,33 @@ extra first column, target 0).
 
 * ``_infonce_fwd_kernel``: one program per block of query rows streams C in column tiles with a
   running max / sum (initialised at the diagonal logit d_i, so no -inf), and stores LSE_i (fp32).
-* Backward: with p_ic = exp(s_ic - LSE_i) and g = grad_out / B,
-      dq_i = (g/T) sum_c p_ic c_c  [+ diagonal term]      (_infonce_bwd_rows_kernel, row programs)
-      dc_c = (g/T) sum_i p_ic q_i  [+ diagonal term]      (_infonce_bwd_cols_kernel, column programs)
-  The diagonal terms, O(B d), are added in PyTorch in fp32: paired (the kernels skip c = i):
-  (g/T)(p_ii - 1) k_i into dq_i and (g/T)(p_jj - 1) q_j into dk_j; unpaired: (g/T)(p_i0 - 1) k_i
-  into dq_i and (g/T)(p_i0 - 1) q_i into dk_i, with p_i0 = exp(d_i - LSE_i), p - 1 by expm1.
-  Both kernels recompute the similarity tiles; no B x B buffer, no atomics.
+* Backward. L = (1/B) sum_i (LSE_i - d_i) with s_ic = q_i . c_c / T, so dL/ds_ic = (p_ic - t_ic)/B
+  (p_ic = exp(s_ic - LSE_i), t = the one-hot target) and ds_ic/dq_i = c_c / T, ds_ic/dc_c = q_i / T.
+  With g = grad_out:
+      dq_i = (g/(BT)) sum_c p_ic c_c  [+ target term]
+      dc_c = (g/(BT)) sum_i p_ic q_i  [+ target term]
+  The target terms, O(B d), are added in PyTorch in fp32: paired (the kernels skip c = i):
+  (g/BT)(p_ii - 1) k_i into dq_i and (g/BT)(p_jj - 1) q_j into dk_j; unpaired: (g/BT)(p_i0 - 1) k_i
+  into dq_i and (g/BT)(p_i0 - 1) q_i into dk_i, with p_i0 = exp(d_i - LSE_i), p - 1 by expm1.
+  Two kernels, no B x B buffer either way:
+  - default, ``_infonce_bwd_kernel``: row programs (x output-feature chunks of BLOCK_DO); per
+    column tile one similarity tile and one exp per element, then p @ C into the program's own dq
+    rows (plain store) and p^T @ Q[rows] into dc by fp32 atomics (``tl.atomic_add``, relaxed; on
+    sm_90 REDG.E.ADD.F32x4). The atomics' summation order changes from run to run: dc (dk or
+    dn) differs between runs at fp32 rounding level. DC is zeroed first (one memset).
+  - ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``):
+    ``_infonce_bwd_rows_kernel`` (dq) and ``_infonce_bwd_cols_kernel`` (dc, column programs),
+    each recomputing the similarity tiles and their exps; bitwise reproducible.
+  Cost, forward + backward, B query rows x N columns (N = B paired), d <= BLOCK_DO:
+      one-kernel:  8 B N d FLOPs (fwd 2, bwd 6), 2 B N exps; plus N d (B / BLOCK_R) fp32 atomics
+      two-kernel: 10 B N d FLOPs (fwd 2, bwd 4 + 4), 3 B N exps; no atomics
+  (d > BLOCK_DO: each backward program recomputes S for its feature chunk, cdiv(d, BLOCK_DO)x.)
+  The atomics are the price: per 64 x 64 tile at d = 128 the one-kernel path reads ~48 KB of
+  bf16 operands (sim_tile's Q and C chunks, the C tile) and sends 32 KB of fp32 reductions to L2;
+  whether that beats two passes over S is for a GPU run to say (time fwd + bwd with
+  deterministic=False and True; the two-kernel path is the fallback if the atomics lose).
+  Compile gate (sm_90 bf16 d = 128, tiles 64/64/32/128, 8 warps): MUFU.EX2 per column tile in
+  the backward 16 (one kernel) vs 16 + 16 (rows + columns kernels).
 """
 from __future__ import annotations
 
