@@ -128,11 +128,14 @@ if triton is not None:
     @triton.jit
     def _infonce_bwd_kernel(Q, C, LSE, DQ, DC, NQ, NC, D, scale,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_DO: tl.constexpr, IEEE: tl.constexpr, EXCL_DIAG: tl.constexpr):
+                            BLOCK_DO: tl.constexpr, IEEE: tl.constexpr, EXCL_DIAG: tl.constexpr,
+                            ONE_CHUNK: tl.constexpr):
         # One pass over S: per column tile, p = exp(s - LSE) once (BLOCK_R x BLOCK_C exps), then
         #   DQ[rows] += p @ C[cols]        (this program's rows: plain store at the end)
         #   DC[cols] += p^T @ Q[rows]      (other programs own the same columns: fp32 atomics)
         # DC must be zeroed by the caller. The atomics' summation order varies between runs.
+        # ONE_CHUNK (D <= BLOCK_DO, half dtypes): S comes from the resident row tile and the column
+        # tile that also feeds p @ C, so each column tile is read once per row tile.
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         rmask = rows < NQ
         do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -144,13 +147,22 @@ if triton is not None:
         for c0 in range(0, NC, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             cmask = cols < NC
-            s = sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            ocmask = cmask[:, None] & domask[None, :]
+            if ONE_CHUNK:
+                ct = tl.load(C + cols[:, None] * D + do[None, :], mask=ocmask, other=0.0)
+                s = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+                # a one-trip loop (D <= BLOCK_DO): as a plain dot, Triton recomputed S and its
+                # exps in p^T's layout (sm_90: 32 MUFU.EX2 and 4 dots per tile instead of 16 and 3)
+                for _ in range(0, D, BLOCK_DO):
+                    s = dot(qo, tl.trans(ct), s, IEEE)
+                s = s * scale
+            else:
+                s = sim_tile(Q, rows, rmask, C, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+                ct = tl.load(C + cols[:, None] * D + do[None, :], mask=ocmask, other=0.0)
             valid = rmask[:, None] & cmask[None, :]
             if EXCL_DIAG:
                 valid = valid & (cols[None, :] != rows[:, None])
             pr = tl.exp(tl.where(valid, s - lse[:, None], float("-inf"))).to(qo.dtype)
-            ocmask = cmask[:, None] & domask[None, :]
-            ct = tl.load(C + cols[:, None] * D + do[None, :], mask=ocmask, other=0.0)
             acc = dot(pr, ct, acc, IEEE)
             dct = dot(tl.trans(pr), qo, tl.zeros((BLOCK_C, BLOCK_DO), tl.float32), IEEE)
             tl.atomic_add(DC + cols[:, None] * D + do[None, :], dct, mask=ocmask, sem="relaxed")
@@ -230,8 +242,10 @@ class _InfoNCEFunction(torch.autograd.Function):
                                              EXCL_DIAG=ctx.paired, **bl)
         else:                   # one pass over S, dc by fp32 atomics (the accumulation target)
             dc = torch.zeros(NC, D, dtype=torch.float32, device=q.device)
+            # fp32 on GPU (FMA dots): the shared 32-wide tiles spilled on sm_80 (d = 100, 255 regs)
+            bw = dict(bl, BLOCK_C=16, num_stages=2) if ctx.ieee else bl
             _infonce_bwd_kernel[grid_r](q, C, lse, dq, dc, NQ, NC, D, ctx.scale, IEEE=ctx.ieee,
-                                        EXCL_DIAG=ctx.paired, **bl)
+                                        EXCL_DIAG=ctx.paired, ONE_CHUNK=D <= bl["BLOCK_DO"] and not ctx.ieee, **bw)
         qf, kf = q.float(), k.float()
         pm1 = torch.expm1(diag - lse)[:, None]          # p_ii - 1 (paired) / p_i0 - 1, no cancellation
         # gradients w.r.t. the normalised rows (fp32) ...
