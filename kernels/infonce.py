@@ -153,7 +153,7 @@ if triton is not None:
                 s = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
                 # a one-trip loop (D <= BLOCK_DO): as a plain dot, Triton recomputed S and its
                 # exps in p^T's layout (sm_90: 32 MUFU.EX2 and 4 dots per tile instead of 16 and 3)
-                for _ in range(0, D, BLOCK_DO):
+                for _ in tl.range(0, D, BLOCK_DO, num_stages=1):   # nothing to pipeline in it
                     s = dot(qo, tl.trans(ct), s, IEEE)
                 s = s * scale
             else:
