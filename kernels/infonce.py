@@ -18,12 +18,13 @@ extra first column, target 0).
   The target terms, O(B d), are added in PyTorch in fp32: paired (the kernels skip c = i):
   (g/BT)(p_ii - 1) k_i into dq_i and (g/BT)(p_jj - 1) q_j into dk_j; unpaired: (g/BT)(p_i0 - 1) k_i
   into dq_i and (g/BT)(p_i0 - 1) q_i into dk_i, with p_i0 = exp(d_i - LSE_i), p - 1 by expm1.
-  Two kernels, no B x B buffer either way:
+  Two backward paths, no B x B buffer in either:
   - default, ``_infonce_bwd_kernel``: row programs (x output-feature chunks of BLOCK_DO); per
     column tile one similarity tile and one exp per element, then p @ C into the program's own dq
     rows (plain store) and p^T @ Q[rows] into dc by fp32 atomics (``tl.atomic_add``, relaxed; on
     sm_90 REDG.E.ADD.F32x4). The atomics' summation order changes from run to run: dc (dk or
-    dn) differs between runs at fp32 rounding level. DC is zeroed first (one memset).
+    dn) differs between runs at fp32 rounding level. DC is zeroed first (one memset). fp32 on a
+    GPU runs it with 32 x 16 tiles and 2 stages (the shared 32 x 32 tiles spilled on sm_80).
   - ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``):
     ``_infonce_bwd_rows_kernel`` (dq) and ``_infonce_bwd_cols_kernel`` (dc, column programs),
     each recomputing the similarity tiles and their exps; bitwise reproducible.
@@ -31,8 +32,10 @@ extra first column, target 0).
       one-kernel:  8 B N d FLOPs (fwd 2, bwd 6), 2 B N exps; plus N d (B / BLOCK_R) fp32 atomics
       two-kernel: 10 B N d FLOPs (fwd 2, bwd 4 + 4), 3 B N exps; no atomics
   (d > BLOCK_DO: each backward program recomputes S for its feature chunk, cdiv(d, BLOCK_DO)x.)
-  The atomics are the price: per 64 x 64 tile at d = 128 the one-kernel path reads ~48 KB of
-  bf16 operands (sim_tile's Q and C chunks, the C tile) and sends 32 KB of fp32 reductions to L2;
+  For d <= BLOCK_DO and half dtypes (ONE_CHUNK) the row tile stays resident and one column tile
+  feeds both S and p @ C. The atomics are the price: per 64 x 64 tile at d = 128 the one-kernel
+  path reads 16 KB of bf16 operands (the C tile; 48 KB without ONE_CHUNK) and sends 32 KB of
+  fp32 reductions to L2 (BLOCK_R = 64: each dc element gets B / 64 atomic adds);
   whether that beats two passes over S is for a GPU run to say (time fwd + bwd with
   deterministic=False and True; the two-kernel path is the fallback if the atomics lose).
   Compile gate (sm_90 bf16 d = 128, tiles 64/64/32/128, 8 warps): MUFU.EX2 per column tile in
@@ -274,7 +277,7 @@ def infonce_loss(query, key, *, temperature=0.1, negatives=None, backend="auto",
 
     deterministic (Triton backward only): True runs the two-kernel backward, bitwise reproducible;
     False the one-kernel backward, whose key/negative gradient is summed by fp32 atomics in a
-    run-dependent order (differences at fp32 rounding, ~1e-7 relative; fine for a sampler).
+    run-dependent order (runs differ at fp32 rounding level; fine for a sampler).
     None (default) follows ``torch.are_deterministic_algorithms_enabled()``. The forward and
     the reference backend are deterministic either way.
     """
