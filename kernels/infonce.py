@@ -23,8 +23,8 @@ extra first column, target 0).
     column tile one similarity tile and one exp per element, then p @ C into the program's own dq
     rows (plain store) and p^T @ Q[rows] into dc by fp32 atomics (``tl.atomic_add``, relaxed; on
     sm_90 REDG.E.ADD.F32x4). The atomics' summation order changes from run to run: dc (dk or
-    dn) differs between runs at fp32 rounding level. DC is zeroed first (one memset). fp32 on a
-    GPU runs it with 32 x 16 tiles and 2 stages (the shared 32 x 32 tiles spilled on sm_80).
+    dn) differs between runs at fp32 rounding level. DC is zeroed first (one memset). Its column
+    tiles are narrower than the shared ones (``_fused_bwd_tiles``: 64 x 32 half, 32 x 16 fp32).
   - ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``):
     ``_infonce_bwd_rows_kernel`` (dq) and ``_infonce_bwd_cols_kernel`` (dc, column programs),
     each recomputing the similarity tiles and their exps; bitwise reproducible.
@@ -33,13 +33,13 @@ extra first column, target 0).
       two-kernel: 10 B N d FLOPs (fwd 2, bwd 4 + 4), 3 B N exps; no atomics
   (d > BLOCK_DO: each backward program recomputes S for its feature chunk, cdiv(d, BLOCK_DO)x.)
   For d <= BLOCK_DO and half dtypes (ONE_CHUNK) the row tile stays resident and one column tile
-  feeds both S and p @ C. The atomics are the price: per 64 x 64 tile at d = 128 the one-kernel
-  path reads 16 KB of bf16 operands (the C tile; 48 KB without ONE_CHUNK) and sends 32 KB of
+  feeds both S and p @ C. The atomics are the price: per 64 x 32 tile at d = 128 the one-kernel
+  path reads 8 KB of bf16 operands (the C tile; 24 KB without ONE_CHUNK) and sends 16 KB of
   fp32 reductions to L2 (BLOCK_R = 64: each dc element gets B / 64 atomic adds);
   whether that beats two passes over S is for a GPU run to say (time fwd + bwd with
   deterministic=False and True; the two-kernel path is the fallback if the atomics lose).
-  Compile gate (sm_90 bf16 d = 128, tiles 64/64/32/128, 8 warps): MUFU.EX2 per column tile in
-  the backward 16 (one kernel) vs 16 + 16 (rows + columns kernels).
+  Compile gate, sm_90 bf16 d = 128: MUFU.EX2 per thread per S tile in the backward 8 per 64 x 32
+  tile (one per element) vs 16 + 16 per 64 x 64 tile in the rows + columns kernels (two).
 """
 from __future__ import annotations
 
@@ -190,6 +190,16 @@ def _normalize_backward(g: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) ->
     return torch.where(norm > _NORM_EPS, free, g) / norm
 
 
+def _fused_bwd_tiles(bl: dict, ieee: bool) -> dict:
+    """Tiles of _infonce_bwd_kernel: the shared ones with narrower column tiles. It holds three
+    accumulators (S, dq, the dc tile); with the shared 64-wide (half) / 32-wide (fp32 FMA dots)
+    column tiles ptxas spilled on sm_80 at d = 100 (255 registers), so the AOT gate (kernels/_aot.py)
+    proved these instead: 32 (half; 202-254 regs on sm_80) and 16 with unpipelined loads (fp32)."""
+    if ieee:
+        return dict(bl, BLOCK_C=min(bl["BLOCK_C"], 16), num_stages=1)
+    return dict(bl, BLOCK_C=min(bl["BLOCK_C"], 32))
+
+
 class _InfoNCEFunction(torch.autograd.Function):
     """Raw (unnormalised) q, k and negatives in. The L2-normalisation and the whole backward run
     in fp32 here; only the kernels' operands are in the input dtype (tensor cores). Normalising
@@ -245,10 +255,9 @@ class _InfoNCEFunction(torch.autograd.Function):
                                              EXCL_DIAG=ctx.paired, **bl)
         else:                   # one pass over S, dc by fp32 atomics (the accumulation target)
             dc = torch.zeros(NC, D, dtype=torch.float32, device=q.device)
-            # fp32 on GPU (FMA dots): the shared 32-wide tiles spilled on sm_80 (d = 100, 255 regs)
-            bw = dict(bl, BLOCK_C=16, num_stages=2) if ctx.ieee else bl
-            _infonce_bwd_kernel[grid_r](q, C, lse, dq, dc, NQ, NC, D, ctx.scale, IEEE=ctx.ieee,
-                                        EXCL_DIAG=ctx.paired, ONE_CHUNK=D <= bl["BLOCK_DO"] and not ctx.ieee, **bw)
+            bw = _fused_bwd_tiles(bl, ctx.ieee)
+            _infonce_bwd_kernel[grid_r](q, C, lse, dq, dc, NQ, NC, D, ctx.scale, IEEE=ctx.ieee, EXCL_DIAG=ctx.paired,
+                                        ONE_CHUNK=D <= bw["BLOCK_DO"] and not ctx.ieee, **bw)
         qf, kf = q.float(), k.float()
         pm1 = torch.expm1(diag - lse)[:, None]          # p_ii - 1 (paired) / p_i0 - 1, no cancellation
         # gradients w.r.t. the normalised rows (fp32) ...
