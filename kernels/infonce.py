@@ -24,15 +24,16 @@ extra first column, target 0).
     rows (plain store) and p^T @ Q[rows] into dc by fp32 atomics (``tl.atomic_add``, relaxed; on
     sm_90 REDG.E.ADD.F32x4). The atomics' summation order changes from run to run: dc (dk or
     dn) differs between runs at fp32 rounding level. DC is zeroed first (one memset). Its column
-    tiles are narrower than the shared ones (``_fused_bwd_tiles``: 64 x 32 half, 32 x 16 fp32).
-  - ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``):
+    tiles are narrower than the shared ones (``_fused_bwd_tiles``: 64 x 32). Half dtypes (and
+    the interpreter) only: fp32 on a GPU takes the two-kernel path (``_one_kernel_backward``).
+  - ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``), and fp32 on GPU:
     ``_infonce_bwd_rows_kernel`` (dq) and ``_infonce_bwd_cols_kernel`` (dc, column programs),
     each recomputing the similarity tiles and their exps; bitwise reproducible.
   Cost, forward + backward, B query rows x N columns (N = B paired), d <= BLOCK_DO:
       one-kernel:  8 B N d FLOPs (fwd 2, bwd 6), 2 B N exps; plus N d (B / BLOCK_R) fp32 atomics
       two-kernel: 10 B N d FLOPs (fwd 2, bwd 4 + 4), 3 B N exps; no atomics
   (d > BLOCK_DO: each backward program recomputes S for its feature chunk, cdiv(d, BLOCK_DO)x.)
-  For d <= BLOCK_DO and half dtypes (ONE_CHUNK) the row tile stays resident and one column tile
+  For d <= BLOCK_DO (ONE_CHUNK) the row tile stays resident and one column tile
   feeds both S and p @ C. The atomics are the price: per 64 x 32 tile at d = 128 the one-kernel
   path reads 8 KB of bf16 operands (the C tile; 24 KB without ONE_CHUNK) and sends 16 KB of
   fp32 reductions to L2 (BLOCK_R = 64: each dc element gets B / 64 atomic adds);
@@ -137,7 +138,7 @@ if triton is not None:
         #   DQ[rows] += p @ C[cols]        (this program's rows: plain store at the end)
         #   DC[cols] += p^T @ Q[rows]      (other programs own the same columns: fp32 atomics)
         # DC must be zeroed by the caller. The atomics' summation order varies between runs.
-        # ONE_CHUNK (D <= BLOCK_DO, half dtypes): S comes from the resident row tile and the column
+        # ONE_CHUNK (D <= BLOCK_DO): S comes from the resident row tile and the column
         # tile that also feeds p @ C, so each column tile is read once per row tile.
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         rmask = rows < NQ
@@ -190,14 +191,20 @@ def _normalize_backward(g: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) ->
     return torch.where(norm > _NORM_EPS, free, g) / norm
 
 
-def _fused_bwd_tiles(bl: dict, ieee: bool) -> dict:
-    """Tiles of _infonce_bwd_kernel: the shared ones with narrower column tiles. It holds three
-    accumulators (S, dq, the dc tile); with the shared 64-wide (half) / 32-wide (fp32 FMA dots)
-    column tiles ptxas spilled on sm_80 at d = 100 (255 registers), so the AOT gate (kernels/_aot.py)
-    proved these instead: 32 (half; 202-254 regs on sm_80) and 16 with unpipelined loads (fp32)."""
-    if ieee:
-        return dict(bl, BLOCK_C=min(bl["BLOCK_C"], 16), num_stages=1)
+def _fused_bwd_tiles(bl: dict) -> dict:
+    """Tiles of _infonce_bwd_kernel (half dtypes): the shared ones with 32-wide column tiles. It
+    holds three accumulators (S, dq, the dc tile); with 64-wide column tiles ptxas spilled on
+    sm_80 at d = 100 (255 registers). The AOT gate (kernels/_aot.py) passes these on sm_90 and
+    sm_80 at d = 64 / 100 / 128 / 640 / 3072 and odd sizes (at most 254 registers, sm_80 d = 100)."""
     return dict(bl, BLOCK_C=min(bl["BLOCK_C"], 32))
+
+
+def _one_kernel_backward(deterministic: bool, ieee: bool) -> bool:
+    """The one-kernel (atomic) backward unless determinism is asked for or the dots are fp32 on a
+    GPU (IEEE, FMA units): there ptxas spilled a few bytes of the fused kernel at some sizes with
+    every tile tried (sm_90 d = 64 at 64 registers, sm_80 d = 128 at 128), so fp32 keeps the two
+    proven kernels; fp32 FMA dots are compute-bound, where the fused kernel saves 1/5 of the FLOPs."""
+    return not (deterministic or ieee)
 
 
 class _InfoNCEFunction(torch.autograd.Function):
@@ -246,7 +253,7 @@ class _InfoNCEFunction(torch.autograd.Function):
         grid_r = (triton.cdiv(NQ, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
         # paired: the kernels skip the diagonal, whose p_ii ~ 1 term would cancel against -k_i
         # (fp16 rounding of a near-1 probability times k, minus k): it is added below in fp32
-        if ctx.deterministic:   # two passes over S, fixed summation order
+        if not _one_kernel_backward(ctx.deterministic, ctx.ieee):   # two passes over S, fixed order
             dc = torch.empty(NC, D, dtype=torch.float32, device=q.device)
             grid_c = (triton.cdiv(NC, bl["BLOCK_R"]), triton.cdiv(D, bl["BLOCK_DO"]))
             _infonce_bwd_rows_kernel[grid_r](q, C, lse, dq, NQ, NC, D, ctx.scale, 1.0, IEEE=ctx.ieee,
@@ -255,9 +262,9 @@ class _InfoNCEFunction(torch.autograd.Function):
                                              EXCL_DIAG=ctx.paired, **bl)
         else:                   # one pass over S, dc by fp32 atomics (the accumulation target)
             dc = torch.zeros(NC, D, dtype=torch.float32, device=q.device)
-            bw = _fused_bwd_tiles(bl, ctx.ieee)
+            bw = _fused_bwd_tiles(bl)
             _infonce_bwd_kernel[grid_r](q, C, lse, dq, dc, NQ, NC, D, ctx.scale, IEEE=ctx.ieee, EXCL_DIAG=ctx.paired,
-                                        ONE_CHUNK=D <= bw["BLOCK_DO"] and not ctx.ieee, **bw)
+                                        ONE_CHUNK=D <= bw["BLOCK_DO"], **bw)
         qf, kf = q.float(), k.float()
         pm1 = torch.expm1(diag - lse)[:, None]          # p_ii - 1 (paired) / p_i0 - 1, no cancellation
         # gradients w.r.t. the normalised rows (fp32) ...
@@ -286,7 +293,8 @@ def infonce_loss(query, key, *, temperature=0.1, negatives=None, backend="auto",
 
     deterministic (Triton backward only): True runs the two-kernel backward, bitwise reproducible;
     False the one-kernel backward, whose key/negative gradient is summed by fp32 atomics in a
-    run-dependent order (runs differ at fp32 rounding level; fine for a sampler).
+    run-dependent order (runs differ at fp32 rounding level; fine for a sampler); fp32 inputs on
+    a GPU take the two-kernel backward either way.
     None (default) follows ``torch.are_deterministic_algorithms_enabled()``. The forward and
     the reference backend are deterministic either way.
     """

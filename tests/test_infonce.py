@@ -133,7 +133,15 @@ def _launched(monkeypatch) -> list:
     return calls
 
 
-@triton_ok
+def test_one_kernel_backward_rule():
+    from cdp_fast.kernels.infonce import _one_kernel_backward
+
+    assert _one_kernel_backward(deterministic=False, ieee=False)      # half dtypes, the interpreter
+    assert not _one_kernel_backward(deterministic=True, ieee=False)
+    assert not _one_kernel_backward(deterministic=False, ieee=True)   # fp32 dots on a GPU
+
+
+@pytest.mark.skipif(not (interpreting() and triton_available()), reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("M", [None, 9])
 def test_backward_kernel_choice(M, monkeypatch):
     """One backward kernel by default; the two-kernel backward when asked for determinism,
