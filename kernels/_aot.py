@@ -84,6 +84,7 @@ class Plan:
     guided_noise: tuple[str, ...] = ("none", "given", "drawn")
     guided_clip: tuple = (None, 1.0)
     infonce: bool = True
+    infonce_modes: tuple = (None,)               # infonce_loss(deterministic=...): None = default path
     ddim: str = "cover"                          # "none" | "one" | "philox" | "cover" | "full"
     odd_sizes: bool = False                      # batch / group / bank sizes not multiples of 16
 
@@ -111,7 +112,8 @@ EVIDENCE = (
          guided_noise=("drawn",), guided_clip=(1.0,), ddim="philox"),
 )
 FULL = (
-    Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128, 640, 3072), ddim="full"),
+    Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128, 640, 3072), ddim="full",
+         infonce_modes=(None, True)),   # True: the two-kernel deterministic backward, half dtypes too
     Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128), ddim="none",
          odd_sizes=True),
 )
@@ -187,12 +189,13 @@ def _cases(plan: Plan):
                                            clip_x0=clip, backend="triton", **kw)
                 yield f"hnm_guided_ddim_update {dn} d={d} {sname} {est} {v} noise={noise} clip={clip}", f
         if plan.infonce:
-            for negs in (None, M):
-                def f(negs=negs, B=B, d=d, dt=dt):
+            for negs, det in itertools.product((None, M), plan.infonce_modes):
+                def f(negs=negs, det=det, B=B, d=d, dt=dt):
                     q, k = rnd(B, d, dt=dt, grad=True), rnd(B, d, dt=dt, grad=True)
                     n = None if negs is None else rnd(negs, d, dt=dt, grad=True)
-                    infonce_loss(q, k, negatives=n, backend="triton").backward()
-                yield f"infonce_loss {dn} d={d} {sname} negatives={negs}", f
+                    infonce_loss(q, k, negatives=n, backend="triton", deterministic=det).backward()
+                mode = "" if det is None else f" deterministic={det}"
+                yield f"infonce_loss {dn} d={d} {sname} negatives={negs}{mode}", f
     if plan.ddim != "none":
         yield from _ddim_cases(plan, rnd)
 

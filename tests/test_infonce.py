@@ -72,12 +72,16 @@ TRITON_CASES = [
     ("negatives", 37, 24, 21, 0.1),
     ("tiny-d", 19, 3, None, 0.05),
     ("one-negative", 18, 40, 1, 1.0),
+    ("odd-more-negatives", 13, 35, 50, 0.2),   # M > B: more column tiles than row tiles
+    ("one-feature-chunk-negatives", 17, 16, 11, 0.1),   # d = the interpreter's BLOCK_DO
 ]
+BWD_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["one-kernel", "two-kernel"])
 
 
 @triton_ok
+@BWD_PATHS
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
-def test_triton_matches_reference(case, assert_close):
+def test_triton_matches_reference(case, deterministic, assert_close):
     name, B, d, M, T = case
     q, k, n = make(B, d, M)
     results = {}
@@ -85,8 +89,9 @@ def test_triton_matches_reference(case, assert_close):
         leaves = [q.clone().requires_grad_(True), k.clone().requires_grad_(True)]
         if n is not None:
             leaves.append(n.clone().requires_grad_(True))
+        kw = dict(deterministic=deterministic) if backend == "triton" else {}
         loss = infonce_loss(leaves[0], leaves[1], temperature=T,
-                            negatives=leaves[2] if n is not None else None, backend=backend)
+                            negatives=leaves[2] if n is not None else None, backend=backend, **kw)
         (2.5 * loss).backward()  # grad_output != 1
         results[backend] = (loss.detach(), [x.grad for x in leaves])
     (lr, gr), (lt, gt) = results["reference"], results["triton"]
@@ -99,15 +104,104 @@ def test_triton_matches_reference(case, assert_close):
 
 @triton_ok
 def test_triton_deterministic():
+    """deterministic=True: bitwise reproducible (the one-kernel path's atomics are not, on a GPU)."""
     q, k, n = make(20, 24, 17)
     outs = []
     for _ in range(2):
         leaves = [q.clone().requires_grad_(True), k.clone().requires_grad_(True), n.clone().requires_grad_(True)]
-        loss = infonce_loss(*leaves[:2], negatives=leaves[2], backend="triton")
+        loss = infonce_loss(*leaves[:2], negatives=leaves[2], backend="triton", deterministic=True)
         loss.backward()
         outs.append([loss.detach()] + [x.grad for x in leaves])
     for x, y in zip(*outs):
         assert torch.equal(x, y)
+
+
+def _launched(monkeypatch) -> list:
+    """Names of the InfoNCE kernels launched from now on, in order."""
+    from cdp_fast.kernels import infonce as mod
+
+    calls = []
+    for name in ("_infonce_fwd_kernel", "_infonce_bwd_kernel", "_infonce_bwd_rows_kernel",
+                 "_infonce_bwd_cols_kernel"):
+        kern = getattr(mod, name)
+
+        def run(*args, _name=name, _run=kern.run, **kwargs):
+            calls.append(_name)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kern, "run", run)
+    return calls
+
+
+def test_one_kernel_backward_rule():
+    from cdp_fast.kernels.infonce import _one_kernel_backward
+
+    assert _one_kernel_backward(deterministic=False, ieee=False)      # half dtypes, the interpreter
+    assert not _one_kernel_backward(deterministic=True, ieee=False)
+    assert not _one_kernel_backward(deterministic=False, ieee=True)   # fp32 dots on a GPU
+
+
+@pytest.mark.skipif(not (interpreting() and triton_available()), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("M", [None, 9])
+def test_backward_kernel_choice(M, monkeypatch):
+    """One backward kernel by default; the two-kernel backward when asked for determinism,
+    by argument or by torch.use_deterministic_algorithms; both give the same gradients."""
+    q, k, n = make(21, 20, M)
+    calls = _launched(monkeypatch)
+    grads = {}
+    for mode in ("default", "argument", "torch-flag", "argument-false-under-flag"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, n) if t is not None]
+        kw = {"argument": dict(deterministic=True), "argument-false-under-flag": dict(deterministic=False)}.get(mode, {})
+        old = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(mode in ("torch-flag", "argument-false-under-flag"))
+        try:
+            calls.clear()
+            loss = infonce_loss(leaves[0], leaves[1], negatives=leaves[2] if M else None, backend="triton", **kw)
+            grads[mode] = torch.autograd.grad(3.0 * loss, leaves)
+        finally:
+            torch.use_deterministic_algorithms(old)
+        want = (["_infonce_bwd_kernel"] if mode in ("default", "argument-false-under-flag")
+                else ["_infonce_bwd_rows_kernel", "_infonce_bwd_cols_kernel"])
+        assert calls == ["_infonce_fwd_kernel"] + want, (mode, calls)
+    for mode in ("argument", "torch-flag", "argument-false-under-flag"):
+        for a, b in zip(grads[mode], grads["default"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@triton_ok
+def test_deterministic_argument_checked():
+    q, k, _ = make(4, 3)
+    with pytest.raises(TypeError, match="deterministic"):
+        infonce_loss(q, k, backend="triton", deterministic="yes")
+
+
+@pytest.mark.skipif(not (interpreting() and triton_available()), reason="needs TRITON_INTERPRET=1")
+@BWD_PATHS
+@pytest.mark.parametrize("B,d,M", [(45, 100, None), (45, 100, 37), (23, 200, 70)])
+def test_gpu_tiles_both_backward_paths(B, d, M, deterministic):
+    """The GPU tiles (32-wide fp32 tiles, BLOCK_DO = 128) in the interpreter at sizes that are no
+    tile multiples: partial row / column / feature tiles, two output-feature chunks at d = 200
+    (each chunk's programs add their own slice of dc), grad_output != 1; fp64 reference."""
+    from cdp_fast.kernels._tiles import gpu_tiles_in_interpreter, tile_config
+
+    g = torch.Generator().manual_seed(B + d)
+    q = torch.randn(B, d, generator=g)
+    k = q + 0.5 * torch.randn(B, d, generator=g)
+    n = None if M is None else torch.randn(M, d, generator=g)
+    lt = [t.clone().requires_grad_(True) for t in (q, k, n) if t is not None]
+    lr = [t.double().requires_grad_(True) for t in lt]
+    with gpu_tiles_in_interpreter():
+        assert tile_config(d, torch.float32)["BLOCK_C"] > 16     # the GPU tiles are in force
+        yt = infonce_loss(lt[0], lt[1], negatives=lt[2] if M else None, temperature=0.2,
+                          backend="triton", deterministic=deterministic)
+        gt = torch.autograd.grad(-1.5 * yt, lt)
+    yr = infonce_loss(lr[0], lr[1], negatives=lr[2] if M else None, temperature=0.2, backend="reference")
+    gr = torch.autograd.grad(-1.5 * yr, lr)
+    assert _max_rel(yt, yr) < 1e-5
+    for name, a, e in zip("qkn", gt, gr, strict=False):
+        assert float(e.abs().max()) > 0
+        # fp32 kernels vs fp64: the chain through the normalisation cancels (q ~ k)
+        assert _max_rel(a, e) < 3e-4, (name, _max_rel(a, e))
 
 
 def test_scale_invariant_and_value():
@@ -153,13 +247,15 @@ def test_triton_backend_rejects_fp64():
 @needs_cuda
 @pytest.mark.parametrize("dtype,ftol,gtol", [(torch.bfloat16, 2e-3, 3e-2), (torch.float16, 1e-3, 5e-3)])
 @pytest.mark.parametrize("M", [None, 333])
-def test_half_precision_vs_fp32_reference_gpu(dtype, ftol, gtol, M, assert_close):
+@BWD_PATHS
+def test_half_precision_vs_fp32_reference_gpu(dtype, ftol, gtol, M, deterministic, assert_close):
     q, k, n = make(1000, 128, M)
     q, k = q.cuda().to(dtype), k.cuda().to(dtype)
     n = None if n is None else n.cuda().to(dtype)
     l16_in = [q.clone().requires_grad_(True), k.clone().requires_grad_(True)] + ([n.clone().requires_grad_(True)] if n is not None else [])
     l32_in = [x.detach().float().requires_grad_(True) for x in l16_in]
-    l16 = infonce_loss(*l16_in[:2], negatives=l16_in[2] if n is not None else None, backend="triton")
+    l16 = infonce_loss(*l16_in[:2], negatives=l16_in[2] if n is not None else None, backend="triton",
+                       deterministic=deterministic)
     l32 = infonce_loss(*l32_in[:2], negatives=l32_in[2] if n is not None else None, backend="reference")
     assert_close(l16, l32, rtol=ftol, scale="elem", name=f"{dtype} loss")
     for x, y in zip(torch.autograd.grad(l16, l16_in), torch.autograd.grad(l32, l32_in)):
