@@ -323,7 +323,7 @@ class _Run:
         if self.graphs and needs_noise and not s.fused_kernels:
             self.graphs = False  # a custom torch.Generator cannot be captured portably
         if dtype == torch.float64:
-            self.graphs = False  # fp64 runs the reference kernels, which read their RNG state on the host
+            self.graphs = False  # fp64 runs the pure-PyTorch references, not written to be graph-safe
 
         self.grun: Optional[GuidanceRun] = None
         if s.guidance is not None and any(k != "plain" for k in self.kinds):
