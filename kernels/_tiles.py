@@ -23,9 +23,11 @@ if triton is not None:
         # IEEE: True / "ieee": exact fp32 products on FMA units (tf32 would cost ~1e-3 relative
         # error); "tf32x3": three tf32 tensor-core products (fp32_dot_precision); False / "":
         # tl.dot's default (half inputs, and fp32 under the interpreter)
-        if IEEE == "tf32x3":
+        if IEEE == "tf32x3":   # (a str constexpr cannot be an `if` condition itself: compare)
             acc = tl.dot(a, b, acc, input_precision="tf32x3")
-        elif IEEE:
+        elif IEEE == "ieee":
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif IEEE == True:  # noqa: E712 - the bool form (infonce.py)
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
