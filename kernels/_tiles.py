@@ -89,14 +89,16 @@ def fp32_dot_precision() -> str:
 HNM_RESIDENT_MAX_D = 256
 
 
-def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
+def hnm_tile_config(D: int, dtype: torch.dtype, labels: bool = False) -> dict:
     """Tiles, warps, stages and the loop structure of the HNM kernels (kernels/hnm.py).
 
     RESIDENT (D <= 256 on GPU, D <= 32 under the interpreter): BLOCK_K = BLOCK_DO >= D, the row
     tile is loaded once, the column loop is the pipelined one and each column tile feeds both the
     similarity dot and the gradient dot. Otherwise (pixel space) features stream in BLOCK_K
     chunks and the backward runs one program per BLOCK_DO output chunk. GPU sizes: no spill and
-    tensor cores for half dtypes on sm_90 / sm_80, proven by the AOT gate (kernels/_aot.py)."""
+    tensor cores for half dtypes on sm_90 / sm_80, proven by the AOT gate (kernels/_aot.py).
+    ``labels``: class-conditional negatives; their int64 label compares spilled the 128 x 64
+    forward tile (28 B), so those get 128 x 32."""
     p2 = max(16, triton.next_power_of_2(D))
     if interpreting() and not _GPU_TILES_IN_INTERPRETER:
         # both structures stay covered by the CPU tests: resident at D <= 32, chunked above
@@ -109,7 +111,7 @@ def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
     br = 128 if p2 <= 128 else 64
-    return dict(BLOCK_R=br, BLOCK_C=64, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
+    return dict(BLOCK_R=br, BLOCK_C=32 if labels and br == 128 else 64, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
 
 
 def tile_config(D: int, dtype: torch.dtype) -> dict:

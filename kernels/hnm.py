@@ -3,7 +3,7 @@
 
 Public: :func:`hnm_loss`, :func:`hnm_guided_ddim_update`. The pure-PyTorch oracle is ``hnm_ref.py``.
 
-Layout of the Triton path (flash-attention style, nothing of size 2B x 2B is ever stored):
+Layout of the Triton path (flash-attention-2 style, nothing of size 2B x 2B is ever stored):
 
 * ``_hnm_fwd_kernel``: one program per block of rows of Z = [A; P] (rows of one group). It streams
   the group's column tiles and then the bank's, recomputing s = z_r . z_c / T in fp32, and keeps a
@@ -11,18 +11,29 @@ Layout of the Triton path (flash-attention style, nothing of size 2B x 2B is eve
   l0_r = sum exp(b (s' - m)) (one sum for "easy") plus the negative count N_r. Masks (self,
   partner, other group, same label, bank label) are built per tile from indices and label ids.
 * Per-row epilogue in PyTorch (O(rows) elementwise): loss rows and three gradient coefficients.
-* ``_hnm_bwd_kernel``: one program per (row block, feature chunk); recomputes the tiles and
-  accumulates dZ_r = (1/T) sum_c (G_rc + G_cr) z_c. G_cr only needs row c's saved statistics,
-  so each program owns its output rows: no atomics, deterministic. With FUSED_DDIM it handles the
-  anchor rows only and writes x_next = DDIM(x, eps + scale * dZ_r) instead of dZ.
+* ``_hnm_bwd_kernel``: recomputes the tiles and accumulates dZ_r = (1/T) sum_c (G_rc + G_cr) z_c.
+  G_cr only needs row c's saved statistics, so each program owns its output rows: no atomics,
+  deterministic. With FUSED_DDIM it handles the anchor rows only and writes
+  x_next = DDIM(x, eps + scale * dZ_r) instead of dZ.
 * ``_hnm_bank_bwd_kernel``: one program per block of bank rows, looping over all 2B rows of Z.
 
-Feature chunks: the output of a backward program is a [rows, BLOCK_DO] tile, so for d > BLOCK_DO
-(pixel-space guidance, d = 3072 on CIFAR) the similarity tiles are recomputed once per chunk;
-for embedding heads (d <= 128) there is one chunk.
+Loop structure (``hnm_tile_config`` in _tiles.py picks it, the AOT gate proves the tiles):
 
-Everything accumulates in fp32 (tl.dot with an fp32 accumulator; "ieee" precision for fp32 inputs
-on GPU so fp32 results match the reference to ~1e-5).
+* RESIDENT (d <= 256: embedding heads): BLOCK_K = BLOCK_DO >= d. Each program loads its row tile
+  once; the column loop is the only loop, so it is the one Triton software-pipelines (num_stages),
+  and in the backward one loaded column tile feeds both the similarity dot and the gradient dot.
+  bf16/fp16 on GPU: 128-row tiles (one warpgroup per 64 rows), 64 columns (32 with labels).
+* Chunked (d > 256: pixel-space guidance, d = 3072 on CIFAR): the similarity accumulates over
+  BLOCK_K feature chunks and a backward program owns a [rows, BLOCK_DO] output chunk, so the
+  similarity tiles are recomputed once per output chunk.
+
+b = 1 (the authors' default, estimator "hard") is a constexpr path (BETA_ONE): one exp per
+element in the forward (l0 += e, l1 += e^2 with e = exp(s' - m)) and one per (row, column)
+statistics pair in the backward (w1 = w0^2 exp(2 LSE0 - LSE1)); derivations beside the kernels.
+
+Everything accumulates in fp32 (tl.dot with an fp32 accumulator). fp32 inputs on GPU use "ieee"
+dots (matching the reference to ~1e-6) unless CDP_FAST_FP32_DOT=tf32x3 (tensor cores; becomes the
+default only once a GPU run shows the same parity, see _tiles.fp32_dot_precision).
 """
 from __future__ import annotations
 
@@ -74,18 +85,17 @@ if triton is not None:
         return s, zc
 
     @triton.jit
-    def _bank_tile(zr, Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale, BANK_COND: tl.constexpr,
+    def _bank_tile(zr, Z, rows, rmask, lab_r, BANK, BLAB, c0, M, D, scale, BANK_COND: tl.constexpr,
                    RESIDENT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
         # one tile of bank columns: similarities, which of them are negatives of each row, and
-        # (RESIDENT) the bank tile itself
+        # (RESIDENT) the bank tile itself. lab_r: the rows' labels (loaded once, BANK_COND)
         cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         cmask = cols < M
         s, bc = _col_tile(zr, Z, rows, rmask, BANK, cols, cmask, D, scale, RESIDENT,
                           BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
         valid = rmask[:, None] & cmask[None, :]
         if BANK_COND:
-            lab_r = tl.load(LAB + rows, mask=rmask, other=0)
             blab = tl.load(BLAB + cols, mask=cmask, other=0)
             valid = valid & (lab_r[:, None] != blab[None, :])
         return cols, cmask, s, valid, bc
@@ -136,8 +146,10 @@ if triton is not None:
             zr = load_rows(Z, rows, rmask, D, BLOCK_K)   # the row tile, loaded once
         else:
             zr = rmask  # unused
-        if HAS_LABELS:
+        if HAS_LABELS or BANK_COND:
             lab_r = tl.load(LAB + rows, mask=rmask, other=0)
+        else:
+            lab_r = rmask  # unused
         m = tl.full((BLOCK_R,), LOG_EPS, tl.float32)
         l1 = tl.zeros((BLOCK_R,), tl.float32)
         l0 = tl.zeros((BLOCK_R,), tl.float32)
@@ -155,7 +167,7 @@ if triton is not None:
             m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD, BETA_ONE)
         if HAS_BANK:
             for c0 in range(0, M, BLOCK_C):
-                cols, cmask, s, valid, _bc = _bank_tile(zr, Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale,
+                cols, cmask, s, valid, _bc = _bank_tile(zr, Z, rows, rmask, lab_r, BANK, BLAB, c0, M, D, scale,
                                                         BANK_COND, RESIDENT, BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
                 m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD, BETA_ONE)
         # l1, l0 >= 1 for any row with a negative (the max term); guard padding rows from log(0)
@@ -246,8 +258,10 @@ if triton is not None:
         cp_r = tl.load(CP + rows, mask=rmask, other=0.0)
         if BETA_ONE:
             ca_r = _beta_one_ca(ca_r, lse1_r, lse0_r)
-        if HAS_LABELS:
+        if HAS_LABELS or BANK_COND:
             lab_r = tl.load(LAB + rows, mask=rmask, other=0)
+        else:
+            lab_r = rmask  # unused
         acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
         for c0 in range(0, 2 * G, BLOCK_C):
             lj = c0 + tl.arange(0, BLOCK_C)
@@ -277,7 +291,7 @@ if triton is not None:
             acc = dot(gt.to(zc.dtype), zc, acc, FP32_DOT)
         if HAS_BANK:
             for c0 in range(0, M, BLOCK_C):
-                cols, cmask, s, valid, bc = _bank_tile(zr, Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale,
+                cols, cmask, s, valid, bc = _bank_tile(zr, Z, rows, rmask, lab_r, BANK, BLAB, c0, M, D, scale,
                                                        BANK_COND, RESIDENT, BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
                 act = valid & (s >= LOG_EPS)
                 gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, BETA_ONE, 0)
@@ -369,7 +383,7 @@ class _Prepared:
         self.beta = float(beta)
         self.hard = estimator == "hard"
         self.fp32_dot = fp32_dot_precision() if self.Z.dtype == torch.float32 and not interpreting() else ""
-        self.blocks = hnm_tile_config(self.D, self.Z.dtype)
+        self.blocks = hnm_tile_config(self.D, self.Z.dtype, labels=self.lab is not None)
 
     def flags(self):
         return dict(HARD=self.hard, HAS_LABELS=self.lab is not None, HAS_BANK=self.bank is not None,

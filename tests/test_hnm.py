@@ -609,6 +609,30 @@ def test_half_precision_vs_fp32_reference_gpu(dtype, ftol, gtol, variant, T, ass
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("mode", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("d", [128, 300])     # resident row tile / pixel-space feature chunks
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_fp32_dot_modes_parity_gpu(mode, d, beta, monkeypatch, assert_close):
+    """fp32 Triton vs the fp64 reference with CDP_FAST_FP32_DOT = ieee (the default) and tf32x3.
+    tf32x3 may become the default only once this passes on a GPU (benchmarks/device.sh runs it)."""
+    monkeypatch.setenv("CDP_FAST_FP32_DOT", mode)
+    B = 300
+    a, p = make_embeddings(B, d, "random")
+    kw = variant_kwargs("groups+labels+bank", B, d, M=77, G=100)
+    leaves = [t.to("cuda").requires_grad_(True) for t in (a, p, kw.pop("bank"))]
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    kw = {k: v.to("cuda") for k, v in kw.items()}
+    common = dict(temperature=0.5, tau_plus=0.1, beta=beta, **kw)
+    lt = hnm_loss(leaves[0], leaves[1], bank=leaves[2], backend="triton", **common)
+    lr = hnm_loss(ref[0], ref[1], bank=ref[2], backend="reference", **common)
+    assert_close(lt, lr, rtol=2e-6, scale="elem", name=f"{mode} loss")
+    for x, y, n in zip(torch.autograd.grad(lt, leaves), torch.autograd.grad(lr, ref), ("anchor", "positive", "bank"),
+                       strict=True):
+        assert_close(x, y, rtol=1e-5, name=f"{mode} d{n}")
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_n_memory_gpu(dtype, assert_close):
     B, d = 8192, 128                      # N = 2B = 16384 rows
@@ -820,7 +844,7 @@ def test_half_gpu_tiles_in_fp32_numerics(d, monkeypatch):
     from cdp_fast.kernels import hnm as hnm_mod
     from cdp_fast.kernels.hnm_ref import hnm_loss_reference
 
-    monkeypatch.setattr(hnm_mod, "hnm_tile_config", lambda D, dt: _tiles.hnm_tile_config(D, torch.bfloat16))
+    monkeypatch.setattr(hnm_mod, "hnm_tile_config", lambda D, dt, labels=False: _tiles.hnm_tile_config(D, torch.bfloat16, labels))
     g = torch.Generator().manual_seed(d)
     B, G, M = (70, 35, 67) if d <= 128 else (40, 20, 37)   # every row, column and bank tile partial
     a = F.normalize(torch.randn(B, d, generator=g), dim=1)
