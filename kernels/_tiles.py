@@ -92,9 +92,9 @@ HNM_RESIDENT_MAX_D = 256
 def hnm_tile_config(D: int, dtype: torch.dtype, labels: bool = False) -> dict:
     """Tiles, warps, stages and the loop structure of the HNM kernels (kernels/hnm.py).
 
-    RESIDENT (D <= 256 on GPU, D <= 32 under the interpreter): BLOCK_K = BLOCK_DO >= D, the row
-    tile is loaded once, the column loop is the pipelined one and each column tile feeds both the
-    similarity dot and the gradient dot. Otherwise (pixel space) features stream in BLOCK_K
+    RESIDENT (GPU: D <= 256, fp32 D <= 128; interpreter: D <= 32): BLOCK_K = BLOCK_DO >= D, the
+    row tile is loaded once, the column loop is the pipelined one and each column tile feeds both
+    the similarity dot and the gradient dot. Otherwise (pixel space) features stream in BLOCK_K
     chunks and the backward runs one program per BLOCK_DO output chunk. GPU sizes: no spill and
     tensor cores for half dtypes on sm_90 / sm_80, proven by the AOT gate (kernels/_aot.py).
     ``labels``: class-conditional negatives; their int64 label compares spilled the 128 x 64
@@ -105,7 +105,7 @@ def hnm_tile_config(D: int, dtype: torch.dtype, labels: bool = False) -> dict:
         kb = p2 if D <= 32 else 16
         return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=kb, BLOCK_DO=kb, num_warps=4, num_stages=1,
                     RESIDENT=D <= 32)
-    if D > HNM_RESIDENT_MAX_D:
+    if D > (128 if dtype == torch.float32 else HNM_RESIDENT_MAX_D):   # fp32 FMA dots: registers
         b = 32 if dtype == torch.float32 else 64   # fp32 "ieee" dots run on FMA units: 64-wide spilled
         return dict(BLOCK_R=b, BLOCK_C=b, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=3, RESIDENT=False)
     if dtype == torch.float32:

@@ -189,17 +189,15 @@ if triton is not None:
     #   dZ_r = (1/T) [ sum_c (G_rc + G_cr) z_c + (CP_r + CP_partner) z_partner + sum_m G_rm bank_m ]
     # where G_cr uses row c's statistics: each program owns its rows, no atomics.
     # b = 1 (BETA_ONE): w1 = exp(2 s' - LSE1) = w0^2 exp(2 LSE0 - LSE1), so
-    #   G = w0 (CA' w0 + CB),  CA' = CA exp(2 LSE0 - LSE1)   (_beta_one_ca, once per row / column)
+    #   G = w0 (CA' w0 + CB),  CA' = CA exp(2 LSE0 - LSE1)
     # with exp(2 LSE0 - LSE1) = (sum e)^2 / sum e^2 in [1, N]: one exp per element instead of two.
-    @triton.jit
-    def _beta_one_ca(ca, lse1, lse0):
-        return ca * tl.exp(2.0 * lse0 - lse1)
-
+    # CA' is a per-row quantity, computed once by _row_epilogue (the CA tensor the b = 1 kernels
+    # get holds CA'): per column tile in here it would cost BLOCK_C more exps per thread and tile.
     @triton.jit
     def _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr,
                     BETA_ONE: tl.constexpr, ROW_AXIS: tl.constexpr):
         # ROW_AXIS = 0: statistics belong to the tile's rows; 1: to its columns. BETA_ONE: ca is
-        # _beta_one_ca's CA' (lse1 unused)
+        # CA' (lse1 unused)
         sp = tl.maximum(s, LOG_EPS)
         if ROW_AXIS == 0:
             lse1 = lse1[:, None]
@@ -256,8 +254,6 @@ if triton is not None:
         ca_r = tl.load(CA + rows, mask=rmask, other=0.0)
         cb_r = tl.load(CB + rows, mask=rmask, other=0.0)
         cp_r = tl.load(CP + rows, mask=rmask, other=0.0)
-        if BETA_ONE:
-            ca_r = _beta_one_ca(ca_r, lse1_r, lse0_r)
         if HAS_LABELS or BANK_COND:
             lab_r = tl.load(LAB + rows, mask=rmask, other=0)
         else:
@@ -280,8 +276,6 @@ if triton is not None:
             ca_c = tl.load(CA + cols, mask=cmask, other=0.0)
             cb_c = tl.load(CB + cols, mask=cmask, other=0.0)
             cp_c = tl.load(CP + cols, mask=cmask, other=0.0)
-            if BETA_ONE:
-                ca_c = _beta_one_ca(ca_c, lse1_c, lse0_c)
             gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, BETA_ONE, 0)
             gt += _grad_terms(s, act, lse1_c, lse0_c, ca_c, cb_c, beta, LOG_EPS, HARD, BETA_ONE, 1)
             is_partner = inb & (lj[None, :] == lpartner[:, None])
@@ -354,8 +348,6 @@ if triton is not None:
             lse0 = tl.load(LSE0 + zr, mask=zmask, other=0.0)
             ca = tl.load(CA + zr, mask=zmask, other=0.0)
             cb = tl.load(CB + zr, mask=zmask, other=0.0)
-            if BETA_ONE:
-                ca = _beta_one_ca(ca, lse1, lse0)
             gt = _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS, HARD, BETA_ONE, 1)
             if not RESIDENT:
                 zt = tl.load(Z + zr[:, None] * D + do[None, :], mask=zmask[:, None] & domask[None, :], other=0.0)
@@ -442,6 +434,8 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, pos_logit, tau_plus, temperatur
         u = gr * inv * ng_active
         k = u * reweight / (1.0 - tau_plus)
         ca = k * (1.0 + p.beta)
+        if p.flags()["BETA_ONE"]:  # the kernels' b = 1 path takes CA' = CA exp(2 LSE0 - LSE1) (_grad_terms)
+            ca = ca * torch.exp(2.0 * lse0 - lse1)
         cb = -k * p.beta
         cp = cp - u * tau_plus * N * pos / (1.0 - tau_plus)
     else:
