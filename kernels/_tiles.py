@@ -97,8 +97,9 @@ def hnm_tile_config(D: int, dtype: torch.dtype, labels: bool = False) -> dict:
     the similarity dot and the gradient dot. Otherwise (pixel space) features stream in BLOCK_K
     chunks and the backward runs one program per BLOCK_DO output chunk. GPU sizes: no spill and
     tensor cores for half dtypes on sm_90 / sm_80, proven by the AOT gate (kernels/_aot.py).
-    ``labels``: class-conditional negatives; their int64 label compares spilled the 128 x 64
-    forward tile (28 B), so those get 128 x 32."""
+    bf16/fp16: 128 x 64 tiles where d is a multiple of 16 (else 64 x 64). ``labels``:
+    class-conditional negatives; their int64 label compares spilled the 128 x 64 forward tile
+    (28 B), so those get 128 x 32."""
     p2 = max(16, triton.next_power_of_2(D))
     if interpreting() and not _GPU_TILES_IN_INTERPRETER:
         # both structures stay covered by the CPU tests: resident at D <= 32, chunked above
@@ -110,8 +111,11 @@ def hnm_tile_config(D: int, dtype: torch.dtype, labels: bool = False) -> dict:
         return dict(BLOCK_R=b, BLOCK_C=b, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=3, RESIDENT=False)
     if dtype == torch.float32:
         return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
-    br = 128 if p2 <= 128 else 64
-    return dict(BLOCK_R=br, BLOCK_C=32 if labels and br == 128 else 64, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
+    # 128 rows (one warpgroup per 64 rows, no replicated exps) where the rows are 32-byte aligned:
+    # at d = 100 the unaligned column-tile loads go through registers and the backward spilled
+    br = 128 if p2 <= 128 and D % 16 == 0 else 64
+    return dict(BLOCK_R=br, BLOCK_C=32 if labels and br == 128 else 64, BLOCK_K=p2, BLOCK_DO=p2,
+                num_warps=8, num_stages=2, RESIDENT=True)
 
 
 def tile_config(D: int, dtype: torch.dtype) -> dict:
