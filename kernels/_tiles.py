@@ -89,33 +89,34 @@ def fp32_dot_precision() -> str:
 HNM_RESIDENT_MAX_D = 256
 
 
-def hnm_tile_config(D: int, dtype: torch.dtype, labels: bool = False) -> dict:
+def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
     """Tiles, warps, stages and the loop structure of the HNM kernels (kernels/hnm.py).
 
-    RESIDENT (GPU: D <= 256, fp32 D <= 128; interpreter: D <= 32): BLOCK_K = BLOCK_DO >= D, the
-    row tile is loaded once, the column loop is the pipelined one and each column tile feeds both
-    the similarity dot and the gradient dot. Otherwise (pixel space) features stream in BLOCK_K
-    chunks and the backward runs one program per BLOCK_DO output chunk. GPU sizes: no spill and
-    tensor cores for half dtypes on sm_90 / sm_80, proven by the AOT gate (kernels/_aot.py).
-    bf16/fp16: 128 x 64 tiles where d is a multiple of 16 (else 64 x 64). ``labels``:
-    class-conditional negatives; their int64 label compares spilled the 128 x 64 forward tile
-    (28 B), so those get 128 x 32."""
+    RESIDENT (bf16/fp16 with D <= 256 on GPU; D <= 32 under the interpreter): BLOCK_K = BLOCK_DO
+    >= D, the row tile is loaded once, the column loop is the pipelined one and each column tile
+    feeds both the similarity dot and the gradient dot. Otherwise (pixel space, and fp32) features
+    stream in BLOCK_K chunks and the backward runs one program per BLOCK_DO output chunk.
+    GPU sizes: no spill and tensor cores for half dtypes on sm_90 and sm_80 (the same launch is
+    compiled for both), proven by the AOT gate (kernels/_aot.py). Measured there:
+    * half, resident: 128 x 32 (one warpgroup per 64 rows; a 64-row tile splits across two
+      warpgroups and replicates the exps). 128 x 64 spilled on sm_80 (fused DDIM) and, with int64
+      label compares, on sm_90; at d not a multiple of 16 the unaligned column loads go through
+      registers and 128 rows spilled: 64 x 64 there.
+    * fp32 ("ieee" dots on FMA units): the K loop's 32-wide chunks; a resident 128-wide K spilled."""
     p2 = max(16, triton.next_power_of_2(D))
     if interpreting() and not _GPU_TILES_IN_INTERPRETER:
         # both structures stay covered by the CPU tests: resident at D <= 32, chunked above
         kb = p2 if D <= 32 else 16
         return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=kb, BLOCK_DO=kb, num_warps=4, num_stages=1,
                     RESIDENT=D <= 32)
-    if D > (128 if dtype == torch.float32 else HNM_RESIDENT_MAX_D):   # fp32 FMA dots: registers
-        b = 32 if dtype == torch.float32 else 64   # fp32 "ieee" dots run on FMA units: 64-wide spilled
-        return dict(BLOCK_R=b, BLOCK_C=b, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=3, RESIDENT=False)
-    if dtype == torch.float32:
-        return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
-    # 128 rows (one warpgroup per 64 rows, no replicated exps) where the rows are 32-byte aligned:
-    # at d = 100 the unaligned column-tile loads go through registers and the backward spilled
-    br = 128 if p2 <= 128 and D % 16 == 0 else 64
-    return dict(BLOCK_R=br, BLOCK_C=32 if labels and br == 128 else 64, BLOCK_K=p2, BLOCK_DO=p2,
-                num_warps=8, num_stages=2, RESIDENT=True)
+    if dtype == torch.float32:  # 64-wide fp32 tiles spilled too
+        return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8,
+                    num_stages=3, RESIDENT=False)
+    if D > HNM_RESIDENT_MAX_D:
+        return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=3, RESIDENT=False)
+    if p2 <= 128 and D % 16 == 0:
+        return dict(BLOCK_R=128, BLOCK_C=32, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
+    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
 
 
 def tile_config(D: int, dtype: torch.dtype) -> dict:

@@ -22,8 +22,8 @@ Loop structure (``hnm_tile_config`` in _tiles.py picks it, the AOT gate proves t
 * RESIDENT (d <= 256: embedding heads): BLOCK_K = BLOCK_DO >= d. Each program loads its row tile
   once; the column loop is the only loop, so it is the one Triton software-pipelines (num_stages),
   and in the backward one loaded column tile feeds both the similarity dot and the gradient dot.
-  bf16/fp16 on GPU: 128-row tiles (one warpgroup per 64 rows), 64 columns (32 with labels).
-* Chunked (d > 256: pixel-space guidance, d = 3072 on CIFAR): the similarity accumulates over
+  bf16/fp16 on GPU: 128-row tiles (one warpgroup per 64 rows) where d is a multiple of 16.
+* Chunked (d > 256: pixel-space guidance, d = 3072 on CIFAR; fp32): the similarity accumulates over
   BLOCK_K feature chunks and a backward program owns a [rows, BLOCK_DO] output chunk, so the
   similarity tiles are recomputed once per output chunk.
 
@@ -375,7 +375,7 @@ class _Prepared:
         self.beta = float(beta)
         self.hard = estimator == "hard"
         self.fp32_dot = fp32_dot_precision() if self.Z.dtype == torch.float32 and not interpreting() else ""
-        self.blocks = hnm_tile_config(self.D, self.Z.dtype, labels=self.lab is not None)
+        self.blocks = hnm_tile_config(self.D, self.Z.dtype)
 
     def flags(self):
         return dict(HARD=self.hard, HAS_LABELS=self.lab is not None, HAS_BANK=self.bank is not None,
