@@ -85,14 +85,15 @@ def fp32_dot_precision() -> str:
 
 
 # Above this feature dim the HNM kernels stream features in BLOCK_K chunks (pixel space);
-# up to it the row tile stays resident (flash-attention-2 structure).
-HNM_RESIDENT_MAX_D = 256
+# up to it the row tile stays resident (flash-attention-2 structure). 256 (64 x 64 x 256 tiles)
+# spilled 32 B on sm_80 with the fused DDIM epilogue.
+HNM_RESIDENT_MAX_D = 128
 
 
 def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
     """Tiles, warps, stages and the loop structure of the HNM kernels (kernels/hnm.py).
 
-    RESIDENT (bf16/fp16 with D <= 256 on GPU; D <= 32 under the interpreter): BLOCK_K = BLOCK_DO
+    RESIDENT (bf16/fp16 with D <= 128 on GPU; D <= 32 under the interpreter): BLOCK_K = BLOCK_DO
     >= D, the row tile is loaded once, the column loop is the pipelined one and each column tile
     feeds both the similarity dot and the gradient dot. Otherwise (pixel space, and fp32) features
     stream in BLOCK_K chunks and the backward runs one program per BLOCK_DO output chunk.
@@ -114,9 +115,10 @@ def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
                     num_stages=3, RESIDENT=False)
     if D > HNM_RESIDENT_MAX_D:
         return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=3, RESIDENT=False)
-    if p2 <= 128 and D % 16 == 0:
-        return dict(BLOCK_R=128, BLOCK_C=32, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
-    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=2, RESIDENT=True)
+    stages = 3 if p2 <= 64 else 2   # d = 64, 2 stages: ptxas capped the forward at 128 regs and spilled 4 B
+    if D % 16 == 0:
+        return dict(BLOCK_R=128, BLOCK_C=32, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=stages, RESIDENT=True)
+    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=stages, RESIDENT=True)
 
 
 def tile_config(D: int, dtype: torch.dtype) -> dict:
