@@ -85,25 +85,26 @@ def fp32_dot_precision() -> str:
 
 
 # Above this feature dim the HNM kernels stream features in BLOCK_K chunks (pixel space);
-# up to it the row tile stays resident (flash-attention-2 structure). 256 (64 x 64 x 256 tiles)
-# spilled 32 B on sm_80 with the fused DDIM epilogue.
+# up to it (and for d a multiple of 16) the row tile stays resident (flash-attention-2 structure)
 HNM_RESIDENT_MAX_D = 128
 
 
 def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
     """Tiles, warps, stages and the loop structure of the HNM kernels (kernels/hnm.py).
 
-    RESIDENT (bf16/fp16 with D <= 128 on GPU; D <= 32 under the interpreter): BLOCK_K = BLOCK_DO
-    >= D, the row tile is loaded once, the column loop is the pipelined one and each column tile
-    feeds both the similarity dot and the gradient dot. Otherwise (pixel space, and fp32) features
-    stream in BLOCK_K chunks and the backward runs one program per BLOCK_DO output chunk.
-    GPU sizes: no spill and tensor cores for half dtypes on sm_90 and sm_80 (the same launch is
-    compiled for both), proven by the AOT gate (kernels/_aot.py). Measured there:
+    RESIDENT (bf16/fp16, D <= 128 and a multiple of 16, on GPU; D <= 32 under the interpreter):
+    BLOCK_K = BLOCK_DO >= D, the row tile is loaded once, the column loop is the pipelined one
+    and each column tile feeds both the similarity dot and the gradient dot. Otherwise (pixel
+    space, odd d, fp32) features stream in BLOCK_K chunks and the backward runs one program per
+    BLOCK_DO output chunk. GPU sizes: no spill and tensor cores for half dtypes on sm_90 and
+    sm_80 (the same launch is compiled for both), proven by the AOT gate (kernels/_aot.py):
     * half, resident: 128 x 32 (one warpgroup per 64 rows; a 64-row tile splits across two
-      warpgroups and replicates the exps). 128 x 64 spilled on sm_80 (fused DDIM) and, with int64
-      label compares, on sm_90; at d not a multiple of 16 the unaligned column loads go through
-      registers and 128 rows spilled: 64 x 64 there.
-    * fp32 ("ieee" dots on FMA units): the K loop's 32-wide chunks; a resident 128-wide K spilled."""
+      warpgroups on sm_90 and computes every exp twice). 128 x 64 spilled on sm_80 (fused DDIM)
+      and, with int64 label compares, on sm_90. At d = 100 (rows not 32-byte aligned) the column
+      loads go through registers: 128 x 64 spilled on sm_90, 64 x 64 on sm_80; d = 256 (64 x 64)
+      spilled on sm_80. Those keep the chunked tiles.
+    * fp32 ("ieee" dots on FMA units): the K loop's 32-wide chunks; a resident 128-wide K spilled.
+    """
     p2 = max(16, triton.next_power_of_2(D))
     if interpreting() and not _GPU_TILES_IN_INTERPRETER:
         # both structures stay covered by the CPU tests: resident at D <= 32, chunked above
@@ -113,12 +114,12 @@ def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # 64-wide fp32 tiles spilled too
         return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8,
                     num_stages=3, RESIDENT=False)
-    if D > HNM_RESIDENT_MAX_D:
-        return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=3, RESIDENT=False)
-    stages = 3 if p2 <= 64 else 2   # d = 64, 2 stages: ptxas capped the forward at 128 regs and spilled 4 B
-    if D % 16 == 0:
-        return dict(BLOCK_R=128, BLOCK_C=32, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=stages, RESIDENT=True)
-    return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8, num_stages=stages, RESIDENT=True)
+    if D > HNM_RESIDENT_MAX_D or D % 16:
+        return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8,
+                    num_stages=3, RESIDENT=False)
+    return dict(BLOCK_R=128, BLOCK_C=32, BLOCK_K=p2, BLOCK_DO=p2, num_warps=8,
+                num_stages=3 if p2 <= 64 else 2,   # d = 64, 2 stages: ptxas capped the forward at 128 regs, 4 B spill
+                RESIDENT=True)
 
 
 def tile_config(D: int, dtype: torch.dtype) -> dict:

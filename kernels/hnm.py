@@ -19,11 +19,11 @@ Layout of the Triton path (flash-attention-2 style, nothing of size 2B x 2B is e
 
 Loop structure (``hnm_tile_config`` in _tiles.py picks it, the AOT gate proves the tiles):
 
-* RESIDENT (d <= 128: embedding heads): BLOCK_K = BLOCK_DO >= d. Each program loads its row tile
-  once; the column loop is the only loop, so it is the one Triton software-pipelines (num_stages),
+* RESIDENT (bf16/fp16 embedding heads, d <= 128 and a multiple of 16): BLOCK_K = BLOCK_DO >= d.
+  Each program loads its row tile once; the column loop is the only loop, so it is the one Triton software-pipelines (num_stages),
   and in the backward one loaded column tile feeds both the similarity dot and the gradient dot.
-  bf16/fp16 on GPU: 128-row tiles (one warpgroup per 64 rows) where d is a multiple of 16.
-* Chunked (d > 128: pixel-space guidance, d = 3072 on CIFAR; fp32): the similarity accumulates over
+  GPU tiles: 128 rows (one warpgroup per 64 rows) x 32 columns.
+* Chunked (pixel-space guidance, d = 3072 on CIFAR; odd d; fp32): the similarity accumulates over
   BLOCK_K feature chunks and a backward program owns a [rows, BLOCK_DO] output chunk, so the
   similarity tiles are recomputed once per output chunk.
 
