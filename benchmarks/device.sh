@@ -5,7 +5,8 @@
 #      (old setuptools, no network), stages a copy on PYTHONPATH with setup.py's mapping
 #      (cdp_fast/, kernels/ -> cdp_fast/kernels, benchmarks/ -> cdp_fast/benchmarks, tests/);
 #   2. prints versions and the GPU;
-#   3. runs the GPU-only tests, then the benchmark suite (python -m cdp_fast.benchmarks --suite gpu),
+#   3. runs the GPU-only tests (among them fp32 HNM parity with CDP_FAST_FP32_DOT=tf32x3, issue 14:
+#      the default stays "ieee" until it passes), then the benchmark suite (python -m cdp_fast.benchmarks --suite gpu),
 #      which writes OUT_DIR/<device>-<date>.json/.md at the start and after every case;
 #   4. ends with a ten-line summary.
 # Hard budget: everything under 8 minutes (CDP_DEVICE_BUDGET_S, default 470 s).

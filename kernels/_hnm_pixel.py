@@ -65,7 +65,7 @@ if triton is not None:
                                HARD: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BANK: tl.constexpr,
                                BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                               IEEE: tl.constexpr):
+                               FP32_DOT: tl.constexpr, BETA_ONE: tl.constexpr):
         # grid: (groups of this chunk x anchor row blocks, column tiles of [2G group | M bank])
         pid = tl.program_id(0)
         nrb = tl.cdiv(G, BLOCK_R)
@@ -85,7 +85,7 @@ if triton is not None:
             lj = ct * BLOCK_C + tl.arange(0, BLOCK_C)
             cmask = lj < 2 * G
             cols = _local_to_row(lj, g, B, G)
-            s = sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s = sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
             inb = rmask[:, None] & cmask[None, :]
             lpartner = li + G
             valid = inb & (lj[None, :] != li[:, None]) & (lj[None, :] != lpartner[:, None])
@@ -99,8 +99,8 @@ if triton is not None:
             ca_c = tl.load(CA + cols, mask=cmask, other=0.0)
             cb_c = tl.load(CB + cols, mask=cmask, other=0.0)
             # H = G + G^T on the negatives (s is symmetric; G_cr uses column c's statistics)
-            h = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
-            h += _grad_terms(s, act, lse1_c, lse0_c, ca_c, cb_c, beta, LOG_EPS, HARD, 1)
+            h = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, BETA_ONE, 0)
+            h += _grad_terms(s, act, lse1_c, lse0_c, ca_c, cb_c, beta, LOG_EPS, HARD, BETA_ONE, 1)
             cp_r = tl.load(CP + rows, mask=rmask, other=0.0)
             cp_c = tl.load(CP + cols, mask=cmask, other=0.0)
             is_partner = inb & (lj[None, :] == lpartner[:, None])
@@ -108,10 +108,14 @@ if triton is not None:
             tl.store(H + hrows[:, None] * (2 * G) + lj[None, :], h, mask=inb)
         else:
             if HAS_BANK:
-                cols, cmask, s, valid = _bank_tile(Z, rows, rmask, BANK, LAB, BLAB, (ct - nzt) * BLOCK_C, M, D,
-                                                   scale, BANK_COND, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+                if BANK_COND:
+                    lab_b = tl.load(LAB + rows, mask=rmask, other=0)
+                else:
+                    lab_b = rows  # unused
+                cols, cmask, s, valid, _ = _bank_tile(Z, Z, rows, rmask, lab_b, BANK, BLAB, (ct - nzt) * BLOCK_C, M,
+                                                      D, scale, BANK_COND, False, BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
                 act = valid & (s >= LOG_EPS)
-                gb = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
+                gb = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, BETA_ONE, 0)
                 tl.store(HB + hrows[:, None] * M + cols[None, :], gb, mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
@@ -119,7 +123,7 @@ if triton is not None:
                                B, G, M, D, g0, gscale, clip, acc_scale,
                                HAS_BANK: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr,
-                               IEEE: tl.constexpr):
+                               FP32_DOT: tl.constexpr):
         # grid: (groups of this chunk x anchor row blocks, feature chunks); BLOCK_C: the
         # contraction step over the group's 2G columns (then the bank's M rows)
         pid = tl.program_id(0)
@@ -139,14 +143,14 @@ if triton is not None:
             cols = _local_to_row(lj, g, B, G)
             h = tl.load(H + hrows[:, None] * (2 * G) + lj[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
             zc = tl.load(Z + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
-            acc = dot(h.to(zc.dtype), zc, acc, IEEE)
+            acc = dot(h.to(zc.dtype), zc, acc, FP32_DOT)
         if HAS_BANK:
             for c0 in range(0, M, BLOCK_C):
                 mc = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
                 mmask = mc < M
                 hb = tl.load(HB + hrows[:, None] * M + mc[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
                 bc = tl.load(BANK + mc[:, None] * D + do[None, :], mask=mmask[:, None] & domask[None, :], other=0.0)
-                acc = dot(hb.to(bc.dtype), bc, acc, IEEE)
+                acc = dot(hb.to(bc.dtype), bc, acc, FP32_DOT)
         acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (_coef_scaled)
         # x_next = sqrt(a_n) x0 + c1 z + c2 e, e = eps + gscale * grad (as _hnm_bwd_kernel's FUSED_DDIM)
         omask = rmask[:, None] & domask[None, :]
@@ -210,8 +214,8 @@ def guided_rows(p, lse1, lse0, ca, cb, cp, out, fused, *, budget_bytes=None):
         _hnm_pixel_coef_kernel[(ng * triton.cdiv(G, tc["BLOCK_R"]), ncol)](
             *p.ptrs(), lse1, lse0, ca, cb, cp, h, hb, B, G, M, D, g0, p.scale, p.beta,
             HARD=fl["HARD"], HAS_LABELS=fl["HAS_LABELS"], HAS_BANK=fl["HAS_BANK"], BANK_COND=fl["BANK_COND"],
-            LOG_EPS=fl["LOG_EPS"], IEEE=fl["IEEE"], **tc)
+            LOG_EPS=fl["LOG_EPS"], FP32_DOT=fl["FP32_DOT"], BETA_ONE=fl["BETA_ONE"], **tc)
         _hnm_pixel_gemm_kernel[(ng * triton.cdiv(G, tg["BLOCK_R"]), triton.cdiv(D, tg["BLOCK_DO"]))](
             p.Z, p.ptrs()[1], h, hb, out, *ddim, B, G, M, D, g0, gscale, clip, acc_scale,
-            HAS_BANK=fl["HAS_BANK"], HAS_NOISE=has_noise, CLIP=do_clip, IEEE=fl["IEEE"], **tg)
+            HAS_BANK=fl["HAS_BANK"], HAS_NOISE=has_noise, CLIP=do_clip, FP32_DOT=fl["FP32_DOT"], **tg)
     return out

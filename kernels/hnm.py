@@ -3,7 +3,7 @@
 
 Public: :func:`hnm_loss`, :func:`hnm_guided_ddim_update`. The pure-PyTorch oracle is ``hnm_ref.py``.
 
-Layout of the Triton path (flash-attention style, nothing of size 2B x 2B is ever stored):
+Layout of the Triton path (flash-attention-2 style, nothing of size 2B x 2B is ever stored):
 
 * ``_hnm_fwd_kernel``: one program per block of rows of Z = [A; P] (rows of one group). It streams
   the group's column tiles and then the bank's, recomputing s = z_r . z_c / T in fp32, and keeps a
@@ -14,18 +14,29 @@ Layout of the Triton path (flash-attention style, nothing of size 2B x 2B is eve
   (positive logit, loss rows and their mean, three gradient coefficients, the input checks'
   status word, the fused step's DDIM coefficients). With ``check=False`` one forward + backward
   makes no host sync; at N = 2B = 1024 it is 6 device launches (tests/test_launches.py).
-* ``_hnm_bwd_kernel``: one program per (row block, feature chunk); recomputes the tiles and
-  accumulates dZ_r = (1/T) sum_c (G_rc + G_cr) z_c. G_cr only needs row c's saved statistics,
-  so each program owns its output rows: no atomics, deterministic. With FUSED_DDIM it handles the
-  anchor rows only and writes x_next = DDIM(x, eps + scale * dZ_r) instead of dZ.
+* ``_hnm_bwd_kernel``: recomputes the tiles and accumulates dZ_r = (1/T) sum_c (G_rc + G_cr) z_c.
+  G_cr only needs row c's saved statistics, so each program owns its output rows: no atomics,
+  deterministic. With FUSED_DDIM it handles the anchor rows only and writes
+  x_next = DDIM(x, eps + scale * dZ_r) instead of dZ.
 * ``_hnm_bank_bwd_kernel``: one program per block of bank rows, looping over all 2B rows of Z.
 
-Feature chunks: the output of a backward program is a [rows, BLOCK_DO] tile, so for d > BLOCK_DO
-(pixel-space guidance, d = 3072 on CIFAR) the similarity tiles are recomputed once per chunk;
-for embedding heads (d <= 128) there is one chunk.
+Loop structure (``hnm_tile_config`` in _tiles.py picks it, the AOT gate proves the tiles):
 
-Everything accumulates in fp32 (tl.dot with an fp32 accumulator; "ieee" precision for fp32 inputs
-on GPU so fp32 results match the reference to ~1e-5).
+* RESIDENT (bf16/fp16 embedding heads, d <= 128 and a multiple of 16): BLOCK_K = BLOCK_DO >= d.
+  Each program loads its row tile once; the column loop is the only loop, so it is the one Triton software-pipelines (num_stages),
+  and in the backward one loaded column tile feeds both the similarity dot and the gradient dot.
+  GPU tiles: 128 rows (one warpgroup per 64 rows) x 32 columns.
+* Chunked (pixel-space guidance, d = 3072 on CIFAR; odd d; fp32): the similarity accumulates over
+  BLOCK_K feature chunks and a backward program owns a [rows, BLOCK_DO] output chunk, so the
+  similarity tiles are recomputed once per output chunk.
+
+b = 1 (the authors' default, estimator "hard") is a constexpr path (BETA_ONE): one exp per
+element in the forward (l0 += e, l1 += e^2 with e = exp(s' - m)) and one per (row, column)
+statistics pair in the backward (w1 = w0^2 exp(2 LSE0 - LSE1)); derivations beside the kernels.
+
+Everything accumulates in fp32 (tl.dot with an fp32 accumulator). fp32 inputs on GPU use "ieee"
+dots (matching the reference to ~1e-6) unless CDP_FAST_FP32_DOT=tf32x3 (tensor cores; becomes the
+default only once a GPU run shows the same parity, see _tiles.fp32_dot_precision).
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ import torch
 
 from ._backend import backend_for, interpreting, launch_only, on_input_device
 from ._hnm_epilogue import BAD_VALUE, NO_NEGATIVES, epilogue_programs
-from ._tiles import tile_config
+from ._tiles import fp32_dot_precision, hnm_tile_config
 from .hnm_ref import (
     LOG_NEG_CLAMP,
     _capturing,
@@ -61,37 +72,59 @@ __all__ = ["hnm_loss", "hnm_guided_ddim_update"]
 # --------------------------------------------------------------------------------------------
 if triton is not None:
     from ._hnm_epilogue import _hnm_epilogue_kernel
-    from ._tiles import dot, sim_tile
+    from ._tiles import dot, load_rows, sim_tile
     from .ddim import _ddim_step_jit  # the DDIM update of METHOD.md §3, shared with ddim.py
 
     @triton.jit
-    def _bank_tile(Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale, BANK_COND: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                   IEEE: tl.constexpr):
-        # one tile of bank columns: similarities and which of them are negatives of each row
+    def _col_tile(zr, R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale, RESIDENT: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+        # s = R[rows] . C[cols]^T * scale. RESIDENT: zr is the row tile (loaded once per program);
+        # the column tile is loaded once and returned, so the backward's gradient dot reuses it.
+        # Otherwise (d > BLOCK_K, pixel space) features stream in BLOCK_K chunks.
+        if RESIDENT:
+            zc = load_rows(C_PTR, cols, cmask, D, BLOCK_K)
+            s = dot(zr, tl.trans(zc), tl.zeros((BLOCK_R, BLOCK_C), tl.float32), FP32_DOT) * scale
+        else:
+            s = sim_tile(R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
+            zc = zr  # unused
+        return s, zc
+
+    @triton.jit
+    def _bank_tile(zr, Z, rows, rmask, lab_r, BANK, BLAB, c0, M, D, scale, BANK_COND: tl.constexpr,
+                   RESIDENT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+        # one tile of bank columns: similarities, which of them are negatives of each row, and
+        # (RESIDENT) the bank tile itself. lab_r: the rows' labels (loaded once, BANK_COND)
         cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         cmask = cols < M
-        s = sim_tile(Z, rows, rmask, BANK, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+        s, bc = _col_tile(zr, Z, rows, rmask, BANK, cols, cmask, D, scale, RESIDENT,
+                          BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
         valid = rmask[:, None] & cmask[None, :]
         if BANK_COND:
-            lab_r = tl.load(LAB + rows, mask=rmask, other=0)
             blab = tl.load(BLAB + cols, mask=cmask, other=0)
             valid = valid & (lab_r[:, None] != blab[None, :])
-        return cols, cmask, s, valid
+        return cols, cmask, s, valid, bc
 
     @triton.jit
     def _local_to_row(li, g, B, G):
         # local index in [0, 2G) of group g -> row of Z: anchors g*G.., then their positives B+g*G..
         return tl.where(li < G, g * G + li, B + g * G + li - G).to(tl.int64)
 
-
     @triton.jit
-    def _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr):
+    def _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr,
+                       BETA_ONE: tl.constexpr):
         # running max / sums of exp((1+b) s') and exp(b s') with s' = max(s, ln 1e-4); m starts at
         # ln 1e-4 (the smallest possible s'), so no -inf ever enters the arithmetic
         sp = tl.where(valid, tl.maximum(s, LOG_EPS), LOG_EPS)
         m_new = tl.maximum(m, tl.max(sp, axis=1))
-        if HARD:
+        if BETA_ONE:
+            # b = 1: with e = exp(s' - m), exp(b (s' - m)) = e and exp((1+b)(s' - m)) = e^2, and
+            # the rescale of l1 is the square of l0's: one exp per element instead of two
+            alpha = tl.exp(m - m_new)
+            e = tl.where(valid, tl.exp(sp - m_new[:, None]), 0.0)
+            l1 = l1 * (alpha * alpha) + tl.sum(e * e, axis=1)
+            l0 = l0 * alpha + tl.sum(e, axis=1)
+        elif HARD:
             a = 1.0 + beta
             l1 = l1 * tl.exp(a * (m - m_new)) + tl.sum(tl.where(valid, tl.exp(a * (sp - m_new[:, None])), 0.0), axis=1)
             l0 = l0 * tl.exp(beta * (m - m_new)) + tl.sum(tl.where(valid, tl.exp(beta * (sp - m_new[:, None])), 0.0), axis=1)
@@ -106,7 +139,7 @@ if triton is not None:
                         HARD: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BANK: tl.constexpr,
                         BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                        IEEE: tl.constexpr):
+                        FP32_DOT: tl.constexpr, BETA_ONE: tl.constexpr = False, RESIDENT: tl.constexpr = False):
         pid = tl.program_id(0)
         nrb = tl.cdiv(2 * G, BLOCK_R)
         g = pid // nrb
@@ -114,8 +147,14 @@ if triton is not None:
         rmask = li < 2 * G
         rows = _local_to_row(li, g, B, G)
         lpartner = tl.where(li < G, li + G, li - G)
-        if HAS_LABELS:
+        if RESIDENT:
+            zr = load_rows(Z, rows, rmask, D, BLOCK_K)   # the row tile, loaded once
+        else:
+            zr = rmask  # unused
+        if HAS_LABELS or BANK_COND:
             lab_r = tl.load(LAB + rows, mask=rmask, other=0)
+        else:
+            lab_r = rmask  # unused
         m = tl.full((BLOCK_R,), LOG_EPS, tl.float32)
         l1 = tl.zeros((BLOCK_R,), tl.float32)
         l0 = tl.zeros((BLOCK_R,), tl.float32)
@@ -124,17 +163,18 @@ if triton is not None:
             lj = c0 + tl.arange(0, BLOCK_C)
             cmask = lj < 2 * G
             cols = _local_to_row(lj, g, B, G)
-            s = sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s, _zc = _col_tile(zr, Z, rows, rmask, Z, cols, cmask, D, scale, RESIDENT,
+                               BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
             valid = rmask[:, None] & cmask[None, :] & (lj[None, :] != li[:, None]) & (lj[None, :] != lpartner[:, None])
             if HAS_LABELS:
                 lab_c = tl.load(LAB + cols, mask=cmask, other=0)
                 valid = valid & (lab_r[:, None] != lab_c[None, :])
-            m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD)
+            m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD, BETA_ONE)
         if HAS_BANK:
             for c0 in range(0, M, BLOCK_C):
-                cols, cmask, s, valid = _bank_tile(Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale,
-                                                   BANK_COND, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
-                m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD)
+                cols, cmask, s, valid, _bc = _bank_tile(zr, Z, rows, rmask, lab_r, BANK, BLAB, c0, M, D, scale,
+                                                        BANK_COND, RESIDENT, BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
+                m, l1, l0, cnt = _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS, HARD, BETA_ONE)
         # l1, l0 >= 1 for any row with a negative (the max term); guard padding rows from log(0)
         l1 = tl.where(l1 > 0, l1, 1.0)
         l0 = tl.where(l0 > 0, l0, 1.0)
@@ -153,10 +193,16 @@ if triton is not None:
     # s_{r,partner}: CP_r (computed by _row_epilogue). s is symmetric, so
     #   dZ_r = (1/T) [ sum_c (G_rc + G_cr) z_c + (CP_r + CP_partner) z_partner + sum_m G_rm bank_m ]
     # where G_cr uses row c's statistics: each program owns its rows, no atomics.
+    # b = 1 (BETA_ONE): w1 = exp(2 s' - LSE1) = w0^2 exp(2 LSE0 - LSE1), so
+    #   G = w0 (CA' w0 + CB),  CA' = CA exp(2 LSE0 - LSE1)
+    # with exp(2 LSE0 - LSE1) = (sum e)^2 / sum e^2 in [1, N]: one exp per element instead of two.
+    # CA' is a per-row quantity, computed once by _row_epilogue (the CA tensor the b = 1 kernels
+    # get holds CA'): per column tile in here it would cost BLOCK_C more exps per thread and tile.
     @triton.jit
     def _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr,
-                    ROW_AXIS: tl.constexpr):
-        # ROW_AXIS = 0: statistics belong to the tile's rows; 1: to its columns
+                    BETA_ONE: tl.constexpr, ROW_AXIS: tl.constexpr):
+        # ROW_AXIS = 0: statistics belong to the tile's rows; 1: to its columns. BETA_ONE: ca is
+        # CA' (lse1 unused)
         sp = tl.maximum(s, LOG_EPS)
         if ROW_AXIS == 0:
             lse1 = lse1[:, None]
@@ -168,7 +214,10 @@ if triton is not None:
             lse0 = lse0[None, :]
             ca = ca[None, :]
             cb = cb[None, :]
-        if HARD:
+        if BETA_ONE:
+            w0 = tl.exp(tl.where(act, sp - lse0, float("-inf")))
+            t = w0 * (ca * w0 + cb)
+        elif HARD:
             w1 = tl.exp(tl.where(act, (1.0 + beta) * sp - lse1, float("-inf")))
             w0 = tl.exp(tl.where(act, beta * sp - lse0, float("-inf")))
             t = ca * w1 + cb * w0
@@ -184,7 +233,10 @@ if triton is not None:
                         BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
                         FUSED_DDIM: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
+                        BLOCK_DO: tl.constexpr, FP32_DOT: tl.constexpr, BETA_ONE: tl.constexpr = False,
+                        RESIDENT: tl.constexpr = False):
+        # RESIDENT: BLOCK_DO = BLOCK_K >= D, one program per row block (grid axis 1 has size 1) and
+        # each column tile feeds both dots; else one program per (row block, BLOCK_DO feature chunk)
         pid = tl.program_id(0)
         if FUSED_DDIM:
             nloc = G  # only the anchor rows' gradient is needed
@@ -198,19 +250,26 @@ if triton is not None:
         lpartner = tl.where(li < G, li + G, li - G)
         do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         domask = do < D
+        if RESIDENT:
+            zr = load_rows(Z, rows, rmask, D, BLOCK_K)
+        else:
+            zr = rmask  # unused
         lse1_r = tl.load(LSE1 + rows, mask=rmask, other=0.0)
         lse0_r = tl.load(LSE0 + rows, mask=rmask, other=0.0)
         ca_r = tl.load(CA + rows, mask=rmask, other=0.0)
         cb_r = tl.load(CB + rows, mask=rmask, other=0.0)
         cp_r = tl.load(CP + rows, mask=rmask, other=0.0)
-        if HAS_LABELS:
+        if HAS_LABELS or BANK_COND:
             lab_r = tl.load(LAB + rows, mask=rmask, other=0)
+        else:
+            lab_r = rmask  # unused
         acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
         for c0 in range(0, 2 * G, BLOCK_C):
             lj = c0 + tl.arange(0, BLOCK_C)
             cmask = lj < 2 * G
             cols = _local_to_row(lj, g, B, G)
-            s = sim_tile(Z, rows, rmask, Z, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s, zc = _col_tile(zr, Z, rows, rmask, Z, cols, cmask, D, scale, RESIDENT,
+                              BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
             inb = rmask[:, None] & cmask[None, :]
             valid = inb & (lj[None, :] != li[:, None]) & (lj[None, :] != lpartner[:, None])
             if HAS_LABELS:
@@ -222,20 +281,22 @@ if triton is not None:
             ca_c = tl.load(CA + cols, mask=cmask, other=0.0)
             cb_c = tl.load(CB + cols, mask=cmask, other=0.0)
             cp_c = tl.load(CP + cols, mask=cmask, other=0.0)
-            gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
-            gt += _grad_terms(s, act, lse1_c, lse0_c, ca_c, cb_c, beta, LOG_EPS, HARD, 1)
+            gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, BETA_ONE, 0)
+            gt += _grad_terms(s, act, lse1_c, lse0_c, ca_c, cb_c, beta, LOG_EPS, HARD, BETA_ONE, 1)
             is_partner = inb & (lj[None, :] == lpartner[:, None])
             gt = tl.where(is_partner, cp_r[:, None] + cp_c[None, :], gt)
-            zc = tl.load(Z + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
-            acc = dot(gt.to(zc.dtype), zc, acc, IEEE)
+            if not RESIDENT:
+                zc = tl.load(Z + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
+            acc = dot(gt.to(zc.dtype), zc, acc, FP32_DOT)
         if HAS_BANK:
             for c0 in range(0, M, BLOCK_C):
-                cols, cmask, s, valid = _bank_tile(Z, rows, rmask, BANK, LAB, BLAB, c0, M, D, scale,
-                                                   BANK_COND, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+                cols, cmask, s, valid, bc = _bank_tile(zr, Z, rows, rmask, lab_r, BANK, BLAB, c0, M, D, scale,
+                                                       BANK_COND, RESIDENT, BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
                 act = valid & (s >= LOG_EPS)
-                gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, 0)
-                bc = tl.load(BANK + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
-                acc = dot(gt.to(bc.dtype), bc, acc, IEEE)
+                gt = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, BETA_ONE, 0)
+                if not RESIDENT:
+                    bc = tl.load(BANK + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
+                acc = dot(gt.to(bc.dtype), bc, acc, FP32_DOT)
         acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (_coef_scaled)
         omask = rmask[:, None] & domask[None, :]
         offs = rows[:, None] * D + do[None, :]
@@ -263,19 +324,26 @@ if triton is not None:
                              NROWS, M, D, scale, beta, acc_scale,
                              HARD: tl.constexpr, BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
-        # d bank_m = (1/T) sum_r G_rm z_r: the program owns bank rows m, loops over all rows r of Z
+                             BLOCK_DO: tl.constexpr, FP32_DOT: tl.constexpr, BETA_ONE: tl.constexpr = False,
+                             RESIDENT: tl.constexpr = False):
+        # d bank_m = (1/T) sum_r G_rm z_r: the program owns bank rows m (RESIDENT: their tile is
+        # loaded once), loops over all rows r of Z
         mrows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         mmask = mrows < M
         do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         domask = do < D
+        if RESIDENT:
+            br = load_rows(BANK, mrows, mmask, D, BLOCK_K)
+        else:
+            br = mmask  # unused
         if BANK_COND:
             blab = tl.load(BLAB + mrows, mask=mmask, other=0)
         acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
         for r0 in range(0, NROWS, BLOCK_C):
             zr = (r0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             zmask = zr < NROWS
-            s = sim_tile(BANK, mrows, mmask, Z, zr, zmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, IEEE)
+            s, zt = _col_tile(br, BANK, mrows, mmask, Z, zr, zmask, D, scale, RESIDENT,
+                              BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
             valid = mmask[:, None] & zmask[None, :]
             if BANK_COND:
                 lab = tl.load(LAB + zr, mask=zmask, other=0)
@@ -285,9 +353,10 @@ if triton is not None:
             lse0 = tl.load(LSE0 + zr, mask=zmask, other=0.0)
             ca = tl.load(CA + zr, mask=zmask, other=0.0)
             cb = tl.load(CB + zr, mask=zmask, other=0.0)
-            gt = _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS, HARD, 1)
-            zt = tl.load(Z + zr[:, None] * D + do[None, :], mask=zmask[:, None] & domask[None, :], other=0.0)
-            acc = dot(gt.to(zt.dtype), zt, acc, IEEE)
+            gt = _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS, HARD, BETA_ONE, 1)
+            if not RESIDENT:
+                zt = tl.load(Z + zr[:, None] * D + do[None, :], mask=zmask[:, None] & domask[None, :], other=0.0)
+            acc = dot(gt.to(zt.dtype), zt, acc, FP32_DOT)
         tl.store(DBANK + mrows[:, None] * D + do[None, :], acc * acc_scale, mask=mmask[:, None] & domask[None, :])
 
 
@@ -310,12 +379,13 @@ class _Prepared:
         self.scale = 1.0 / float(temperature)
         self.beta = float(beta)
         self.hard = estimator == "hard"
-        self.ieee = self.Z.dtype == torch.float32 and not interpreting()
-        self.blocks = tile_config(self.D, self.Z.dtype)
+        self.fp32_dot = fp32_dot_precision() if self.Z.dtype == torch.float32 and not interpreting() else ""
+        self.blocks = hnm_tile_config(self.D, self.Z.dtype)
 
     def flags(self):
         return dict(HARD=self.hard, HAS_LABELS=self.lab is not None, HAS_BANK=self.bank is not None,
-                    BANK_COND=self.blab is not None, LOG_EPS=LOG_NEG_CLAMP, IEEE=self.ieee)
+                    BANK_COND=self.blab is not None, LOG_EPS=LOG_NEG_CLAMP, FP32_DOT=self.fp32_dot,
+                    BETA_ONE=self.hard and self.beta == 1.0)
 
     def ptrs(self):
         dummy = self.Z
@@ -344,7 +414,8 @@ def _forward_stats(p: _Prepared):
     grid = ((p.B // p.G) * triton.cdiv(2 * p.G, bl["BLOCK_R"]),)
     _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
                           BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
-                          num_warps=bl["num_warps"], **p.flags())
+                          num_warps=bl["num_warps"], num_stages=bl["num_stages"], RESIDENT=bl["RESIDENT"],
+                          **p.flags())
     return lse1, lse0, cnt
 
 
@@ -449,7 +520,7 @@ def _backward_bank(p: _Prepared, lse1, lse0, ca, cb):
     _hnm_bank_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, dbank, 2 * p.B, p.M, p.D, p.scale,
                                p.beta, acc_scale,
                                HARD=fl["HARD"], BANK_COND=fl["BANK_COND"], LOG_EPS=fl["LOG_EPS"],
-                               IEEE=fl["IEEE"], **bl)
+                               FP32_DOT=fl["FP32_DOT"], BETA_ONE=fl["BETA_ONE"], **bl)
     return dbank
 
 

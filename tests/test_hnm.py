@@ -609,6 +609,30 @@ def test_half_precision_vs_fp32_reference_gpu(dtype, ftol, gtol, variant, T, ass
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("mode", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("d", [128, 300])     # resident row tile / pixel-space feature chunks
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_fp32_dot_modes_parity_gpu(mode, d, beta, monkeypatch, assert_close):
+    """fp32 Triton vs the fp64 reference with CDP_FAST_FP32_DOT = ieee (the default) and tf32x3.
+    tf32x3 may become the default only once this passes on a GPU (benchmarks/device.sh runs it)."""
+    monkeypatch.setenv("CDP_FAST_FP32_DOT", mode)
+    B = 300
+    a, p = make_embeddings(B, d, "random")
+    kw = variant_kwargs("groups+labels+bank", B, d, M=77, G=100)
+    leaves = [t.to("cuda").requires_grad_(True) for t in (a, p, kw.pop("bank"))]
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    kw = {k: v.to("cuda") for k, v in kw.items()}
+    common = dict(temperature=0.5, tau_plus=0.1, beta=beta, **kw)
+    lt = hnm_loss(leaves[0], leaves[1], bank=leaves[2], backend="triton", **common)
+    lr = hnm_loss(ref[0], ref[1], bank=ref[2], backend="reference", **common)
+    assert_close(lt, lr, rtol=2e-6, scale="elem", name=f"{mode} loss")
+    for x, y, n in zip(torch.autograd.grad(lt, leaves), torch.autograd.grad(lr, ref), ("anchor", "positive", "bank"),
+                       strict=True):
+        assert_close(x, y, rtol=1e-5, name=f"{mode} d{n}")
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_n_memory_gpu(dtype, assert_close):
     B, d = 8192, 128                      # N = 2B = 16384 rows
@@ -721,3 +745,120 @@ def test_triton_path_reports_empty_negative_sets_from_kernel_counts(kw):
     x = torch.randn(6, 4)
     with pytest.raises(ValueError, match="no negatives"):
         hnm_guided_ddim_update(x, x, 0.5, 0.6, x, scale=1.0, backend="triton", **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 14: the beta = 1 path (one exp per element) and the two loop structures (row tile
+# resident, BLOCK_K = BLOCK_DO >= d; or features streamed in chunks), at odd sizes
+# ------------------------------------------------------------------------------------------
+def _prepared_flags(beta, estimator, d=8, dtype=torch.float32):
+    from cdp_fast.kernels import hnm as hnm_mod
+
+    a, p = make_embeddings(4, d, "random", dtype=dtype)
+    return hnm_mod._Prepared(a, p, None, None, None, 4, 0.5, beta, estimator).flags()
+
+
+def test_beta_one_path_is_chosen_exactly_at_beta_one():
+    assert _prepared_flags(1.0, "hard")["BETA_ONE"] is True
+    assert _prepared_flags(1, "hard")["BETA_ONE"] is True
+    assert _prepared_flags(0.999, "hard")["BETA_ONE"] is False
+    assert _prepared_flags(1.0, "easy")["BETA_ONE"] is False   # easy has one exp per element anyway
+
+
+def test_hnm_tile_structure():
+    from cdp_fast.kernels import _tiles
+
+    with _tiles.gpu_tiles_in_interpreter():
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            for d in (64, 100, 128, 3072):
+                t = _tiles.hnm_tile_config(d, dt)
+                if t["RESIDENT"]:   # one feature chunk: BLOCK_K covers d, the backward reuses the column tile
+                    assert t["BLOCK_K"] >= d and t["BLOCK_DO"] == t["BLOCK_K"], (d, dt, t)
+                else:
+                    assert t["BLOCK_K"] < d, (d, dt, t)
+                assert t["RESIDENT"] == (dt != torch.float32 and d % 16 == 0 and d <= _tiles.HNM_RESIDENT_MAX_D)
+            assert _tiles.hnm_tile_config(128, dt)["RESIDENT"] == (dt != torch.float32)
+    if interpreting():   # the CPU tests cover both structures
+        assert _tiles.hnm_tile_config(29, torch.float32)["RESIDENT"]
+        assert not _tiles.hnm_tile_config(37, torch.float32)["RESIDENT"]
+
+
+def test_fp32_dot_precision_switch(monkeypatch):
+    from cdp_fast.kernels._tiles import fp32_dot_precision
+
+    monkeypatch.delenv("CDP_FAST_FP32_DOT", raising=False)
+    assert fp32_dot_precision() == "ieee"          # the default stays exact fp32
+    monkeypatch.setenv("CDP_FAST_FP32_DOT", "TF32x3")
+    assert fp32_dot_precision() == "tf32x3"
+    # under the interpreter (and for half inputs) the kernels get tl.dot's default
+    assert _prepared_flags(1.0, "hard")["FP32_DOT"] == ("" if interpreting() else "tf32x3")
+    assert _prepared_flags(1.0, "hard", dtype=torch.bfloat16)["FP32_DOT"] == ""
+    monkeypatch.setenv("CDP_FAST_FP32_DOT", "tf32")
+    with pytest.raises(ValueError, match="CDP_FAST_FP32_DOT"):
+        fp32_dot_precision()
+
+
+# d = 29: resident row tile under the interpreter (BLOCK_K = BLOCK_DO = 32); d = 37: chunked
+# (3 feature chunks of 16 in both the similarity and the output). B, G, M: not tile multiples.
+FA2_CASES = [(beta, est, d) for d in (29, 37) for beta, est in ((1.0, "hard"), (0.7, "hard"), (1.0, "easy"))]
+
+
+@interpreter_only
+@pytest.mark.parametrize("beta,estimator,d", FA2_CASES, ids=[f"b{c[0]}-{c[1]}-d{c[2]}" for c in FA2_CASES])
+def test_triton_odd_shapes_beta_paths(beta, estimator, d, assert_close):
+    B, G, M = 22, 11, 13
+    a, p = make_embeddings(B, d, "random")
+    kw = dict(variant_kwargs("groups+labels+bank", B, d, M=M, G=G), temperature=0.5, tau_plus=0.1,
+              beta=beta, estimator=estimator)
+    results = {}
+    for backend in ("reference", "triton"):
+        leaves = [a.clone().requires_grad_(True), p.clone().requires_grad_(True),
+                  kw["bank"].clone().requires_grad_(True)]
+        loss = hnm_loss(leaves[0], leaves[1], backend=backend, **{**kw, "bank": leaves[2]})
+        results[backend] = [loss.detach()] + list(torch.autograd.grad(1.3 * loss, leaves))
+    for x, y, n in zip(results["triton"], results["reference"], ("loss", "anchor", "positive", "bank"), strict=True):
+        assert_close(x, y, rtol=1e-4, atol=1e-7, name=n)
+        assert float(y.abs().max()) > 0, n
+
+
+@interpreter_only
+@pytest.mark.parametrize("beta,estimator,d", FA2_CASES, ids=[f"b{c[0]}-{c[1]}-d{c[2]}" for c in FA2_CASES])
+def test_guided_odd_shapes_beta_paths(beta, estimator, d, assert_close):
+    B = 14
+    g = torch.Generator().manual_seed(d)
+    x, eps, noise = (torch.randn(B, d, generator=g) for _ in range(3))
+    positive = x + 0.3 * torch.randn(B, d, generator=g)
+    kw = dict(temperature=4.0, tau_plus=0.1, beta=beta, estimator=estimator, labels=make_labels(B, 3),
+              group_size=7, bank=torch.randn(5, d, generator=g), scale=40.0, eta=0.6, noise=noise, clip_x0=1.5)
+    a_t = torch.linspace(0.3, 0.8, B)
+    ref = hnm_guided_ddim_update(x, eps, a_t, a_t + 0.15, positive, backend="reference", **kw)
+    tri = hnm_guided_ddim_update(x, eps, a_t, a_t + 0.15, positive, backend="triton", **kw)
+    assert_close(tri, ref, rtol=1e-5, name="guided")
+
+
+@interpreter_only
+@pytest.mark.parametrize("d", [96, 300])   # half-dtype GPU tiles: resident 128 x 64 (96 of 128 features) / chunked
+def test_half_gpu_tiles_in_fp32_numerics(d, monkeypatch):
+    """The bf16/fp16 GPU tiles (BLOCK_R = 128) at odd sizes, run in fp32 (the interpreter's only
+    trustworthy dtype): rows, columns, features and bank all partial tiles."""
+    from cdp_fast.kernels import _tiles
+    from cdp_fast.kernels import hnm as hnm_mod
+    from cdp_fast.kernels.hnm_ref import hnm_loss_reference
+
+    monkeypatch.setattr(hnm_mod, "hnm_tile_config", lambda D, dt: _tiles.hnm_tile_config(D, torch.bfloat16))
+    g = torch.Generator().manual_seed(d)
+    B, G, M = (70, 35, 67) if d <= 128 else (40, 20, 37)   # every row, column and bank tile partial
+    a = F.normalize(torch.randn(B, d, generator=g), dim=1)
+    p = F.normalize(a + 0.3 * torch.randn(B, d, generator=g), dim=1)
+    bank = F.normalize(torch.randn(M, d, generator=g), dim=1)
+    kw = dict(group_size=G, labels=torch.arange(B) % 3, bank_labels=torch.arange(M) % 2 + 1, temperature=0.5)
+    with _tiles.gpu_tiles_in_interpreter():
+        assert hnm_mod.hnm_tile_config(d, torch.float32)["BLOCK_R"] == (128 if d <= 128 else 64), d
+        for beta in (1.0, 0.7) if d <= 128 else (1.0,):   # (beta != 1 chunked: the d = 37 tests)
+            lt = [t.clone().requires_grad_(True) for t in (a, p, bank)]
+            lr = [t.clone().requires_grad_(True) for t in (a, p, bank)]
+            yt = hnm_loss(lt[0], lt[1], bank=lt[2], beta=beta, backend="triton", **kw)
+            yr = hnm_loss_reference(lr[0], lr[1], bank=lr[2], beta=beta, **kw)
+            assert _max_rel(yt, yr) < 1e-5, beta
+            for x, y in zip(torch.autograd.grad(yt, lt), torch.autograd.grad(yr, lr), strict=True):
+                assert _max_rel(x, y) < 1e-4, beta
