@@ -243,8 +243,11 @@ def test_epilogue_beta_one_coefficient():
     prep = hnm._Prepared(a.detach(), p.detach(), None, None, None, 6, 0.5, 1.0, "hard")
     lse1, lse0, cnt = hnm._forward_stats(prep)
     args = (prep, lse1, lse0, cnt, 0.1, 0.5)
+    base = prep.flags
+    assert base()["BETA_ONE"]   # hard, beta = 1: the kernels' one-exp path
+    prep.flags = lambda: {**base(), "BETA_ONE": False}
     loss, coef, _, _ = hnm._row_epilogue(*args, check=False)
-    prep.flags = lambda base=prep.flags: {**base(), "BETA_ONE": True}
+    prep.flags = base
     loss1, coef1, _, _ = hnm._row_epilogue(*args, check=False)
     torch.testing.assert_close(loss1, loss)
     torch.testing.assert_close(coef1[1:], coef[1:])
