@@ -94,7 +94,8 @@ def test_aot_gate_counts_sass_instructions(gate):
     for u in doc["units"]:
         name = f"{u['kernel']} sm_{u['arch']} {u['dtype']} {u['flags']}"
         assert u["insts"] > 100 and u["STG"] > 0, f"{name}: SASS counts not parsed: {u['insts']} insts"
-        if u["kernel"] in KERNELS - {"_ddim_fwd_kernel"}:   # the flash-style kernels: a column loop of exps
+        if u["kernel"] in KERNELS - {"_ddim_fwd_kernel", "_hnm_pixel_gemm_kernel"}:   # loops of exps (the
+            # pixel path's GEMM only multiplies the coefficients its companion kernel wrote)
             assert u["loops"] >= 1 and u["loop_list"][0]["insts"] > 0, f"{name}: no loop found"
             assert u["MUFU_EX2"] > 0, f"{name}: no MUFU.EX2 in a kernel made of exps"
         if u["dtype"] != "fp32" and u["dots"] and u["arch"] == 90:
