@@ -2,23 +2,21 @@
 
 Cost models (what "achieved TFLOP/s" and "% of bound" mean; N = 2B rows of Z = [A; P]):
 
-HNM, forward + backward, fused kernel (METHOD.md §7):
-  forward  : similarity tiles S = Z Z^T                      2 N^2 d FLOPs
-             exps: two scales (beta, 1 + beta) per entry     2 N^2 exps
-  backward : recompute S                                     2 N^2 d FLOPs
-             two matmuls, G_rc z_c and G_cr z_c               4 N^2 d FLOPs
-             exps: both scales for G_rc (row r's statistics)
-                   and for G_cr (row c's statistics)         4 N^2 exps
-  total    : 8 N^2 d FLOPs, 6 N^2 exps (lower-order row terms and the N vs N - 2 columns ignored)
-  bound    : max(FLOPs / matmul peak, exps / exp peak), matmul peak = bf16 tensor core for
-             bf16 inputs, fp32 FMA for fp32 inputs (the kernel's tl.dot is "ieee" for fp32); exp peak = 16 MUFU.EX2 per clock per SM
-             at the max SM clock (see device.SFU_EXP_PER_CLK_PER_SM). "% of bound" = bound / time.
-  The same counts are used for the eager reference's achieved rate (it materialises N x N).
+Minimal work, from benchmarks/cost_model.py (the one place these counts live; README there):
 
-InfoNCE (B = N / 2 queries and keys), same convention: 8 B^2 d FLOPs (forward 2, backward
-recompute 2 + dq 2 + dk 2) and 2 B^2 exps (forward softmax, backward recomputation). This is the
-minimal count: a backward split into a row kernel (dq) and a column kernel (dk) that each
-recompute the tiles does 10 B^2 d FLOPs and 3 B^2 exps, which shows up as a lower % of bound.
+HNM forward + backward at the default (hard estimator, beta = 1), N = 2B rows of Z = [A; P]:
+  forward S = Z Z^T (2 N^2 d FLOPs) and one exp per entry (beta = 1 derives the second scale);
+  backward: S once more (2 N^2 d) and one matmul with (G + G^T) (2 N^2 d), one exp per entry and
+  statistics side (2 N^2). Total 6 N^2 d FLOPs and 3 N^2 exps (lower-order row terms ignored).
+  bound: max(FLOPs / matmul peak, exps / exp peak), matmul peak = bf16 tensor core for bf16
+  inputs, fp32 FMA for fp32 inputs (the kernel's tl.dot is "ieee" for fp32); exp peak = 16
+  MUFU.EX2 per clock per SM at the max SM clock (see device.SFU_EXP_PER_CLK_PER_SM). "% of bound"
+  = bound / time. The same counts are used for the eager reference's achieved rate (it
+  materialises N x N).
+
+InfoNCE (B = N / 2 queries and keys): 8 B^2 d FLOPs (forward 2, backward recompute 2 + dq 2 +
+dk 2) and 2 B^2 exps: the one-kernel backward's count. The deterministic two-kernel backward does
+10 B^2 d FLOPs and 3 B^2 exps, which shows up as a lower % of bound.
 
 DDIM update: bytes = (inputs read + outputs written) x numel x element size; inputs are x, eps and
 the guidance gradient when guided; the noise is drawn inside the fused kernel (no read), so the
@@ -31,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import cost_model
 from .device import matmul_peak_tflops
 from .timing import (
     BenchTimeout,
@@ -147,7 +146,8 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
         def ref_check():
             return hnm_loss_reference(*check_leaves, temperature=HNM_CHECK["temperature"], check=False)
 
-        flops, exps = 8.0 * N * N * d, 6.0 * N * N
+        cost = cost_model.hnm_fwd(N, d, beta_one=True) + cost_model.hnm_bwd_rows(N, d, beta_one=True, recompute=False)
+        flops, exps = cost.flops, cost.exps
         params = {"N": N, "B": B, "d": d, "temperature": 10.0, "tau_plus": 0.1, "beta": 1.0,
                   "estimator": "hard"}
     else:
@@ -160,7 +160,8 @@ def _contrastive_case(ctx: Ctx, *, name: str, N: int, d: int, dtype: torch.dtype
         def ref_loss_of(a, p):
             return infonce_loss_reference(a, p, check=False)
 
-        flops, exps = 8.0 * B * B * d, 2.0 * B * B
+        cost = cost_model.infonce_fwd(B, d) + cost_model.infonce_bwd(B, d, one_kernel=True, recompute=False)
+        flops, exps = cost.flops, cost.exps
         params = {"N": N, "B": B, "d": d, "temperature": 0.1}
         fused_check = fused_loss
 

@@ -13,10 +13,11 @@ HBM traffic (every input read once, every output written once; tile re-reads are
 L2, true while a group's 2G x d block fits in it). Lower-order per-row terms (row rescales of the
 online softmax, the row epilogue) are left out.
 
-"today" is the kernels as on main (e823699); "planned" is issue 14's design: beta = 1 as a
+"before" is the kernels as on main e823699; "after" is issue 14's kernels (built): beta = 1 as a
 constexpr path (forward e = exp(s' - m) once, l1 += e^2; backward w1 = w0^2 exp(2 LSE0 - LSE1)),
-one InfoNCE backward kernel (S and P recomputed once for dq and dk), and the pixel-space path
-(d >= 640: H = G + G^T per group materialised once, dZ = H Z, so no recomputation per chunk).
+one InfoNCE backward kernel (S and P once for dq and dk; the deterministic two-kernel backward is
+the "before" row), and the pixel-space path (d >= 640: H = G + G^T per group materialised once,
+dZ = H Z, so no recomputation per chunk).
 """
 from __future__ import annotations
 
@@ -107,13 +108,14 @@ def infonce_fwd(B, d, *, C=None, dtype="bf16") -> Cost:
     return Cost(bytes=s * d * (B + C) + 8 * B, flops=2 * d * B * C, exps=B * C)
 
 
-def infonce_bwd(B, d, *, C=None, dtype="bf16", one_kernel=False) -> Cost:
-    """today: a rows kernel (dq) and a columns kernel (dc), each recomputing S and P per feature
-    chunk; one_kernel (planned): S and P once, dq and dc from the same tile."""
+def infonce_bwd(B, d, *, C=None, dtype="bf16", one_kernel=False, recompute=True) -> Cost:
+    """two kernels (deterministic=True): a rows kernel (dq) and a columns kernel (dc), each
+    recomputing S and P per feature chunk; one_kernel (the default on GPU for half dtypes): S and
+    P once, dq and dc (atomics) from the same tile."""
     s, C = BYTES[dtype], B if C is None else C
     E = B * C
     io = s * d * (B + C) + 4 * B + 4 * d * (B + C)   # q, C in; lse in; dq, dc out (fp32)
-    c = _chunks(d, True)
+    c = _chunks(d, recompute)
     if one_kernel:
         return Cost(bytes=io, flops=c * 2 * d * E + 2 * 2 * d * E, exps=c * E)
     side = c * 2 * d * E + 2 * d * E
@@ -160,18 +162,20 @@ def bound(cost: Cost, *, device="h100", dtype="bf16") -> dict:
     return {**{k: v * 1e6 for k, v in t.items()}, "bound_us": t[limit] * 1e6, "limit": limit}
 
 
-def kernel_costs(N, d, *, M=0, G=None, dtype="bf16", ddim_insts=0.0) -> list[tuple[str, Cost, Cost]]:
-    """(kernel, today, planned) for issue 14's kernels at one size (hard estimator, beta = 1).
-    ddim_insts: today's SASS instructions per DDIM element (the planned row leaves them out: the
-    HBM bound it should reach)."""
+def kernel_costs(N, d, *, M=0, G=None, dtype="bf16", ddim_insts=0.0,
+                 ddim_insts_after=0.0) -> list[tuple[str, Cost, Cost]]:
+    """(kernel, before, after) for issue 14's kernels at one size (hard estimator, beta = 1).
+    ddim_insts / ddim_insts_after: SASS instructions per DDIM element before / after (from the
+    compile gate's JSONs; 0 leaves the issue bound out)."""
     B = N // 2
-    px = d >= 640   # the planned pixel-space GEMM path
+    px = d >= 640   # the guided step's pixel-space GEMM path (kernels/_hnm_pixel.py); hnm_loss's
+    # backward keeps the chunked kernel at any d
     kw = dict(G=G, M=M, dtype=dtype)
     out = [("HNM fwd", hnm_fwd(N, d, **kw), hnm_fwd(N, d, beta_one=True, **kw)),
-           ("HNM bwd rows", hnm_bwd_rows(N, d, **kw), hnm_bwd_rows(N, d, beta_one=True, recompute=not px, **kw))]
+           ("HNM bwd rows", hnm_bwd_rows(N, d, **kw), hnm_bwd_rows(N, d, beta_one=True, **kw))]
     if M:
         out.append(("HNM bank bwd", hnm_bank_bwd(N, d, M=M, dtype=dtype),
-                    hnm_bank_bwd(N, d, M=M, dtype=dtype, beta_one=True, recompute=not px)))
+                    hnm_bank_bwd(N, d, M=M, dtype=dtype, beta_one=True)))
     out.append(("HNM fused DDIM bwd", hnm_fused_ddim(N, d, **kw),
                 hnm_fused_ddim(N, d, beta_one=True, recompute=not px, **kw)))
     out.append(("= hnm_fwd_bwd (fwd + bwd rows)", out[0][1] + out[1][1], out[0][2] + out[1][2]))
@@ -179,23 +183,25 @@ def kernel_costs(N, d, *, M=0, G=None, dtype="bf16", ddim_insts=0.0) -> list[tup
            ("InfoNCE bwd", infonce_bwd(B, d, dtype=dtype), infonce_bwd(B, d, dtype=dtype, one_kernel=True))]
     inf.append(("= infonce_fwd_bwd", inf[0][1] + inf[1][1], inf[0][2] + inf[1][2]))
     return out + inf + [("DDIM step (N x d elements, Philox)", ddim_step(N * d, dtype=dtype, insts_per_elem=ddim_insts),
-                         ddim_step(N * d, dtype=dtype))]
+                         ddim_step(N * d, dtype=dtype, insts_per_elem=ddim_insts_after))]
 
 
 def _fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
 
 
-def markdown(sizes=(1024, 16384), d=128, *, M=0, dtype="bf16", device="h100", ddim_insts=0.0) -> str:
+def markdown(sizes=(1024, 16384), d=128, *, M=0, dtype="bf16", device="h100", ddim_insts=0.0,
+             ddim_insts_after=0.0) -> str:
     p = _peaks(device)
     mm = p["bf16"] if dtype in ("bf16", "fp16") else p["fp32"]
     lines = [f"{p['label']}: {mm} TFLOP/s ({'dense tensor core' if dtype != 'fp32' else 'fp32 FMA'}), "
              f"{SFU_EXP_PER_CLK_PER_SM} exp/clk/SM x {p['sms']} SMs x {p['boost_mhz']} MHz = "
              f"{sfu_exp_per_s(p) / 1e12:.2f} Texp/s, HBM {p['hbm'] / 1000:.2f} TB/s; {dtype}, d = {d}, M = {M}.", "",
-             "| N | kernel | MB | GFLOP today | Mexp today | bound today, us | GFLOP planned | Mexp planned "
-             "| bound planned, us | planned / today |", "|" + "---|" * 10]
+             "| N | kernel | MB | GFLOP before | Mexp before | bound before, us | GFLOP after | Mexp after "
+             "| bound after, us | after / before |", "|" + "---|" * 10]
     for N in sizes:
-        for name, now, new in kernel_costs(N, d, M=M, dtype=dtype, ddim_insts=ddim_insts):
+        for name, now, new in kernel_costs(N, d, M=M, dtype=dtype, ddim_insts=ddim_insts,
+                                           ddim_insts_after=ddim_insts_after):
             bn, bp = bound(now, device=device, dtype=dtype), bound(new, device=device, dtype=dtype)
             lines.append(f"| {N} | {name} | {_fmt(now.bytes / 1e6)} | {_fmt(now.flops / 1e9)} | {_fmt(now.exps / 1e6)} "
                          f"| {_fmt(bn['bound_us'])} ({bn['limit']}) | {_fmt(new.flops / 1e9)} | {_fmt(new.exps / 1e6)} "
@@ -212,22 +218,30 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="h100", help=f"a DEVICE_PEAKS key: {', '.join(p for p, _ in DEVICE_PEAKS)}")
     ap.add_argument("--sass", default=None, metavar="GATE_JSON",
                     help="a compile-gate JSON (e.g. benchmarks/results/sass_before.json): the DDIM step's "
-                         "SASS instructions per element add an instruction-issue bound to today's DDIM row")
+                         "SASS instructions per element add an instruction-issue bound to the 'before' DDIM row")
+    ap.add_argument("--sass-after", default=None, metavar="GATE_JSON",
+                    help="the same for the 'after' DDIM row (e.g. benchmarks/results/sass_after.json)")
     args = ap.parse_args(argv)
     if any(n < 2 or n % 2 for n in args.N) or args.d < 1 or args.M < 0:
         ap.error("N must be even and >= 2, d >= 1, M >= 0")
-    ddim_insts = 0.0
-    if args.sass:
+    ddim_insts = {}
+    for key, path in (("before", args.sass), ("after", args.sass_after)):
+        if not path:
+            continue
         try:
-            doc = json.loads(Path(args.sass).read_text())
+            doc = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            ap.error(f"--sass {args.sass}: not a readable JSON file ({e})")
-        ddim_insts = ddim_insts_per_elem(doc, args.dtype, 90 if args.device.startswith("h") else 80)
-        if ddim_insts is None:
-            ap.error(f"--sass {args.sass}: no plain in-kernel-noise _ddim_fwd_kernel unit in {args.dtype}")
-        print(f"DDIM step today: {ddim_insts:.0f} SASS instructions per element ({args.sass})\n")
+            ap.error(f"{path}: not a readable JSON file ({e})")
+        per = ddim_insts_per_elem(doc, args.dtype, 90 if args.device.startswith("h") else 80)
+        if per is None:
+            ap.error(f"{path}: no plain in-kernel-noise _ddim_fwd_kernel unit in {args.dtype}")
+        ddim_insts[key] = per
+        print(f"DDIM step {key}: {per:.0f} SASS instructions per element ({path})")
+    if ddim_insts:
+        print()
     try:
-        print(markdown(tuple(args.N), args.d, M=args.M, dtype=args.dtype, device=args.device, ddim_insts=ddim_insts))
+        print(markdown(tuple(args.N), args.d, M=args.M, dtype=args.dtype, device=args.device,
+                       ddim_insts=ddim_insts.get("before", 0.0), ddim_insts_after=ddim_insts.get("after", 0.0)))
     except ValueError as e:
         ap.error(str(e))
     return 0

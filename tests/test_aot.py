@@ -352,5 +352,11 @@ def test_cost_model_reads_the_committed_baseline(capsys):
     assert cm.main(["--sass", str(path), "--N", "1024"]) == 0
     out = capsys.readouterr().out
     assert "(issue)" in out and "H100 SXM" in out and "| 1024 | HNM fwd |" in out
+    # the after run (issue 14's kernels): 32-bit-counter Philox, fewer instructions per element
+    after = json.loads(path.with_name("sass_after.json").read_text())
+    per_after = cm.ddim_insts_per_elem(after, "bf16", 90)
+    assert per_after is not None and per_after < per
+    assert cm.main(["--sass", str(path), "--sass-after", str(path.with_name("sass_after.json")), "--N", "1024"]) == 0
+    assert "DDIM step after" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cm.main(["--N", "1023"])
