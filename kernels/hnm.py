@@ -445,7 +445,9 @@ def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check
     progs, per_prog = epilogue_programs(p.B, p.M, check_bank)
     coef = torch.empty(3, n, dtype=torch.float32, device=dev)
     part = torch.empty(progs, dtype=torch.float32, device=dev)
-    status = torch.empty(progs, dtype=torch.int32, device=dev) if check else part
+    # zero-filled (one memset launch, check=True only): a status word no kernel wrote (a tool that
+    # records launches without running them, e.g. the AOT gates) then reads as clean, not garbage
+    status = torch.zeros(progs, dtype=torch.int32, device=dev) if check else part
     if alphas is not None:
         (at_mode, at_val, at_t), (an_mode, an_val, an_t) = (_alpha_arg(a, p.B, dev) for a in alphas[:2])
         ddim = torch.empty(5, p.B, dtype=torch.float32, device=dev)
