@@ -13,7 +13,7 @@ d / 128 = 24 feature chunks recomputes the similarity tiles (a full-d GEMM) and 
 * ``_hnm_pixel_gemm_kernel``, one program per (anchor row block, feature chunk):
   dZ_r = (1/T) (sum_c H_rc z_c + sum_m G_rm bank_m), fp32 accumulation (tensor cores for half
   inputs: H is cast to the input dtype, scaled by n = 2B as in ``hnm._coef_scaled``), and the
-  DDIM update of METHOD.md §3 (``ddim._ddim_step_jit``) in the epilogue: writes x_next only.
+  DDIM update of METHOD.md §3 (``hnm._guided_ddim_store``) in the epilogue: writes x_next only.
 
 Memory: H is [groups in a chunk x G, 2G] fp32 plus [.. x G, M] fp32 with a bank, i.e.
 4 * B * (2G + M) bytes for the whole batch (B = G = 512, no bank: 2 MiB; M = 10^4: +20 MB).
@@ -56,8 +56,7 @@ _H_BUDGET_BYTES = 256 * 2 ** 20   # H + G_bank buffer per chunk of groups (read 
 
 if triton is not None:
     from ._tiles import dot, sim_tile
-    from .ddim import _ddim_step_jit
-    from .hnm import _bank_tile, _grad_terms, _local_to_row
+    from .hnm import _bank_tile, _grad_terms, _guided_ddim_store, _local_to_row
 
     @triton.jit
     def _hnm_pixel_coef_kernel(Z, BANK, LAB, BLAB, LSE1, LSE0, CA, CB, CP, H, HB,
@@ -152,23 +151,9 @@ if triton is not None:
                 bc = tl.load(BANK + mc[:, None] * D + do[None, :], mask=mmask[:, None] & domask[None, :], other=0.0)
                 acc = dot(hb.to(bc.dtype), bc, acc, FP32_DOT)
         acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (_coef_scaled)
-        # x_next = sqrt(a_n) x0 + c1 z + c2 e, e = eps + gscale * grad (as _hnm_bwd_kernel's FUSED_DDIM)
         omask = rmask[:, None] & domask[None, :]
-        offs = rows[:, None] * D + do[None, :]
-        x = tl.load(X + offs, mask=omask, other=0.0).to(tl.float32)
-        e = tl.load(EPS + offs, mask=omask, other=0.0).to(tl.float32) + gscale * acc
-        sa = tl.load(KSA + rows, mask=rmask, other=1.0)[:, None]
-        sb = tl.load(KSB + rows, mask=rmask, other=0.0)[:, None]
-        sn = tl.load(KSN + rows, mask=rmask, other=0.0)[:, None]
-        c2 = tl.load(KC2 + rows, mask=rmask, other=0.0)[:, None]
-        if HAS_NOISE:
-            c1 = tl.load(KC1 + rows, mask=rmask, other=0.0)[:, None]
-            z = tl.load(NOISE + offs, mask=omask, other=0.0).to(tl.float32)
-        else:  # unused without noise
-            c1 = c2
-            z = x
-        out, _ = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, False, HAS_NOISE)
-        tl.store(OUT + offs, out, mask=omask)
+        _guided_ddim_store(acc, rows, rmask, rows[:, None] * D + do[None, :], omask, X, EPS, NOISE,
+                           KSA, KSB, KSN, KC1, KC2, OUT, gscale, clip, HAS_NOISE, CLIP)
 
 
 def pixel_tiles(dtype: torch.dtype) -> dict:

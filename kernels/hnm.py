@@ -106,6 +106,26 @@ if triton is not None:
         return cols, cmask, s, valid, bc
 
     @triton.jit
+    def _guided_ddim_store(acc, rows, rmask, offs, omask, X, EPS, NOISE, KSA, KSB, KSN, KC1, KC2, OUT,
+                           gscale, clip, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr):
+        # the guided step's epilogue (METHOD.md §3): acc = the anchor rows' gradient tile;
+        # x_next = sqrt(a_n) x0 + c1 z + c2 e with e = eps + gscale * acc, written to OUT
+        x = tl.load(X + offs, mask=omask, other=0.0).to(tl.float32)
+        e = tl.load(EPS + offs, mask=omask, other=0.0).to(tl.float32) + gscale * acc
+        sa = tl.load(KSA + rows, mask=rmask, other=1.0)[:, None]
+        sb = tl.load(KSB + rows, mask=rmask, other=0.0)[:, None]
+        sn = tl.load(KSN + rows, mask=rmask, other=0.0)[:, None]
+        c2 = tl.load(KC2 + rows, mask=rmask, other=0.0)[:, None]
+        if HAS_NOISE:
+            c1 = tl.load(KC1 + rows, mask=rmask, other=0.0)[:, None]
+            z = tl.load(NOISE + offs, mask=omask, other=0.0).to(tl.float32)
+        else:  # unused without noise
+            c1 = c2
+            z = x
+        out, _ = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, False, HAS_NOISE)
+        tl.store(OUT + offs, out, mask=omask)
+
+    @triton.jit
     def _local_to_row(li, g, B, G):
         # local index in [0, 2G) of group g -> row of Z: anchors g*G.., then their positives B+g*G..
         return tl.where(li < G, g * G + li, B + g * G + li - G).to(tl.int64)
@@ -300,22 +320,9 @@ if triton is not None:
         acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (_coef_scaled)
         omask = rmask[:, None] & domask[None, :]
         offs = rows[:, None] * D + do[None, :]
-        if FUSED_DDIM:
-            # rows are anchors (rows < B): x_next = sqrt(a_n) x0 + c1 z + c2 e, e = eps + scale * grad
-            x = tl.load(X + offs, mask=omask, other=0.0).to(tl.float32)
-            e = tl.load(EPS + offs, mask=omask, other=0.0).to(tl.float32) + gscale * acc
-            sa = tl.load(KSA + rows, mask=rmask, other=1.0)[:, None]
-            sb = tl.load(KSB + rows, mask=rmask, other=0.0)[:, None]
-            sn = tl.load(KSN + rows, mask=rmask, other=0.0)[:, None]
-            c2 = tl.load(KC2 + rows, mask=rmask, other=0.0)[:, None]
-            if HAS_NOISE:
-                c1 = tl.load(KC1 + rows, mask=rmask, other=0.0)[:, None]
-                z = tl.load(NOISE + offs, mask=omask, other=0.0).to(tl.float32)
-            else:  # unused without noise
-                c1 = c2
-                z = x
-            out, _ = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, False, HAS_NOISE)
-            tl.store(DZ + offs, out, mask=omask)
+        if FUSED_DDIM:   # rows are anchors (rows < B)
+            _guided_ddim_store(acc, rows, rmask, offs, omask, X, EPS, NOISE, KSA, KSB, KSN, KC1, KC2, DZ,
+                               gscale, clip, HAS_NOISE, CLIP)
         else:
             tl.store(DZ + offs, acc, mask=omask)
 
