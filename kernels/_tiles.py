@@ -87,6 +87,10 @@ def fp32_dot_precision() -> str:
 # Above this feature dim the HNM kernels stream features in BLOCK_K chunks (pixel space);
 # up to it (and for d a multiple of 16) the row tile stays resident (flash-attention-2 structure)
 HNM_RESIDENT_MAX_D = 128
+# The resident forward always pipelines 3 column tiles: with 2, ptxas capped it at 128 registers
+# and spilled 4 B (d = 64; d = 128 on sm_80, easy estimator + bank). The backward keeps the
+# config's num_stages: 3 spilled it on sm_80 at d = 128 (fused DDIM, labels + bank).
+HNM_FWD_STAGES_RESIDENT = 3
 
 
 def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:

@@ -46,7 +46,7 @@ import torch
 
 from ._backend import backend_for, interpreting, launch_only, on_input_device
 from ._hnm_epilogue import BAD_VALUE, NO_NEGATIVES, epilogue_programs
-from ._tiles import fp32_dot_precision, hnm_tile_config
+from ._tiles import HNM_FWD_STAGES_RESIDENT, fp32_dot_precision, hnm_tile_config
 from .hnm_ref import (
     LOG_NEG_CLAMP,
     _capturing,
@@ -421,7 +421,8 @@ def _forward_stats(p: _Prepared):
     grid = ((p.B // p.G) * triton.cdiv(2 * p.G, bl["BLOCK_R"]),)
     _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
                           BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
-                          num_warps=bl["num_warps"], num_stages=bl["num_stages"], RESIDENT=bl["RESIDENT"],
+                          num_warps=bl["num_warps"], RESIDENT=bl["RESIDENT"],
+                          num_stages=HNM_FWD_STAGES_RESIDENT if bl["RESIDENT"] else bl["num_stages"],
                           **p.flags())
     return lse1, lse0, cnt
 
