@@ -233,28 +233,33 @@ def test_guidance_with_image_features_and_to_features(sched):
 
 
 # ------------------------------------------------------------------------------------------------
+class _ConvEps(nn.Module):
+    """A tiny 3-channel noise predictor and feature net for the GPU graph tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+class _ConvFeat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+# ------------------------------------------------------------------------------------------------
 @cuda_only
 @pytest.mark.gpu
 def test_guided_graph_replay_equals_eager_gpu(sched):
     torch.manual_seed(0)
 
-    class Eps(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x, t):
-            return self.conv(x)
-
-    class Feat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(x).mean((2, 3))
-
-    model, feat = Eps().cuda(), Feat().cuda()
+    model, feat = _ConvEps().cuda(), _ConvFeat().cuda()
     outs = []
     for graphs in (True, False):
         g = ContrastiveGuidance("hnm", feat, head=True, scale=10.0, t_min=300)
@@ -509,23 +514,7 @@ def test_reused_guided_graphs_captured_once_gpu(sched):
     matching fresh (graph-captured) runs."""
     torch.manual_seed(0)
 
-    class Eps(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x, t):
-            return self.conv(x)
-
-    class Feat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(x).mean((2, 3))
-
-    model, feat = Eps().cuda(), Feat().cuda()
+    model, feat = _ConvEps().cuda(), _ConvFeat().cuda()
     kw = dict(steps=20, eta=0.5, bf16=False, channels_last=False, cuda_graphs=True)
     s = DDIMSampler(model, sched, guidance=ContrastiveGuidance("hnm", feat, head=True, scale=10.0, t_min=300),
                     reuse_runs=True, **kw)
