@@ -33,7 +33,9 @@ from . import config as _config
 from .config import field
 from .data import canonical_name, load_dataset
 from .models.checkpoint import load_into, read_file
+from .models import edm
 from .models.ddpm import DDPMUNet
+from .models.edm_pickle import load_edm_pickle
 from .models.external import is_diffusers_folder, load_external
 from .models.unet import UNet, unet_kwargs
 from .schedules import NoiseSchedule
@@ -100,6 +102,9 @@ class TrainDiffusionConfig:
     seed: int = field(0, help="random seed")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
     log_every: int = field(50, help="progress-bar / loss-log interval (iterations)")
+    objective: str = field("ddpm", help="ddpm: epsilon-prediction UNet (DDPM loss); edm: EDMPrecond(SongUNet) "
+                                        "with EDM's loss (METHOD.md, EDM networks and preconditioning)",
+                           choices=("ddpm", "edm"))
 
 
 def resolve_settings(cfg: TrainDiffusionConfig, dataset: str | None = None) -> dict:
@@ -125,7 +130,8 @@ def resolve_settings(cfg: TrainDiffusionConfig, dataset: str | None = None) -> d
               (cfg.real_limit is None or cfg.real_limit >= 1,
                f"real_limit must be >= 1 (or unset), got {cfg.real_limit}"),
               (schedule in ("linear", "cosine"), f"unknown schedule {schedule!r}"),
-              (cfg.precision in ("auto", "bf16", "fp32"), f"unknown precision {cfg.precision!r}")]
+              (cfg.precision in ("auto", "bf16", "fp32"), f"unknown precision {cfg.precision!r}"),
+              (cfg.objective in ("ddpm", "edm"), f"--objective must be ddpm or edm, got {cfg.objective!r}")]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"train-diffusion: {msg}")
@@ -187,6 +193,9 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
                          f"training images; pass load_dataset(..., real_limit={cfg.real_limit}) data so "
                          f"only the allowed real images train the model")
     num_classes = int(data.num_classes)
+    if cfg.objective == "edm":  # EDM's loss and preconditioning: cdp_fast.edm_train
+        from .edm_train import train_edm
+        return train_edm(cfg, data, name, s)
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -288,7 +297,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
     keys = ("dataset", "preset", "schedule", "iters", "final_loss", "wall_s", "num_params",
             "real_images", "class_conditional", "precision", "device")
     out = {k: meta[k] for k in keys}
-    out["schedule"] = meta["schedule"]["name"]
+    out["schedule"] = (meta["schedule"] or {}).get("name")  # None for an EDM denoiser
     out["checkpoint"] = str(folder)
     return out
 
@@ -320,14 +329,22 @@ def load_diffusion(path, device="cpu", *, image_size: int | None = None):
     ``cdp_fast.models.external``). The model maps (x in [-1, 1], t[, y]) to eps. Weights are read
     with safetensors / ``torch.load(weights_only=True)`` only. ``image_size`` overrides the size
     inferred for an original DDPM file (not stored in its tensors).
+
+    EDM models (an NVlabs ``.pkl``, read by ``cdp_fast.models.edm_pickle`` without running its
+    code, or an EDM folder from ``convert`` / ``--objective edm``) come back as
+    ``(Denoiser, None, meta)`` with ``meta["kind"] == "edm"``: D(x; sigma), no schedule.
     """
     folder = Path(path)
     dev = resolve_device(device) if isinstance(device, str) else device
     if not folder.exists():
         raise FileNotFoundError(f"diffusion checkpoint not found: {folder} (a cdp-fast or diffusers "
                                 f"folder, or an original DDPM .ckpt file)")
+    if folder.is_file() and folder.suffix == ".pkl":  # NVlabs EDM network pickle, restricted reader
+        return load_edm_pickle(folder, dev)
     if folder.is_file() or is_diffusers_folder(folder):
         return load_external(folder, dev, image_size=image_size)
+    if edm.is_edm_folder(folder):  # EDM denoiser folder (convert / --objective edm)
+        return edm.load_folder(folder, dev, fmt=CHECKPOINT_FORMAT)
     meta = _read_meta(folder)
     wpath = folder / "model.safetensors"
     if not wpath.is_file():
@@ -372,6 +389,11 @@ def convert(cfg: ConvertConfig) -> dict:
         raise ValueError("convert: give the checkpoint to convert (cdp-fast convert PATH --out DIR)")
     model, _, meta = load_diffusion(cfg.path, "cpu", image_size=cfg.image_size)
     keep = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "image_shape")}
+    if meta.get("kind") == "edm":  # EDM .pkl / folder -> EDM safetensors folder
+        folder = edm.save_folder(cfg.out, model, keep, fmt=CHECKPOINT_FORMAT)
+        return {"out": str(folder), "source": meta.get("source", "cdp-fast"), "arch": meta["arch"],
+                "precond": meta["precond"], "num_params": sum(p.numel() for p in model.parameters()),
+                "image_shape": meta["image_shape"], "schedule": None}
     folder = save_diffusion(cfg.out, model, keep)
     return {"out": str(folder), "source": meta.get("source", "cdp-fast"), "arch": meta.get("arch", "unet"),
             "num_params": sum(p.numel() for p in model.parameters()),
