@@ -32,8 +32,8 @@ import torch
 from . import config as _config
 from .config import field
 from .data import canonical_name, load_dataset
-from .models.checkpoint import load_into, read_file
 from .models import edm
+from .models.checkpoint import load_into, read_file
 from .models.ddpm import DDPMUNet
 from .models.edm_pickle import load_edm_pickle
 from .models.external import is_diffusers_folder, load_external

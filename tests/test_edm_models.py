@@ -249,13 +249,13 @@ def edm_tiny():
 def test_train_diffusion_edm_objective(tmp_path):
     from cdp_fast.diffusion_train import TrainDiffusionConfig, load_diffusion, run
 
-    out = run(TrainDiffusionConfig(objective="edm", iters=3, batch_size=8, log_every=1, class_conditional=True,
+    out = run(TrainDiffusionConfig(objective="edm", iters=2, batch_size=4, log_every=1, class_conditional=True,
                                    out=str(tmp_path / "edm")))
-    assert out["schedule"] is None and out["class_conditional"] and out["iters"] == 3
+    assert out["schedule"] is None and out["class_conditional"] and out["iters"] == 2
     import json
     cfg = json.loads((tmp_path / "edm" / "config.json").read_text())
     losses = [v for _, v in json.loads((tmp_path / "edm" / "metrics.json").read_text())["loss_log"]]
-    assert cfg["objective"] == "edm" and len(losses) == 3 and all(0 < v < float("inf") for v in losses)
+    assert cfg["objective"] == "edm" and len(losses) == 2 and all(0 < v < float("inf") for v in losses)
     net, schedule, meta = load_diffusion(tmp_path / "edm")
     assert schedule is None and isinstance(net, Denoiser) and meta["precond"] == "EDMPrecond"
     assert meta["image_shape"] == [1, 8, 8] and meta["label_dim"] == 10 and meta["sigma_max"] == float("inf")

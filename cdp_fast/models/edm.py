@@ -541,7 +541,7 @@ def describe(net: _Precond) -> dict:
     L = net.label_dim
     return {"kind": "edm", "precond": type(net).__name__, "arch": net.model_type,
             "image_shape": [net.img_channels, net.img_resolution, net.img_resolution],
-            "label_dim": L, "num_classes": L or None, "class_conditional": L > 0,
+            "label_dim": L, "class_conditional": L > 0,
             "sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max),
             "sigma_data": float(getattr(net, "sigma_data", 0.5)),
             "prediction": "denoiser", "data_range": [-1.0, 1.0], "schedule": None}
@@ -585,7 +585,8 @@ def save_folder(folder, net: _Precond, meta: dict, *, fmt: str, loss_log: list |
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         raise ValueError("save: refusing to save non-finite weights (loss diverged?)")
-    cfg = dict(describe(net), **{k: v for k, v in meta.items() if k not in ("format", "version", "edm", "kind")})
+    facts = describe(net)  # what the network says wins over the caller's meta
+    cfg = dict(facts, **{k: v for k, v in meta.items() if k not in ("format", "version", "edm", *facts)})
     # strict JSON: EDMPrecond's default sigma_max is inf (no limit) -> null
     cfg = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in cfg.items()}
     cfg.update(format=fmt, version=1, kind="edm",

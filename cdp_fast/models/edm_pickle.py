@@ -274,7 +274,7 @@ def load_edm_pickle(path, device="cpu", *, key: str = "ema"):
     _check_structure(net, classes, _records(rec), where)
     load_into(net, state, where, what=f"the {rec.class_name} its init kwargs describe")
     net = net.to(device).eval().requires_grad_(False)
-    meta = dict(edm.describe(net), source=str(path), format="edm-pkl")
+    meta = dict(edm.describe(net), num_classes=net.label_dim or None, source=str(path), format="edm-pkl")
     ds = obj.get("dataset_kwargs")
     if isinstance(ds, dict):
         meta["dataset_kwargs"] = {str(k): v for k, v in ds.items() if isinstance(v, _SCALARS) or v is None}

@@ -36,7 +36,7 @@ class Linear(torch.nn.Module):
 
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
-    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=[1, 1],
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=(1, 1),
                  fused_resample=False, init_mode="kaiming_normal", init_weight=1, init_bias=0):
         super().__init__()
         self.in_channels = in_channels
@@ -98,10 +98,12 @@ class GroupNorm(torch.nn.Module):
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5, resample_filter=[1, 1],
-                 resample_proj=False, adaptive_scale=True, init=dict(), init_zero=dict(init_weight=0),
+                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5, resample_filter=(1, 1),
+                 resample_proj=False, adaptive_scale=True, init=None, init_zero=None,
                  init_attn=None):
         super().__init__()
+        init = {} if init is None else init  # published defaults: dict() and dict(init_weight=0)
+        init_zero = {"init_weight": 0} if init_zero is None else init_zero
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
@@ -177,9 +179,9 @@ class FourierEmbedding(torch.nn.Module):
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
-                 channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4, attn_resolutions=[16], dropout=0.10,
+                 channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
                  label_dropout=0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-                 decoder_type="standard", resample_filter=[1, 1]):
+                 decoder_type="standard", resample_filter=(1, 1)):
         super().__init__()
         self.label_dropout = label_dropout
         E = model_channels * channel_mult_emb
@@ -282,7 +284,7 @@ class SongUNet(torch.nn.Module):
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=192,
-                 channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3, attn_resolutions=[32, 16, 8],
+                 channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8),
                  dropout=0.10, label_dropout=0):
         super().__init__()
         self.label_dropout = label_dropout
