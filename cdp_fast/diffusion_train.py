@@ -103,7 +103,7 @@ class TrainDiffusionConfig:
     device: str = field("auto", help="auto | cpu | cuda[:i]")
     log_every: int = field(50, help="progress-bar / loss-log interval (iterations)")
     objective: str = field("ddpm", help="ddpm: epsilon-prediction UNet (DDPM loss); edm: EDMPrecond(SongUNet) "
-                                        "with EDM's loss (METHOD.md, EDM networks and preconditioning)",
+                                        "with EDM's loss (METHOD.md §14)",
                            choices=("ddpm", "edm"))
 
 
@@ -377,7 +377,8 @@ def load_diffusion(path, device="cpu", *, image_size: int | None = None):
 @dataclass
 class ConvertConfig:
     POSITIONAL: ClassVar[str] = "path"  # `cdp-fast convert PATH --out DIR`
-    path: str | None = field(None, help="diffusers folder, original DDPM .ckpt/.pt file or cdp-fast folder")
+    path: str | None = field(None, help="diffusers folder, original DDPM .ckpt/.pt file, NVlabs EDM .pkl "
+                                        "or cdp-fast folder")
     out: str = field("runs/converted", help="cdp-fast checkpoint folder to write")
     image_size: int | None = field(None, help="image size of an original DDPM file (default: inferred, "
                                               "16 * 2**attention level)")

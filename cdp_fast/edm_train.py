@@ -1,5 +1,5 @@
 """``cdp-fast train-diffusion --objective edm``: EDM's training objective and preconditioning
-(Karras et al. 2022; docs/METHOD.md, "EDM networks and preconditioning").
+(Karras et al. 2022; docs/METHOD.md §14, "EDM networks and preconditioning").
 
 The network is ``EDMPrecond`` around a ``SongUNet`` (DDPM++) sized per preset (``EDM_PRESETS``;
 the digits default is 2 levels of 32/64 channels, ~0.5M parameters). Loss: EDM's, ln sigma ~

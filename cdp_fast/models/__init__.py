@@ -7,7 +7,9 @@ buffers) and ``config.json`` (``name``, ``num_classes``, ``in_channels``, ``imag
 ``load`` also reads external weight files of the robustness codebases (see its docstring); every
 file goes through the one reader of ``cdp_fast.models.checkpoint`` (no pickle code runs, keys and
 shapes checked). The diffusion UNets live in ``cdp_fast.models.unet`` (trained here) and
-``cdp_fast.models.ddpm`` (Ho et al.'s released architecture).
+``cdp_fast.models.ddpm`` (Ho et al.'s released architecture); EDM's networks and preconditioners
+(denoisers D(x; sigma)) in ``cdp_fast.models.edm``, read from NVlabs ``.pkl`` files without running
+their code by ``cdp_fast.models.edm_pickle``.
 """
 from __future__ import annotations
 

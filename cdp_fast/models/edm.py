@@ -1,4 +1,4 @@
-"""EDM's networks and preconditioners (Karras et al. 2022), re-implemented (docs/METHOD.md,
+"""EDM's networks and preconditioners (Karras et al. 2022), re-implemented (docs/METHOD.md §14,
 "EDM networks and preconditioning").
 
 ``SongUNet`` (DDPM++ / NCSN++ of Song et al. 2021), ``DhariwalUNet`` (ADM of Dhariwal & Nichol
@@ -549,7 +549,7 @@ def describe(net: _Precond) -> dict:
 
 def edm_loss(net: _Precond, y: torch.Tensor, labels: Optional[torch.Tensor] = None, *, P_mean: float = -1.2,
              P_std: float = 1.2, sigma_data: float = 0.5, generator=None) -> torch.Tensor:
-    """EDM's training loss (METHOD.md "EDM networks and preconditioning"), per element:
+    """EDM's training loss (METHOD.md §14), per element:
     ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
     weight * (D(y + sigma n; sigma) - y)^2."""
     rnd = torch.randn([y.shape[0], 1, 1, 1], device=y.device, generator=generator)

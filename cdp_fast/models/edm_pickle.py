@@ -1,5 +1,5 @@
 """Read NVlabs EDM ``.pkl`` network files without running any of their code
-(docs/METHOD.md, "EDM networks and preconditioning").
+(docs/METHOD.md §14, "EDM networks and preconditioning").
 
 An EDM snapshot (``network-snapshot-*.pkl``, ``edm-cifar10-32x32-cond-vp.pkl``, ...) is a plain
 ``pickle`` of ``{'ema': net, 'loss_fn': ..., 'augment_pipe': ..., 'dataset_kwargs': ...}``. Its
