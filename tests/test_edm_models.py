@@ -126,6 +126,10 @@ def test_plain_pickle_of_the_standin_runs_its_code(ref, tmp_path):
     obj = read_edm_pickle(path)
     assert obj["ema"].class_name == "VPPrecond" and obj["loss_fn"].class_name == "EDMLoss"
     assert "module_src" not in obj["ema"].state and obj["dataset_kwargs"]["resolution"] == 8
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_edm_pickle(cut)
 
 
 class _Payload:

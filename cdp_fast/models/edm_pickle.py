@@ -50,6 +50,10 @@ SKIPPED_CLASSES = frozenset({"EDMLoss", "VPLoss", "VELoss", "AugmentPipe", "iDDP
 _CONTAINERS = ("ModuleDict", "ModuleList", "Sequential")
 
 
+class _Refused(pickle.UnpicklingError):
+    """Something the reader does not accept (as opposed to a truncated / malformed stream)."""
+
+
 class PersistentRecord:
     """What ``_reconstruct_persistent_obj(meta)`` would have built, as data: ``class_name`` and
     ``state`` (the object's ``__dict__``). Nothing of the embedded module source is kept."""
@@ -70,7 +74,7 @@ class _ContainerRecord:
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"{self.class_name}: unexpected state of type {type(state).__name__}")
+            raise _Refused(f"{self.class_name}: unexpected state of type {type(state).__name__}")
         self.state = state
 
 
@@ -83,40 +87,40 @@ class _EasyDict(dict):
 
 def _reconstruct(meta):
     if not isinstance(meta, dict):
-        raise pickle.UnpicklingError(f"persistent object: meta of type {type(meta).__name__}")
+        raise _Refused(f"persistent object: meta of type {type(meta).__name__}")
     name, state = meta.get("class_name"), meta.get("state")
     if meta.get("type") != "class" or not isinstance(name, str):
-        raise pickle.UnpicklingError(f"persistent object of unsupported type {meta.get('type')!r}")
+        raise _Refused(f"persistent object of unsupported type {meta.get('type')!r}")
     if name not in NETWORK_CLASSES and name not in SKIPPED_CLASSES:
-        raise pickle.UnpicklingError(f"persistent class {name!r} is not one of EDM's published classes "
+        raise _Refused(f"persistent class {name!r} is not one of EDM's published classes "
                                      f"(known: {sorted(NETWORK_CLASSES | SKIPPED_CLASSES)})")
     if not isinstance(state, dict):
-        raise pickle.UnpicklingError(f"persistent {name}: state of type {type(state).__name__}")
+        raise _Refused(f"persistent {name}: state of type {type(state).__name__}")
     return PersistentRecord(name, dict(state))  # meta["module_src"] is dropped here, unread
 
 
 def _load_from_bytes(b):
     if not isinstance(b, (bytes, bytearray)):
-        raise pickle.UnpicklingError("storage bytes expected")
+        raise _Refused("storage bytes expected")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation
         s = torch.load(io.BytesIO(bytes(b)), map_location="cpu", weights_only=True)
     if not isinstance(s, (torch.TypedStorage, torch.UntypedStorage)):
-        raise pickle.UnpicklingError(f"storage expected, got {type(s).__name__}")
+        raise _Refused(f"storage expected, got {type(s).__name__}")
     return s
 
 
 def _ints(v, what):
     if not isinstance(v, (tuple, list)) or not all(isinstance(i, int) for i in v):
-        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of ints")
+        raise _Refused(f"tensor {what} must be a tuple of ints")
     return tuple(v)
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)) or not isinstance(offset, int):
-        raise pickle.UnpicklingError("tensor: storage and offset expected")
+        raise _Refused("tensor: storage and offset expected")
     if hooks:
-        raise pickle.UnpicklingError("tensor with backward hooks")
+        raise _Refused("tensor with backward hooks")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch._utils._rebuild_tensor(storage, offset, _ints(size, "size"), _ints(stride, "stride"))
@@ -124,26 +128,26 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
     if not isinstance(data, torch.Tensor) or hooks:
-        raise pickle.UnpicklingError("parameter: a tensor without hooks expected")
+        raise _Refused("parameter: a tensor without hooks expected")
     return data
 
 
 def _dtype(name, align=False, copy=True):
     dt = np.dtype(name)
     if dt.kind not in "biuf":
-        raise pickle.UnpicklingError(f"numpy dtype {dt} is not numeric")
+        raise _Refused(f"numpy dtype {dt} is not numeric")
     return dt
 
 
 def _scalar(dtype, data=None):
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
-        raise pickle.UnpicklingError("numpy scalar: a numeric dtype and its bytes expected")
+        raise _Refused("numpy scalar: a numeric dtype and its bytes expected")
     return np.frombuffer(data, dtype=dtype, count=1)[0].item()
 
 
 def _set(items=()):
     if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, int)) for i in items):
-        raise pickle.UnpicklingError("set of strings expected")
+        raise _Refused("set of strings expected")
     return set(items)
 
 
@@ -167,11 +171,11 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         fn = _ALLOWED.get(f"{module}.{name}")
         if fn is None:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+            raise _Refused(f"global {module}.{name} is not allowed")
         return fn
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent ids are not used by EDM network pickles")
+        raise _Refused("persistent ids are not used by EDM network pickles")
 
 
 def read_edm_pickle(path) -> dict:
@@ -184,11 +188,11 @@ def read_edm_pickle(path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _Unpickler(f).load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise ValueError(f"{path} was refused: {e}. Only EDM network pickles (NVlabs/edm "
                          f"torch_utils.persistence format: tensors, plain containers and EDM's own classes) "
                          f"are read, and nothing in them is executed.") from None
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+    except Exception as e:  # truncated / malformed streams raise many types; none ran code
         raise ValueError(f"{path} is corrupt or not an EDM network pickle: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: an EDM pickle holds a dict ({{'ema': net, ...}}), got {type(obj).__name__}")
