@@ -131,7 +131,9 @@ def resolve_settings(cfg: TrainDiffusionConfig, dataset: str | None = None) -> d
                f"real_limit must be >= 1 (or unset), got {cfg.real_limit}"),
               (schedule in ("linear", "cosine"), f"unknown schedule {schedule!r}"),
               (cfg.precision in ("auto", "bf16", "fp32"), f"unknown precision {cfg.precision!r}"),
-              (cfg.objective in ("ddpm", "edm"), f"--objective must be ddpm or edm, got {cfg.objective!r}")]
+              (cfg.objective in ("ddpm", "edm"), f"--objective must be ddpm or edm, got {cfg.objective!r}"),
+              (cfg.objective != "edm" or cfg.schedule == "auto",
+               f"--schedule {cfg.schedule} does not apply to --objective edm (EDM draws sigma continuously)")]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"train-diffusion: {msg}")

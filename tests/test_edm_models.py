@@ -272,6 +272,8 @@ def test_train_diffusion_edm_objective(tmp_path):
     with pytest.raises(ValueError, match="objective"):
         from cdp_fast.diffusion_train import resolve_settings
         resolve_settings(TrainDiffusionConfig(objective="ve"))
+    with pytest.raises(ValueError, match="--schedule"):
+        resolve_settings(TrainDiffusionConfig(objective="edm", schedule="cosine"))
 
 
 def test_protocol_kwargs_and_folder_io(tmp_path):
