@@ -64,9 +64,7 @@ def train_edm(cfg, data, name: str, s: dict) -> Path:
 
     kw = edm_network_kwargs(s["preset"], channels=C, resolution=H,
                             label_dim=num_classes if cfg.class_conditional else 0)
-    with torch.device(device):
-        net = edm.build("EDMPrecond", kw)
-    net.train()
+    net = edm.build("EDMPrecond", kw).to(device).train()  # init on the CPU: same weights on every device
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     params = list(net.parameters())
     fwd = torch.compile(net) if cfg.compile else net

@@ -15,6 +15,7 @@ A converted / trained EDM model is stored as a folder: ``model.safetensors`` (th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -526,7 +527,7 @@ def build(precond: str, init_kwargs: dict, *, device=None, init: bool = True) ->
     kw = _plain(dict(init_kwargs), precond)
     _SKIP_INIT[0] = not init
     try:
-        with torch.device(device or "cpu"):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             net = PRECONDS[precond](**kw)
     except TypeError as e:
         raise ValueError(f"{precond}: constructor arguments {kw} not accepted: {e}") from None
