@@ -236,10 +236,10 @@ def test_leading_double_dash_and_num_images(tmp_path, capsys):
     rc = main(["--", "verify", str(tmp_path / "none")])
     err = capsys.readouterr().err
     assert rc == 2 and "invalid choice" not in err and "is not a folder" in err
+    import argparse
+
     from cdp_fast import config as _config
     from cdp_fast.generate import GenerateConfig
-
-    import argparse
 
     p = argparse.ArgumentParser()
     _config.add_arguments(p, GenerateConfig)
@@ -252,6 +252,8 @@ def test_torchrun_does_not_eat_num_images():
     run = pytest.importorskip("torch.distributed.run")
     args = run.get_args_parser().parse_args(["-m", "cdp_fast", "generate", "--num-images", "5"])
     assert args.training_script_args == ["generate", "--num-images", "5"]
+    with pytest.raises(SystemExit):  # the failure: "ambiguous option: --n could match --nnodes, ..."
+        run.get_args_parser().parse_args(["-m", "cdp_fast", "generate", "--n", "5"])
 
 
 class Obj:
