@@ -218,15 +218,17 @@ def _settings_in(doc: dict) -> dict:
 
 
 def to_dict(cfg) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    """The settings of ``cfg`` (JSON-able; the ACTIONS left out: they are not settings, so no record
+    or cache key depends on them)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
+            if k not in ACTIONS}
 
 
 def save(cfg, path: str | Path) -> Path:
     """Write the resolved config (JSON) so a run can be reproduced with ``--config``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {k: v for k, v in to_dict(cfg).items() if k not in ACTIONS}
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
     return path
 
 

@@ -290,7 +290,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     flip = name in FLIP_DATASETS
     B = s["batch_size"]
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in _config.to_dict(cfg).items() if k not in _config.ACTIONS}
+    settings = _config.to_dict(cfg)
     write_json(folder / "train_config.json", settings)
 
     meta = {

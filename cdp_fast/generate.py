@@ -281,8 +281,9 @@ def _check_folder(out: Path, doc: dict, n: int | None = None, batch_size: int | 
         raise ValueError(f"{out} holds shards of {what}; choose a new --out"
                          + (", or pass --force to delete them first" if isinstance(cur, dict) else ""))
     # no set here: anything but a failed run's config.json is some other command's result
+    # (stage.json: the pipeline's stage marker, written before it calls generate)
     if check_output(out, force=force, what="files of another kind (not a generate set)",
-                    ignore=("config.json", RECORDS)):
+                    ignore=("config.json", "stage.json", RECORDS)):
         return "replace"
     return False
 
@@ -307,7 +308,7 @@ def _check_shrink(out: Path, fp: str, n: int, batch_size: int) -> None:
                      f"the earlier --n); to cut this set down to {n} images, pass --force")
 
 
-def _check_window(cfg: GenerateConfig, sampler, schedule) -> None:
+def check_guidance_window(cfg: GenerateConfig, sampler, schedule) -> None:
     """A guidance whose window holds none of the sampled steps would run unguided while
     generate.json says guided: refused before anything is written."""
     if cfg.guidance == "none":
@@ -342,10 +343,15 @@ def _claim(out: Path, doc: dict, rank: int, world: int) -> None:
 def _tidy(out: Path, n_shards: int, rank: int, world: int) -> None:
     """In a folder of ours: drop this rank's recorded shards beyond the set (an earlier run with a
     larger --n) and its temp files of killed writes. Unrecorded files are left alone."""
+    gone = []
     for i in read_records(out):
         if i >= n_shards and i % world == rank:
             remove_record(out, i)  # record first: a kill in between leaves a stray, never a lie
             (out / shard_name(i)).unlink(missing_ok=True)
+            gone.append(i)
+    if gone:  # only under --force (a smaller --n is refused without it)
+        note(f"cdp-fast generate: deleted {len(gone)} finished shard(s) beyond --n ({shard_name(min(gone))} "
+             f"... {shard_name(max(gone))})")
     for p in list(out.glob(".shard-*.npz.*.tmp")):
         i = shard_index(p.name[1:].split(".npz.")[0] + ".npz")
         if i is not None and i % world == rank:
@@ -470,7 +476,7 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     sampler = DDIMSampler(model, schedule, steps=cfg.steps, eta=cfg.eta, skip=cfg.skip,
                           guidance=guidance, method=cfg.method, bf16=cfg.bf16,
                           cuda_graphs=cfg.cuda_graphs, reuse_runs=True)  # steps captured once per process
-    _check_window(cfg, sampler, schedule)
+    check_guidance_window(cfg, sampler, schedule)
     doc = settings_doc(cfg, model=model, model_source=model_source, features=features,
                        features_source=features_source, labeler=labeler, labeler_source=labeler_source,
                        guidance=guidance, conditional=conditional)
