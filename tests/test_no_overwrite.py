@@ -21,6 +21,15 @@ TD = ["train-diffusion", "--data", "digits", "--real-limit", "20", "--iters", "2
       "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny trainings on shared, loaded CI cores run many times faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
@@ -124,7 +133,10 @@ def test_train_diffusion_resume_equals_an_uninterrupted_run(tmp_path, monkeypatc
     assert json.loads((part / "config.json").read_text())["iters"] == 4  # the step-4 checkpoint
     _refused(capsys, [*args, "--out", str(part)], "already holds")  # a plain rerun would replace it
     _refused(capsys, [*args, "--out", str(part), "--resume", "--seed", "1"], "seed")
+    resumed = []
+    monkeypatch.setattr(dt, "ema_update", lambda *a, **k: (resumed.append(1), real(*a, **k)))
     assert main([*args, "--out", str(part), "--resume"]) == 0
+    assert len(resumed) == 2  # steps 5 and 6 only: continued, not restarted
     assert (part / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
     for name in ("metrics.json",):
         assert (part / name).read_text() == (full / name).read_text()
