@@ -24,7 +24,9 @@ shard (size + sha256), regenerates a missing, truncated or corrupt one, and igno
 (then replaces) a shard file without a record. SIGINT/SIGTERM stop with a hint to rerun; a
 SIGKILL leaves at most a hidden temp file. Settings are validated before anything is written; the
 folder is claimed (``generate.json``: settings, fingerprint, provenance of model, features and
-labeler) with the first shard, and a folder holding shards of other settings is refused. A full
+labeler) with the first shard, and a folder holding shards of other settings (or another
+command's files) is refused, as is a smaller ``--n`` that would delete or shorten finished shards:
+``--force`` deletes the other set first, or cuts this one down (utils.check_output's rule). A full
 disk or an unwritable folder is a clear error that leaves no partial shard; NaN/inf in a batch
 stops before its shard is written, naming the shard, the step and the timestep.
 """
