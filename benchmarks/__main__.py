@@ -1,10 +1,11 @@
-"""``python -m benchmarks`` / ``cdp-fast bench``: the benchmark suites (see benchmarks/README.md).
+"""``cdp-fast bench`` / ``python -m cdp_fast.benchmarks``: the benchmark suites (see benchmarks/README.md).
 
-    python -m benchmarks --suite gpu      # GPU-only tests, then every GPU benchmark (8-minute budget)
-    python -m benchmarks --suite cpu      # moderate CPU sizes
-    python -m benchmarks --suite quick    # seconds: every benchmark at tiny sizes (CI smoke test)
+    cdp-fast bench --suite gpu      # GPU-only tests, then every GPU benchmark (8-minute budget)
+    cdp-fast bench --suite cpu      # moderate CPU sizes
+    cdp-fast bench --suite quick    # seconds: every benchmark at tiny sizes (CI smoke test)
 
-Writes ``<out>/<device-slug>-<YYYY-MM-DD>.json`` (gpu; ``...-<suite>.json`` for the others) and a
+Writes ``<out>/<device-slug>-<YYYY-MM-DD>.json`` (``--out`` default ``runs/bench`` under the
+current folder, never inside the installed package or the source checkout) (gpu; ``...-<suite>.json`` for the others) and a
 markdown table beside it; exit status 0 when the file was written (failures of single benchmarks
 are recorded in the file, not raised), 2 for bad arguments.
 """
@@ -28,16 +29,17 @@ from .suite import BENCH_NAMES, cases_for, run_cases
 from .timing import Budget, Ctx, Settings
 
 PKG_DIR = Path(__file__).resolve().parent
-DEFAULT_OUT = PKG_DIR / "results"
+DEFAULT_OUT = Path("runs") / "bench"  # relative to the current folder
 DEFAULT_BUDGET = {"gpu": 450.0, "cpu": 1200.0, "quick": None}  # seconds; gpu: fits 8 minutes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks",
+    p = argparse.ArgumentParser(prog="cdp-fast bench",
                                 description="cdp-fast benchmarks: fused kernels, sampler, TRADES vs reference paths")
     p.add_argument("--suite", choices=("gpu", "cpu", "quick"), default="quick",
                    help="gpu: GPU tests + all GPU benchmarks; cpu: moderate CPU sizes; quick: tiny smoke run")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help=f"output folder (default: {DEFAULT_OUT}, under the current folder)")
     p.add_argument("--only", nargs="+", metavar="NAME", choices=BENCH_NAMES,
                    help=f"run only these benchmarks ({', '.join(BENCH_NAMES)})")
     p.add_argument("--budget-s", type=float, default=None,
@@ -120,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     elif suite == "gpu":
         if not torch.cuda.is_available():
-            print("python -m benchmarks: --suite gpu needs a CUDA device (torch.cuda.is_available() is False)",
+            print("cdp-fast bench: --suite gpu needs a CUDA device (torch.cuda.is_available() is False)",
                   file=sys.stderr)
             return 2
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("python -m benchmarks: CUDA requested but not available", file=sys.stderr)
+        print("cdp-fast bench: CUDA requested but not available", file=sys.stderr)
         return 2
 
     budget_s = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET[suite]

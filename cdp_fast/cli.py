@@ -88,7 +88,8 @@ _RESUME_HINT = {
     "train-robust": "rerun the same command with --resume to continue from the last finished epoch",
     "eval": "rerun the same command (evaluation starts again from the beginning)",
     "simulate": "rerun the same command (it starts again from the beginning)",
-    "train-diffusion": "rerun the same command (training starts again from the beginning)",
+    "train-diffusion": "rerun the same command with --resume to continue from the last --save-every "
+                       "checkpoint (without --save-every: with --force, training starts again)",
 }
 
 
@@ -122,6 +123,8 @@ def _stamp(path: Path | None):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":  # `torchrun ... -m cdp_fast -- generate ...`: the separator is not a command
+        argv = argv[1:]
     if argv and argv[0] == "bench":
         return int(import_module("cdp_fast.benchmarks.__main__").main(argv[1:]) or 0)
     # Only the chosen subcommand's module is imported.
@@ -176,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         # the record of the settings: after success, or when this run created the folder; never
-        # over a config.json the command wrote itself (a diffusion checkpoint's metadata)
-        if path is not None and _stamp(path) == stamp and (finished or (not existed and path.parent.is_dir())):
+        # over a config.json the command wrote itself (a diffusion checkpoint's metadata). A --force
+        # run that deleted the old record gets a new one.
+        if path is not None and _stamp(path) in (stamp, None) and (finished or (not existed and path.parent.is_dir())):
             try:
                 _config.save(cfg, path)
             except OSError as e:

@@ -22,13 +22,15 @@ T = TypeVar("T")
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str = "", choices=None, required: bool = False,
-          **kw) -> Any:
+          aliases: tuple[str, ...] = (), **kw) -> Any:
     """A dataclass field with CLI help (and optional choices).
 
     ``required``: the command needs a value (flag or file); --help says so instead of showing the
-    placeholder default.
+    placeholder default. ``aliases``: more flag names (``("--num-images",)`` for ``--n``).
     """
     md = {"help": help}
+    if aliases:
+        md["aliases"] = tuple(aliases)
     if choices is not None:
         md["choices"] = tuple(choices)
     if required:
@@ -107,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["type"] = tp
         else:
             kw["type"] = str
-        parser.add_argument(_flag(f.name), **kw)
+        parser.add_argument(*f.metadata.get("aliases", ()), _flag(f.name), **kw)
 
 
 def load_file(path: str | Path) -> dict:
@@ -194,7 +196,7 @@ def from_args(cls: type[T], ns: argparse.Namespace) -> T:
     values: dict = {}
     cfg_path = getattr(ns, "config", None)
     if cfg_path:
-        values.update(load_file(cfg_path))
+        values.update(_settings_in(load_file(cfg_path)))
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name, None)
         if v is not None:
@@ -202,8 +204,24 @@ def from_args(cls: type[T], ns: argparse.Namespace) -> T:
     return from_dict(cls, values)
 
 
+# Per-invocation actions, not settings: never read from a --config file nor written to config.json
+# (replaying a run's config must not delete anything).
+ACTIONS = ("force",)
+
+
+def _settings_in(doc: dict) -> dict:
+    """The command settings in a loaded file: the file itself, or the ``train_config`` a diffusion
+    checkpoint's config.json records (so ``--config DIR/config.json`` repeats train-diffusion)."""
+    if isinstance(doc, dict) and doc.get("format") == "cdp-fast-diffusion" and isinstance(doc.get("train_config"), dict):
+        doc = doc["train_config"]
+    return {k: v for k, v in doc.items() if str(k).strip().lstrip("-").replace("-", "_") not in ACTIONS}
+
+
 def to_dict(cfg) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    """The settings of ``cfg`` (JSON-able; the ACTIONS left out: they are not settings, so no record
+    or cache key depends on them)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
+            if k not in ACTIONS}
 
 
 def save(cfg, path: str | Path) -> Path:

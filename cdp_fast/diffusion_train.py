@@ -15,13 +15,18 @@ Checkpoint folder (``--out``): ``model.safetensors`` (the EMA weights), ``config
 arguments, schedule, dataset, image shape, classes, iterations, final loss — what
 ``load_diffusion`` needs), ``train_config.json`` (the resolved command config, reusable with
 ``--config``) and ``metrics.json`` (the loss log). Every file is written atomically; config.json
-is written last, so its presence marks a complete checkpoint.
+is written last, so its presence marks a complete checkpoint. With ``--save-every K`` each
+checkpoint also writes ``train_state.pt`` (weights, EMA, optimizer, LR schedule, step, RNG states,
+loss window), and ``--resume`` continues from it exactly: the result equals an uninterrupted run.
+An existing checkpoint folder is refused unless ``--force`` (replaced) or ``--resume``.
 """
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +47,9 @@ from .schedules import NoiseSchedule
 from .training import ema_decay_at, ema_update
 from .utils import (
     atomic_write_bytes,
+    check_output,
     progress,
+    replace_output,
     resolve_device,
     seed_everything,
     write_json,
@@ -97,8 +104,13 @@ class TrainDiffusionConfig:
                            choices=("auto", "bf16", "fp32"))
     channels_last: bool | None = field(None, help="channels_last memory format (None: on CUDA)")
     compile: bool = field(False, help="torch.compile the training forward pass")
-    save_every: int = field(0, help="also checkpoint every K iterations (0: only at the end)")
+    save_every: int = field(0, help="also checkpoint every K iterations, with train_state.pt for --resume "
+                                    "(0: only at the end)")
     out: str = field("runs/train-diffusion", help="checkpoint folder")
+    resume: bool = field(False, help="continue from --out's train_state.pt (the last --save-every checkpoint) "
+                                     "with the same settings (--iters may grow)")
+    force: bool = field(False, help="replace an existing checkpoint in --out (deleted before training; "
+                                    "refused without it)")
     seed: int = field(0, help="random seed")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
     log_every: int = field(50, help="progress-bar / loss-log interval (iterations)")
@@ -133,7 +145,9 @@ def resolve_settings(cfg: TrainDiffusionConfig, dataset: str | None = None) -> d
               (cfg.precision in ("auto", "bf16", "fp32"), f"unknown precision {cfg.precision!r}"),
               (cfg.objective in ("ddpm", "edm"), f"--objective must be ddpm or edm, got {cfg.objective!r}"),
               (cfg.objective != "edm" or cfg.schedule == "auto",
-               f"--schedule {cfg.schedule} does not apply to --objective edm (EDM draws sigma continuously)")]
+               f"--schedule {cfg.schedule} does not apply to --objective edm (EDM draws sigma continuously)"),
+              (cfg.objective != "edm" or not getattr(cfg, "resume", False),
+               "--resume is not supported with --objective edm yet (rerun without it; --force replaces the folder)")]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"train-diffusion: {msg}")
@@ -170,6 +184,46 @@ def save_diffusion(folder, model, meta: dict, loss_log: list | None = None) -> P
     return folder
 
 
+# A folder holding only these is an unfinished run's start (no weights yet): not a result to protect.
+_STARTED_ONLY = ("train_config.json", "config.json", "metrics.json")
+STATE_FILE = "train_state.pt"
+# settings --resume may change (the rest must equal the interrupted run's)
+_RESUMABLE = ("out", "resume", "force", "iters", "log_every", "save_every", "compile")
+
+
+def resolve(cfg):
+    """Checks before anything runs or is written (the CLI calls it): train-diffusion's settings
+    and its --out rule, or convert's."""
+    if isinstance(cfg, ConvertConfig):
+        if not cfg.path:
+            raise ValueError("convert: give the checkpoint to convert (cdp-fast convert PATH --out DIR)")
+        if not Path(cfg.path).exists():
+            raise FileNotFoundError(f"convert: {cfg.path} does not exist")
+        src, out = Path(cfg.path).resolve(), Path(cfg.out).resolve()
+        if out == src or out in src.parents:
+            raise ValueError(f"convert: --out {cfg.out} would hold the input {cfg.path}; choose another --out")
+        check_output(cfg.out, force=cfg.force, what="a checkpoint")
+        return cfg
+    resolve_settings(cfg)
+    folder = Path(cfg.out)
+    if cfg.resume:
+        if cfg.force:
+            raise ValueError("train-diffusion: --resume continues the run in --out, --force replaces it: give one")
+        if not (folder / STATE_FILE).is_file():
+            raise ValueError(f"train-diffusion --resume: {folder / STATE_FILE} does not exist (it is written by "
+                             f"runs with --save-every K); rerun without --resume (and with --force to replace "
+                             f"{folder})")
+    else:
+        check_output(folder, force=cfg.force, what="a diffusion checkpoint",
+                     ignore=() if (folder / "model.safetensors").exists() else _STARTED_ONLY)
+    return cfg
+
+
+def _state_settings(cfg, s: dict) -> dict:
+    return {**{k: v for k, v in _config.to_dict(cfg).items() if k not in _RESUMABLE},
+            **{k: v for k, v in s.items() if k != "iters"}}
+
+
 def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     """Train and write the checkpoint folder ``cfg.out``; returns it.
 
@@ -195,6 +249,27 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
                          f"training images; pass load_dataset(..., real_limit={cfg.real_limit}) data so "
                          f"only the allowed real images train the model")
     num_classes = int(data.num_classes)
+    if s["batch_size"] > N:
+        raise ValueError(f"train-diffusion: --batch-size {s['batch_size']} is larger than the {N} training "
+                         f"images of {name}; use --batch-size {N} or less")
+    folder = Path(cfg.out)
+    resume = bool(getattr(cfg, "resume", False))
+    state = None
+    if resume:
+        state = read_file(folder / STATE_FILE)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"{folder / STATE_FILE} is not a train-diffusion state")
+        want, have = _state_settings(cfg, s), state.get("settings", {})
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if diff:
+            raise ValueError(f"train-diffusion --resume: {', '.join(diff)} differ from the run in {folder} "
+                             f"(resume keeps every setting but --iters); rerun with the run's settings")
+        if int(state["step"]) >= s["iters"]:
+            raise ValueError(f"train-diffusion --resume: {folder} is already at step {int(state['step'])} "
+                             f">= --iters {s['iters']}; give a larger --iters to train further")
+    elif getattr(cfg, "force", False) and check_output(
+            folder, force=True, ignore=() if (folder / "model.safetensors").exists() else _STARTED_ONLY):
+        replace_output(folder)  # --force: the old checkpoint goes, none of its files stay beside the new
     if cfg.objective == "edm":  # EDM's loss and preconditioning: cdp_fast.edm_train
         from .edm_train import train_edm
         return train_edm(cfg, data, name, s)
@@ -227,9 +302,9 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     y_dev = data.y_train.to(device=device, dtype=torch.long)
     flip = name in FLIP_DATASETS
     B = s["batch_size"]
-    folder = Path(cfg.out)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "train_config.json", _config.to_dict(cfg))
+    settings = _config.to_dict(cfg)
+    write_json(folder / "train_config.json", settings)
 
     meta = {
         "preset": s["preset"],
@@ -244,16 +319,39 @@ def train_diffusion(cfg: TrainDiffusionConfig, data=None) -> Path:
     }
 
     def save(step: int, final_loss: float | None, wall: float) -> None:
+        if cfg.save_every:  # first: a kill between the two files leaves a state no newer than the weights
+            st = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                  "lr_sched": lr_sched.state_dict(), "gen": gen.get_state(), "cpu_rng": torch.get_rng_state(),
+                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                  "losses": losses, "loss_sum": loss_sum, "window": window, "last_loss": last_loss,
+                  "wall_s": wall, "settings": _state_settings(cfg, s)}
+            buf = io.BytesIO()
+            torch.save(st, buf)
+            atomic_write_bytes(folder / STATE_FILE, buf.getvalue())
         save_diffusion(folder, ema, dict(meta, iters=step, final_loss=final_loss, wall_s=round(wall, 2),
-                                         train_config=_config.to_dict(cfg)), losses)
+                                         train_config=settings), losses)
 
     losses: list[list] = []  # [step, mean loss over the window ending there]
     loss_sum = torch.zeros((), device=device)
     window = 0
     last_loss = None
+    first, wall0 = 1, 0.0
+    if state is not None:  # --resume: every piece of state as it was after state["step"]
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        lr_sched.load_state_dict(state["lr_sched"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["cpu_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        losses, window, last_loss = [list(x) for x in state["losses"]], int(state["window"]), state["last_loss"]
+        loss_sum = state["loss_sum"].to(device)
+        first, wall0 = int(state["step"]) + 1, float(state.get("wall_s", 0.0))
+        print(f"train-diffusion: resuming {folder} at step {first - 1} of {s['iters']}", file=sys.stderr)
     model.train()
-    t0 = time.perf_counter()
-    bar = progress(range(1, s["iters"] + 1), desc="train-diffusion")
+    t0 = time.perf_counter() - wall0
+    bar = progress(range(first, s["iters"] + 1), total=s["iters"], initial=first - 1, desc="train-diffusion")
     for step in bar:
         idx = torch.randint(0, N, (B,), device=device, generator=gen)
         x0 = x_dev[idx].to(torch.float32).div_(127.5).sub_(1.0)
@@ -382,6 +480,7 @@ class ConvertConfig:
     path: str | None = field(None, help="diffusers folder, original DDPM .ckpt/.pt file, NVlabs EDM .pkl "
                                         "or cdp-fast folder")
     out: str = field("runs/converted", help="cdp-fast checkpoint folder to write")
+    force: bool = field(False, help="replace an existing --out folder (deleted first; refused without it)")
     image_size: int | None = field(None, help="image size of an original DDPM file (default: inferred, "
                                               "16 * 2**attention level)")
 
@@ -392,6 +491,8 @@ def convert(cfg: ConvertConfig) -> dict:
         raise ValueError("convert: give the checkpoint to convert (cdp-fast convert PATH --out DIR)")
     model, _, meta = load_diffusion(cfg.path, "cpu", image_size=cfg.image_size)
     keep = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "image_shape")}
+    if check_output(cfg.out, force=getattr(cfg, "force", False), what="a checkpoint"):
+        replace_output(cfg.out)  # --force: no metrics or state of the old model stay beside the new weights
     if meta.get("kind") == "edm":  # EDM .pkl / folder -> EDM safetensors folder
         folder = edm.save_folder(cfg.out, model, keep, fmt=CHECKPOINT_FORMAT)
         return {"out": str(folder), "source": meta.get("source", "cdp-fast"), "arch": meta["arch"],

@@ -13,6 +13,7 @@ scores first (O(N) floats), then the kept images shard by shard.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import zipfile
@@ -26,9 +27,11 @@ import torch
 from . import models, selection
 from .config import field
 from .data import load_synthetic, save_synthetic, shard_files  # shard_files re-exported here
-from .utils import progress, resolve_device, write_json
+from .manifest import warn_set
+from .utils import _umask, check_output, progress, replace_output, resolve_device, write_json
 
-__all__ = ["ExportConfig", "SelectConfig", "export_npz", "select_shards", "shard_files", "run_export", "run_select"]
+__all__ = ["ExportConfig", "SelectConfig", "export_npz", "select_shards", "shard_files", "run_export", "run_select",
+           "resolve", "npz_path"]
 
 FORMATS = {"cdp-fast": ("image", "label"), "authors": ("arr_0", "arr_1")}
 
@@ -73,20 +76,28 @@ def _nhwc(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))
 
 
+def npz_path(out) -> Path:
+    """export's one naming rule: ``--out`` is the npz file; a name without ``.npz`` gets it appended
+    (``--out name`` writes ``name.npz``, its settings in ``name.npz.config.json``)."""
+    out = Path(out)
+    return out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+
+
 def export_npz(shards, out, *, format: str = "cdp-fast", show_progress: bool = True) -> dict:
     """Write the shards of ``shards`` as one npz ``out`` (see the module docstring); returns a summary."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     files = shard_files(shards)
+    if Path(shards).is_dir():
+        warn_set(shards, "export")
     counts, _ = _scan(files)
-    out = Path(out)
-    if out.suffix != ".npz":
-        out = out.with_name(out.name + ".npz")
+    out = npz_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ik, lk = FORMATS[format]
     N = sum(counts)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # like the shards and every other output (mkstemp makes 0600)
     hwc = None
     try:
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
@@ -123,9 +134,10 @@ def export_npz(shards, out, *, format: str = "cdp-fast", show_progress: bool = T
 class ExportConfig:
     POSITIONAL: ClassVar[str] = "shards"  # `cdp-fast export SHARDS --out FILE.npz`
     shards: str | None = field(None, help="folder of generate's shard-*.npz (or one npz)")
-    out: str = field("runs/synthetic.npz", help="npz file to write")
+    out: str = field("runs/synthetic.npz", help="npz file to write (.npz is appended to a name without it)")
     format: str = field("cdp-fast", help="cdp-fast: image/label (DM-Improves-AT, imrahulr); authors: arr_0/arr_1",
                         choices=tuple(FORMATS))
+    force: bool = field(False, help="replace an existing --out file (refused without it)")
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -134,20 +146,49 @@ def run_export(cfg: ExportConfig) -> dict:
     return export_npz(cfg.shards, cfg.out, format=cfg.format)
 
 
+def resolve(cfg):
+    """Checks of ``export`` / ``select`` before anything is read or written (the CLI calls it)."""
+    if not cfg.shards:
+        what = "FILE.npz" if isinstance(cfg, ExportConfig) else "DIR"
+        name = "export" if isinstance(cfg, ExportConfig) else "select"
+        raise ValueError(f"{name}: give the shards (cdp-fast {name} SHARDS --out {what})")
+    shard_files(cfg.shards)  # FileNotFoundError: no such file / no shards in the folder
+    if isinstance(cfg, ExportConfig):
+        out = npz_path(cfg.out)
+        check_output(out, force=cfg.force, what="an exported data set", is_file=True)
+        return dataclasses.replace(cfg, out=str(out))
+    if isinstance(cfg.keep, bool) or not 0.0 < cfg.keep <= 1.0:
+        raise ValueError(f"--keep must be a fraction in (0, 1] (0.2 keeps 20%), got {cfg.keep}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    crit = selection._criterion(cfg.criterion)
+    if cfg.classifier is None and crit != "confidence":
+        raise ValueError(f"select: --criterion {cfg.criterion} needs a scoring classifier (--classifier); "
+                         f"without one only the stored confidence can be used")
+    if Path(cfg.out).resolve() == Path(cfg.shards).resolve():
+        raise ValueError("select: --out must differ from the input shards")
+    check_output(cfg.out, force=cfg.force, what="an earlier selection")
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------
 def select_shards(shards, out, *, criterion: str = "confidence", fraction: float = 0.2, per_class: bool = True,
-                  model=None, keep: str | None = None, batch_size: int = 256, device="cpu", **score_kw) -> dict:
+                  model=None, keep: str | None = None, batch_size: int = 256, device="cpu", replace: bool = False,
+                  **score_kw) -> dict:
     """Keep the best ``fraction`` of the images of ``shards`` by ``criterion`` (per class with
     ``per_class``) and write them to the folder ``out`` as shards; returns a summary.
 
     ``model``: the scoring classifier; without one only ``confidence`` works, read from the
-    ``confidence`` array ``generate`` stores in each shard."""
+    ``confidence`` array ``generate`` stores in each shard. ``replace``: delete the folder ``out``
+    (an earlier selection, the CLI's --force) after scoring, before writing."""
     crit = selection._criterion(criterion)
     direction = keep or selection.DEFAULT_KEEP[crit]
     files = shard_files(shards)
     out = Path(out)
     if out.resolve() == Path(shards).resolve():
         raise ValueError("select: --out must differ from the input shards")
+    if Path(shards).is_dir():
+        warn_set(shards, "select")
     scores, labels, sizes = [], [], []
     for f in progress(files, desc=f"select: scoring ({crit})"):
         x, y, extra = load_synthetic(f, with_extra=True)
@@ -168,6 +209,8 @@ def select_shards(shards, out, *, criterion: str = "confidence", fraction: float
         idx = torch.sort(selection.top_k(score, k, direction)).values
     kept = torch.zeros(len(score), dtype=torch.bool)
     kept[idx] = True
+    if replace:
+        replace_output(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("shard-*.npz"):
         stale.unlink()
@@ -206,13 +249,17 @@ class SelectConfig:
     eps: float | None = field(None, help="PGD radius for gradnorm-rob")
     batch_size: int = field(256, help="scoring batch size")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
+    force: bool = field(False, help="replace an existing --out selection (its files are deleted first; "
+                                    "refused without it)")
 
 
 def run_select(cfg: SelectConfig) -> dict:
     if not cfg.shards:
         raise ValueError("select: give the shards (cdp-fast select SHARDS --out DIR)")
+    replace = check_output(cfg.out, force=cfg.force, what="an earlier selection")
     device = resolve_device(cfg.device)
     model = models.load(cfg.classifier, device=device, arch=cfg.classifier_arch) if cfg.classifier else None
     kw = {"eps": cfg.eps} if cfg.eps is not None else {}
     return select_shards(cfg.shards, cfg.out, criterion=cfg.criterion, fraction=cfg.keep, per_class=cfg.per_class,
-                         model=model, keep=cfg.direction, batch_size=cfg.batch_size, device=device, **kw)
+                         model=model, keep=cfg.direction, batch_size=cfg.batch_size, device=device,
+                         replace=replace, **kw)

@@ -24,7 +24,9 @@ shard (size + sha256), regenerates a missing, truncated or corrupt one, and igno
 (then replaces) a shard file without a record. SIGINT/SIGTERM stop with a hint to rerun; a
 SIGKILL leaves at most a hidden temp file. Settings are validated before anything is written; the
 folder is claimed (``generate.json``: settings, fingerprint, provenance of model, features and
-labeler) with the first shard, and a folder holding shards of other settings is refused. A full
+labeler) with the first shard, and a folder holding shards of other settings (or another
+command's files) is refused, as is a smaller ``--n`` that would delete or shorten finished shards:
+``--force`` deletes the other set first, or cuts this one down (utils.check_output's rule). A full
 disk or an unwritable folder is a clear error that leaves no partial shard; NaN/inf in a batch
 stops before its shard is written, naming the shard, the step and the timestep.
 """
@@ -38,7 +40,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -71,7 +72,7 @@ from .manifest import (
 )
 from .pseudolabel import pseudo_label
 from .sampler import METHODS, SKIPS, DDIMSampler
-from .utils import progress, resolve_device, settings_fingerprint, write_json
+from .utils import check_output, note, progress, replace_output, resolve_device, settings_fingerprint, write_json
 
 GUIDANCE = ("none", *LOSSES)
 
@@ -82,7 +83,8 @@ class GenerateConfig:
                                                              "or an original DDPM .ckpt file")
     out: str = field("runs/generate", help="output folder for the npz shards, manifest.json, grid.png, "
                                            "summary.json")
-    n: int = field(1000, help="number of images")
+    n: int = field(1000, help="number of images (--num-images: the same; torchrun cannot mistake it for "
+                              "one of its own options)", aliases=("--num-images",))
     batch_size: int = field(500, help="images per sampling batch (= one shard)")
     steps: int = field(100, help="sampling steps")
     method: str = field("ddim", help="ddim, or ddpm ancestral (the authors' MNIST/GTSRB sampler)",
@@ -111,6 +113,9 @@ class GenerateConfig:
     device: str = field("auto", help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
     bf16: bool | None = field(None, help="bf16 autocast for the networks (None: on CUDA)")
     cuda_graphs: bool | None = field(None, help="capture the sampling steps as CUDA graphs (None: on CUDA)")
+    force: bool = field(False, help="replace what --out holds: another settings' set is deleted first, and "
+                                    "a set of these settings is cut down to --n (finished shards beyond it "
+                                    "are deleted); without it both are refused")
 
     def __post_init__(self):
         # checked at construction, so a bad flag fails before anything is written
@@ -119,6 +124,10 @@ class GenerateConfig:
         for name in ("t_min", "t_max"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0)
+        if self.guidance != "none" and self.t_min is not None and self.t_max is not None \
+                and self.t_min >= self.t_max:
+            raise ValueError(f"--t-min {self.t_min} --t-max {self.t_max}: the guidance window t_min <= t < "
+                             f"t_max is empty, so no step would be guided; give --t-min < --t-max")
         if self.group_size is not None:
             _check_int("group_size", self.group_size, 2)
         _check_int("seed", self.seed, None)
@@ -211,7 +220,7 @@ def provenance(obj, source: str | None) -> dict | None:
 # settings that never change a shard's images (n only decides how many shards there are; the
 # model, features and labeler are recorded by content in "used", their paths in "paths")
 _NOT_FINGERPRINTED = ("out", "device", "n", "bf16", "cuda_graphs", "checkpoint", "features", "labeler",
-                      "features_arch", "labeler_arch")
+                      "features_arch", "labeler_arch", "force")
 
 
 def settings_doc(cfg: GenerateConfig, *, model, model_source, features, features_source, labeler,
@@ -231,8 +240,12 @@ def settings_doc(cfg: GenerateConfig, *, model, model_source, features, features
             "paths": {"checkpoint": cfg.checkpoint, "features": cfg.features, "labeler": cfg.labeler}}
 
 
-def _check_folder(out: Path, doc: dict) -> bool:
-    """Read-only check before any work: is ``out`` free, ours (True), or someone else's (error)?"""
+def _check_folder(out: Path, doc: dict, n: int | None = None, batch_size: int | None = None,
+                  force: bool = False) -> bool | str:
+    """Read-only check before any work: is ``out`` free (False), ours (True), or someone else's
+    (an error; with ``force`` "replace": rank 0 deletes it before the first shard)? A set of these
+    settings that ``n`` images would cut down (finished shards deleted or shortened) is refused
+    unless ``force``."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     anc = out
@@ -247,6 +260,8 @@ def _check_folder(out: Path, doc: dict) -> bool:
     cur = read_json(out / SETTINGS)
     fp = doc["fingerprint"]
     if isinstance(cur, dict) and cur.get("fingerprint") == fp:
+        if n is not None and batch_size is not None and not force:
+            _check_shrink(out, fp, n, batch_size)
         return True
     if isinstance(cur, dict) and "fingerprint" in cur:
         # another run's folder: refused only while it holds shards of those settings
@@ -255,13 +270,62 @@ def _check_folder(out: Path, doc: dict) -> bool:
         if held:
             diff = sorted({k for k in doc["settings"] if cur.get("settings", {}).get(k) != doc["settings"][k]}
                           | {f"used.{k}" for k in doc["used"] if cur.get("used", {}).get(k) != doc["used"][k]})
-            raise ValueError(f"{out} holds shards made with other settings ({', '.join(diff) or 'fingerprint'} "
-                             f"differ); use another --out or delete the folder")
+            if force:
+                return "replace"
+            raise ValueError(f"{out} holds {sum(int(r.get('images', 0)) for r in held)} images in {len(held)} "
+                             f"shard(s) made with other settings ({', '.join(diff) or 'fingerprint'} differ); "
+                             f"choose a new --out, or pass --force to delete that set first")
         return False
     if any(out.glob("shard-*.npz")):
         what = "an older cdp-fast (no fingerprint)" if isinstance(cur, dict) else "unknown origin (no generate.json)"
-        raise ValueError(f"{out} holds shards of {what}; use another --out")
+        if force and isinstance(cur, dict):
+            return "replace"
+        raise ValueError(f"{out} holds shards of {what}; choose a new --out"
+                         + (", or pass --force to delete them first" if isinstance(cur, dict) else ""))
+    # no set here: anything but a failed run's config.json is some other command's result
+    # (stage.json: the pipeline's stage marker, written before it calls generate)
+    if check_output(out, force=force, what="files of another kind (not a generate set)",
+                    ignore=("config.json", "stage.json", RECORDS)):
+        return "replace"
     return False
+
+
+def _check_shrink(out: Path, fp: str, n: int, batch_size: int) -> None:
+    """Refuse a rerun whose ``n`` would delete or shorten finished shards of this set."""
+    n_shards = -(-n // batch_size)
+    recs = {i: r for i, r in read_records(out).items() if r.get("fingerprint") == fp}
+    cut = sorted(i for i, r in recs.items() if int(r.get("images", 0)) > shard_images(i, n, batch_size)
+                 and (out / shard_name(i)).is_file())
+    if not cut:
+        return
+    have = sum(int(r.get("images", 0)) for r in recs.values())
+    m = read_json(out / "manifest.json")
+    whole = (f"a complete set of {m['n']} images" if isinstance(m, dict) and m.get("complete")
+             and m.get("fingerprint") == fp else f"{have} finished images")
+    gone = [i for i in cut if i >= n_shards]
+    names = ", ".join(shard_name(i) for i in cut[:3]) + (", ..." if len(cut) > 3 else "")
+    raise ValueError(f"{out} holds {whole} ({len(recs)} shards) made with these settings; --n {n} asks for "
+                     f"{n_shards} shard(s), which would delete {len(gone)} finished shard(s) and shorten "
+                     f"{len(cut) - len(gone)} ({names}). To keep them, choose a new --out (or rerun with "
+                     f"the earlier --n); to cut this set down to {n} images, pass --force")
+
+
+def check_guidance_window(cfg: GenerateConfig, sampler, schedule) -> None:
+    """A guidance whose window holds none of the sampled steps would run unguided while
+    generate.json says guided: refused before anything is written."""
+    if cfg.guidance == "none":
+        return
+    T = int(getattr(schedule, "num_train_timesteps", 0) or 0)
+    if T and cfg.t_min is not None and cfg.t_min >= T:
+        raise ValueError(f"--t-min {cfg.t_min} is not below the model's T = {T} diffusion steps: no step "
+                         f"would be guided (guidance acts where t_min <= t < t_max); give --t-min < {T}")
+    steps = getattr(sampler, "guided_steps", None)
+    if callable(steps) and not any(steps()):
+        ts = [int(t) for t in getattr(sampler, "timesteps", [])]
+        span = f" (sampled t: {ts[0]} ... {ts[-1]})" if ts else ""
+        raise ValueError(f"the guidance window t_min={cfg.t_min} <= t < t_max={cfg.t_max} holds none of the "
+                         f"{cfg.steps} sampled steps{span} (the first step is never guided): widen "
+                         f"--t-min / --t-max, or use --guidance none")
 
 
 def _claim(out: Path, doc: dict, rank: int, world: int) -> None:
@@ -281,10 +345,15 @@ def _claim(out: Path, doc: dict, rank: int, world: int) -> None:
 def _tidy(out: Path, n_shards: int, rank: int, world: int) -> None:
     """In a folder of ours: drop this rank's recorded shards beyond the set (an earlier run with a
     larger --n) and its temp files of killed writes. Unrecorded files are left alone."""
+    gone = []
     for i in read_records(out):
         if i >= n_shards and i % world == rank:
             remove_record(out, i)  # record first: a kill in between leaves a stray, never a lie
             (out / shard_name(i)).unlink(missing_ok=True)
+            gone.append(i)
+    if gone:  # only under --force (a smaller --n is refused without it)
+        note(f"cdp-fast generate: deleted {len(gone)} finished shard(s) beyond --n ({shard_name(min(gone))} "
+             f"... {shard_name(max(gone))})")
     for p in list(out.glob(".shard-*.npz.*.tmp")):
         i = shard_index(p.name[1:].split(".npz.")[0] + ".npz")
         if i is not None and i % world == rank:
@@ -409,10 +478,11 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     sampler = DDIMSampler(model, schedule, steps=cfg.steps, eta=cfg.eta, skip=cfg.skip,
                           guidance=guidance, method=cfg.method, bf16=cfg.bf16,
                           cuda_graphs=cfg.cuda_graphs, reuse_runs=True)  # steps captured once per process
+    check_guidance_window(cfg, sampler, schedule)
     doc = settings_doc(cfg, model=model, model_source=model_source, features=features,
                        features_source=features_source, labeler=labeler, labeler_source=labeler_source,
                        guidance=guidance, conditional=conditional)
-    claimed = _check_folder(out, doc)
+    claimed = _check_folder(out, doc, cfg.n, cfg.batch_size, force=bool(getattr(cfg, "force", False)))
 
     ranks = _ranks(device)
     old_term = None
@@ -436,26 +506,46 @@ def _generate(cfg, out, doc, claimed, ranks, sampler, meta, labeler, device) -> 
     rank0 = ranks.rank == 0
     num_classes = int(meta.get("num_classes") or 10)
 
-    # 1. resume check of this rank's shards (read-only until the folder is ours)
-    todo = []
+    # 0. --force over another settings' set: rank 0 deletes it before anything is written
+    if claimed == "replace":
+        if rank0:
+            note(f"cdp-fast generate: --force: deleting the earlier contents of {out}")
+            try:
+                replace_output(out)
+            except OSError as e:
+                raise _write_failed(out, "(deleting the earlier set for --force)", e) from e
+        ranks.barrier(device)
+        claimed = False
+
+    # 1. resume check of this rank's shards (read-only until the folder is ours). Only the shards
+    # on disk are looked at: the rest are to be made (O(files), never O(n) before sampling).
     records = read_records(out) if claimed else {}
     if claimed:
         try:
             _tidy(out, n_shards, ranks.rank, ranks.world)
         except OSError as e:
             raise _write_failed(out, "(tidying stale shards)", e) from e
-    for i in range(ranks.rank, n_shards, ranks.world):
+    on_disk = {i for i in (shard_index(p.name) for p in out.glob("shard-*.npz")) if i is not None} \
+        if out.is_dir() else set()
+    done = set()
+    for i in sorted(set(records) | on_disk):
+        if i >= n_shards or i % ranks.world != ranks.rank:
+            continue
         rec = records.get(i)
         if rec is not None and rec.get("fingerprint") == fp:
             bad = check_shard(out, rec, shard_images(i, n, bs))
             if bad is None:
+                done.add(i)
                 continue
-            warnings.warn(f"{out / shard_name(i)}: {bad}; regenerating it", RuntimeWarning, stacklevel=3)
+            note(f"cdp-fast generate: {out / shard_name(i)}: {bad}; regenerating it")
             remove_record(out, i)
-        elif (out / shard_name(i)).exists():
-            warnings.warn(f"{out / shard_name(i)}: not in the manifest (left by an interrupted run, or put "
-                          f"there by hand); ignored, it will be regenerated", RuntimeWarning, stacklevel=3)
-        todo.append(i)
+        elif i in on_disk:
+            note(f"cdp-fast generate: {out / shard_name(i)}: not in the manifest (left by an interrupted run, "
+                 f"or put there by hand); ignored, it will be regenerated")
+    todo = (i for i in range(ranks.rank, n_shards, ranks.world) if i not in done)
+    if rank0:
+        note(f"cdp-fast generate: {n} images in {n_shards} shard(s) of {bs} into {out}"
+             + (f"; {len(done)} shard(s) already finished" if done else ""))
     ranks.barrier(device)  # every rank's bad records are gone before rank 0 counts records
 
     # 2. sampling: this rank's missing shards, in order

@@ -138,25 +138,78 @@ def write_manifest(out: Path, *, fingerprint: str, n: int, batch_size: int,
     return doc
 
 
+def set_problems(folder) -> list[str]:
+    """Cheap check (names and the manifest only, no hashing) before a generate folder is read as a
+    data set: an incomplete set, or an ``*.npz`` the manifest does not list (a folder reader would
+    load its images too: duplicates or foreign images). Empty for a folder without a manifest."""
+    out = Path(folder)
+    m = read_json(out / MANIFEST) if out.is_dir() else None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        return []
+    problems = []
+    if not m.get("complete"):
+        problems.append(f"{out} is an incomplete set: its manifest records {m.get('images')} of {m.get('n')} "
+                        f"images (an interrupted or failed generate; rerun it to finish)")
+    listed = {r.get("file") for r in m.get("shards", []) if isinstance(r, dict)}
+    stray = sorted(p.name for p in out.glob("*.npz") if p.name not in listed)
+    if stray:
+        problems.append(f"{out} holds {len(stray)} npz file(s) its manifest does not list ({', '.join(stray[:3])}"
+                        f"{', ...' if len(stray) > 3 else ''}): their images would be read too; move them away "
+                        f"(`cdp-fast verify {out}`)")
+    return problems
+
+
+def warn_set(folder, who: str = "") -> list[str]:
+    """Print :func:`set_problems` as one-line warnings (of command ``who``); returns them. The set is
+    still read: a warning, not a refusal, so a partial set can be used on purpose."""
+    import sys
+
+    problems = set_problems(folder)
+    for line in problems:
+        print(f"cdp-fast{' ' + who if who else ''}: warning: {line}", file=sys.stderr, flush=True)
+    return problems
+
+
+# What helps, per kind of problem `verify` finds.
+_RERUN = "rerun the same generate command: it regenerates missing, truncated and corrupt shards"
+_NOT_OURS = ("this folder is not (or no longer) one generate run's output: generate into a new --out "
+             "(or `generate --force` to replace it)")
+
+
 def verify(folder) -> tuple[list[str], list[str], dict]:
     """Check a generate folder: returns (problems, notes, facts). No problems = the folder holds
-    exactly the set its manifest describes, every shard intact."""
+    exactly the set its manifest describes, every shard intact. ``facts["fixes"]`` says what helps."""
+    problems, notes, facts, fixes = _verify(folder)
+    return problems, notes, dict(facts, fixes=fixes)
+
+
+def _verify(folder):
     out = Path(folder)
     problems: list[str] = []
     notes: list[str] = []
+    fixes: list[str] = []
+
+    def fix(text):
+        if text not in fixes:
+            fixes.append(text)
+
     if not out.is_dir():
-        return [f"{out} is not a folder"], notes, {}
+        return [f"{out} is not a folder"], notes, {}, ["give the --out folder of a generate run"]
     settings = read_json(out / SETTINGS)
     manifest = read_json(out / MANIFEST)
     if not isinstance(settings, dict) or "fingerprint" not in settings:
         problems.append(f"{SETTINGS} is missing or unreadable: not a (finished) cdp-fast generate folder")
+        fix(_NOT_OURS)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         problems.append(f"{MANIFEST} is missing or not a {FORMAT} manifest")
-        return problems, notes, {}
+        fix(_RERUN + " and writes the manifest" if isinstance(settings, dict) and "fingerprint" in settings
+            else _NOT_OURS)
+        return problems, notes, {}, fixes
     fp = manifest.get("fingerprint")
     if isinstance(settings, dict) and settings.get("fingerprint") != fp:
         problems.append(f"{MANIFEST} (fingerprint {fp}) does not belong to the settings in {SETTINGS} "
                         f"({settings.get('fingerprint')})")
+        fix(_NOT_OURS)
     n, bs = int(manifest.get("n", 0)), int(manifest.get("batch_size", 1))
     num = -(-n // bs)
     listed = {r["index"]: r for r in manifest.get("shards", []) if isinstance(r, dict) and "index" in r}
@@ -169,10 +222,12 @@ def verify(folder) -> tuple[list[str], list[str], dict]:
         rec = listed.get(i, records.get(i))
         if rec is None:
             problems.append(f"{shard_name(i)}: missing (not in the manifest)")
+            fix(_RERUN)
             continue
         bad = check_shard(out, rec, shard_images(i, n, bs))
         if bad:
             problems.append(f"{shard_name(i)}: {bad}")
+            fix(_RERUN)
         else:
             ok, ok_images = ok + 1, ok_images + int(rec["images"])
     for p in sorted(out.glob("*.npz")):
@@ -180,13 +235,14 @@ def verify(folder) -> tuple[list[str], list[str], dict]:
         if i is None or i >= num or i not in listed and i not in records:
             problems.append(f"{p.name}: stray file, not part of the manifest's set (a folder reader "
                             f"would load it); move it away")
+            fix("move the stray files out of the folder (generate does not touch files it did not record)")
     tmp = sorted(p.name for p in out.glob(".shard-*.tmp"))
     if tmp:
         notes.append(f"{len(tmp)} temporary file(s) of interrupted writes ({tmp[0]}, ...): harmless, "
                      f"removed by the next generate run")
     facts = {"folder": str(out), "fingerprint": fp, "n": n, "shards": num, "shards_ok": ok,
              "images_ok": ok_images}
-    return problems, notes, facts
+    return problems, notes, facts, fixes
 
 
 @dataclass
@@ -198,12 +254,12 @@ class VerifyConfig:
 def run(cfg: VerifyConfig) -> dict:
     if not cfg.folder:
         raise ValueError("give the folder to check: cdp-fast verify OUT")
-    problems, notes, facts = verify(cfg.folder)
+    problems, notes, facts, fixes = _verify(cfg.folder)
     for line in notes:
         print(f"note: {line}")
     if problems:
         lines = "\n  ".join(problems)
-        raise ValueError(f"{cfg.folder}: {len(problems)} problem(s):\n  {lines}\n"
-                         f"rerun the same generate command to regenerate missing or damaged shards")
+        helps = "\n  ".join(fixes)
+        raise ValueError(f"{cfg.folder}: {len(problems)} problem(s):\n  {lines}\nwhat helps:\n  {helps}")
     print(f"{cfg.folder}: OK, {facts['shards_ok']} shards, {facts['images_ok']} images, all intact")
     return facts

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from cdp_fast.benchmarks import report
-from cdp_fast.benchmarks.__main__ import main
+from cdp_fast.benchmarks.__main__ import build_parser, main
 from cdp_fast.benchmarks.device import device_peaks, sfu_exp_per_s, slugify
 from cdp_fast.benchmarks.suite import BENCH_NAMES
 from cdp_fast.benchmarks.timing import make_result
@@ -182,3 +183,16 @@ def test_device_script_staging_path(tmp_path):
     assert "mode=staged" in out and "/cdp_fast/kernels/__init__.py" in out
     assert "==================== summary" in out and "ddim_update" in out.split("summary")[-1]
     assert list(tmp_path.glob("*-quick.json")) and list(tmp_path.glob("*-quick.md"))
+
+
+def test_bench_help_names_the_command_and_writes_under_the_current_folder(capsys):
+    """`bench --help` said `python -m benchmarks` (not a command that exists once installed), and the
+    default --out was inside the package's source checkout."""
+    from cdp_fast.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: cdp-fast bench") and "python -m benchmarks" not in out
+    args = build_parser().parse_args([])
+    assert not Path(args.out).is_absolute() and Path(args.out) == Path("runs/bench")

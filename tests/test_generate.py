@@ -178,14 +178,18 @@ def test_truncated_shard_is_detected_and_regenerated(reference, ckpt, tmp_path, 
     assert cli_main(["verify", str(out)]) == 2
     err = capsys.readouterr().err
     assert "shard-00002.npz: truncated" in err and "shard-00007.npz: stray" in err, err
-    with pytest.warns(RuntimeWarning, match="shard-00002.npz: truncated"):
-        assert cli_main(_args(ckpt, out, *GUIDED)) == 0
+    # what helps, per problem: a rerun for the damaged shard, moving the stray file away
+    assert "rerun the same generate command" in err and "move the stray files" in err
+    assert cli_main(_args(ckpt, out, *GUIDED)) == 0
+    err = capsys.readouterr().err  # a plain one-line message, not a Python warning with a source line
+    assert "cdp-fast generate: " in err and "shard-00002.npz: truncated" in err and "Warning" not in err, err
+    assert "what helps" not in err
     assert p.read_bytes() == good
     (out / "shard-00007.npz").unlink()
     assert cli_main(["verify", str(out)]) == 0
 
 
-def test_unlisted_shard_is_ignored_with_a_warning(reference, ckpt, tmp_path):
+def test_unlisted_shard_is_ignored_with_a_warning(reference, ckpt, tmp_path, capsys):
     import shutil
 
     out = tmp_path / "copy"
@@ -193,8 +197,9 @@ def test_unlisted_shard_is_ignored_with_a_warning(reference, ckpt, tmp_path):
     good = (out / "shard-00001.npz").read_bytes()
     (out / "manifest.d" / "shard-00001.json").unlink()  # as if killed between shard and record
     (out / "shard-00001.npz").write_bytes(b"garbage")
-    with pytest.warns(RuntimeWarning, match="shard-00001.npz: not in the manifest"):
-        assert cli_main(_args(ckpt, out, *GUIDED)) == 0
+    assert cli_main(_args(ckpt, out, *GUIDED)) == 0
+    err = capsys.readouterr().err
+    assert "shard-00001.npz: not in the manifest" in err and "Warning" not in err, err
     assert (out / "shard-00001.npz").read_bytes() == good
 
 
@@ -352,3 +357,83 @@ def test_one_sampling_run_per_process_across_shards(ckpt, reference, tmp_path, m
     assert cli_main(_args(ckpt, out, *GUIDED)) == 0
     assert built == {"run": 1, "guidance": 1}, built  # 4 shards, one run
     assert _shards(out) == _shards(reference)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 21: no silent deletion, one --out rule, the guidance window, huge --n, verify's advice
+def test_smaller_n_on_a_finished_set_is_refused_and_force_cuts_it(reference, ckpt, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # the issue's case: a smaller --n deleted finished shards with exit 0 and no message
+    args = _args(ckpt, out, *GUIDED)
+    args[args.index("--n") + 1] = "4"
+    rc = cli_main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "a complete set of 10 images (4 shards)" in err and "--n 4" in err and "delete 2" in err, err
+    assert "shorten 1" in err and "new --out" in err and "--force" in err, err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    # the same settings with the same or a larger --n are a resume: allowed
+    assert cli_main(_args(ckpt, out, *GUIDED)) == 0
+    # --force cuts the set down: the surviving full shards are kept byte for byte
+    args[args.index("--n") + 1] = "6"
+    assert cli_main([*args, "--force"]) == 0
+    assert sorted(_shards(out)) == ["shard-00000.npz", "shard-00001.npz"]
+    assert _shards(out)["shard-00000.npz"] == before["shard-00000.npz"]
+    capsys.readouterr()
+    assert cli_main(["verify", str(out)]) == 0
+
+
+def test_other_settings_or_another_commands_folder_needs_force(reference, ckpt, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    (out / "notes.txt").write_text("x")
+    capsys.readouterr()
+    assert cli_main(_args(ckpt, out, *GUIDED, "--seed", "9")) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings (seed differ)" in err and "--force" in err, err
+    assert cli_main(_args(ckpt, out, *GUIDED, "--seed", "9", "--force")) == 0
+    assert not (out / "notes.txt").exists()  # replaced, not mixed
+    assert json.loads((out / "generate.json").read_text())["settings"]["seed"] == 9
+    assert "force" not in json.loads((out / "config.json").read_text())
+    # a folder holding another command's result (a diffusion checkpoint) is not written into
+    capsys.readouterr()
+    assert cli_main(_args(ckpt, ckpt, *GUIDED)) == 2
+    assert "not a generate set" in capsys.readouterr().err
+    assert not list(Path(ckpt).glob("shard-*"))
+
+
+@pytest.mark.parametrize("window,msg", [(("--t-min", "2000"), "not below the model's T = 1000"),
+                                        (("--t-min", "600", "--t-max", "500"), "window t_min <= t < t_max is empty"),
+                                        (("--t-min", "990"), "holds none of the 4 sampled steps")])
+def test_empty_guidance_window_is_refused(ckpt, tmp_path, capsys, window, msg):
+    out = tmp_path / "w"
+    try:
+        rc = cli_main(_args(ckpt, out, "--guidance", "hnm", "--scale", "10", *window))
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err, err
+    assert not out.exists()  # it used to run unguided and record guidance: hnm
+
+
+def test_absurd_n_starts_sampling_at_once(ckpt, tmp_path, monkeypatch, capsys):
+    """--n 1e12 looped over every shard index before sampling anything; now shard 0 starts at once."""
+    class Stop(Exception):
+        pass
+
+    def first_shard(sampler, cfg, meta, i, **kw):
+        raise Stop(i)
+
+    monkeypatch.setattr(gen, "sample_shard", first_shard)
+    with pytest.raises(Stop) as e:
+        gen.generate(gen.GenerateConfig(checkpoint=str(ckpt), out=str(tmp_path / "big"), n=10**12,
+                                        batch_size=3, steps=2, device="cpu"))
+    assert e.value.args == (0,)
+    assert "1000000000000 images in 333333333334 shard(s)" in capsys.readouterr().err

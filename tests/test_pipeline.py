@@ -293,8 +293,11 @@ def test_generate_refuses_a_folder_made_with_other_settings(tiny_run, tmp_path, 
     base = ["generate", "--checkpoint", str(tiny_run / "diffusion"), "--labeler", str(tiny_run / "classifier"),
             "--batch-size", "20", "--steps", "3", "--out", str(out)]
     assert cli_main([*base, "--n", "40"]) == 0
-    # fewer images with the same settings: the extra shard is dropped, the folder holds 20
-    assert cli_main([*base, "--n", "20"]) == 0
+    # fewer images with the same settings would delete a finished shard: refused (issue 21),
+    # and done with --force (the folder then holds 20)
+    assert cli_main([*base, "--n", "20"]) == 2
+    assert "would delete 1 finished shard" in capsys.readouterr().err
+    assert cli_main([*base, "--n", "20", "--force"]) == 0
     from cdp_fast.data import load_synthetic
 
     assert len(load_synthetic(out)[0]) == 20

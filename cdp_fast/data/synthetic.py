@@ -142,6 +142,14 @@ def _read_npz(path: Path, like: ImageData | None):
     return img, lab, extra
 
 
+def _warn_set(path) -> None:
+    """A generate folder whose manifest says incomplete, or with npz files it does not list, is read
+    with a one-line warning (see ``cdp_fast.manifest.set_problems``)."""
+    from ..manifest import warn_set
+
+    warn_set(path)
+
+
 def shard_files(path) -> list[Path]:
     """The npz files of a synthetic set: the file itself, or a folder's ``*.npz`` sorted by name."""
     path = Path(path)
@@ -163,6 +171,8 @@ def load_synthetic(path, *, like: ImageData | None = None, with_extra: bool = Fa
     With ``like`` (the real dataset) the image shape and the label range are checked against it.
     Files are read with ``allow_pickle=False``; corrupt files raise ValueError naming the file."""
     files = shard_files(path)
+    if Path(path).is_dir():
+        _warn_set(path)
     imgs, labs, extras = [], [], []
     for f in files:
         img, lab, extra = _read_npz(f, like)
@@ -225,6 +235,8 @@ def consolidate_synthetic(path, *, like: ImageData | None = None, cache_dir=None
     shard is read and checked like :func:`load_synthetic` does, one at a time. Errors (a corrupt
     shard, a full disk, a read-only folder) leave no partial file and name the problem."""
     files = shard_files(path)
+    if Path(path).is_dir():
+        _warn_set(path)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(path)
     meta_path = cache / "meta.json"
     fp = _fingerprint(files)

@@ -59,9 +59,24 @@ def read_file(path) -> object:
             f"{path} was refused: reading it would need arbitrary unpickling (it stores Python objects, "
             f"not only tensors), which can run code, so nothing in it was executed. Re-save only the "
             f"state dict (torch.save(model.state_dict(), ...) or safetensors) from a trusted session. "
-            f"Detail: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            f"Detail: {_pickle_detail(e)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path} is corrupt or not a torch checkpoint: {type(e).__name__}: {e}") from None
+
+
+def _pickle_detail(e: Exception) -> str:
+    """What torch's refusal found, without its advice to retry with weights_only=False (which
+    would run the file's code): the disallowed global, or the unpickler's own error line."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it needs the Python object {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    line = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if not line or "weights_only" in line or "Re-running" in line:
+        return type(e).__name__
+    return line.split(". ")[0].rstrip(".")
 
 
 def _is_state(obj) -> bool:
