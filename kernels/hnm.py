@@ -338,7 +338,7 @@ def _forward_stats(p: _Prepared):
     grid = ((p.B // p.G) * triton.cdiv(2 * p.G, bl["BLOCK_R"]),)
     _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
                           BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
-                          num_warps=bl["num_warps"], RESIDENT=bl["RESIDENT"],
+                          num_warps=bl["num_warps"], RESIDENT=bl["RESIDENT"], maxnreg=bl.get("maxnreg"),
                           num_stages=HNM_FWD_STAGES_RESIDENT if bl["RESIDENT"] else bl["num_stages"],
                           **p.flags())
     return lse1, lse0, cnt
