@@ -15,7 +15,7 @@ import torch
 
 from cdp_fast.kernels import hnm_guided_affine_update, hnm_guided_ddim_update
 from cdp_fast.kernels._backend import interpreting, triton_available
-from cdp_fast.kernels.hnm_ref import hnm_guided_affine_reference, hnm_guided_ddim_reference
+from cdp_fast.kernels.hnm_ref import hnm_guided_affine_reference
 
 needs_kernels = pytest.mark.skipif(
     not (triton_available() and (torch.cuda.is_available() or interpreting())),
