@@ -140,3 +140,21 @@ def test_bad_arguments_are_refused(bad, err, match):
     kw = dict(dict(c_x=1.0, c_e=0.5, scale=1.0), **bad)
     with pytest.raises(err, match=match):
         hnm_guided_affine_update(x, eps, pos, backend="reference", **kw)
+
+
+@pytest.mark.skipif(not (interpreting() and triton_available()), reason="GPU tiles through the interpreter")
+def test_gpu_tiles_affine_numerics():
+    # the GPU's fp32 tiles (32 rows, 128-wide output chunks) with partial row / feature / bank
+    # tiles: G = 12 anchors per group, d = 100, M = 37; per-sample coefficients, h, write_eps
+    from cdp_fast.kernels import _tiles
+
+    B, G, M = 36, 12, 37
+    x, eps, pos, h, bank = _inputs(B, (100,), seed=6, M=M)
+    kw = dict(c_x=_coef("per_sample", 0.9, B), c_e=_coef("tensor0d", -0.4, B), h=h, c_h=0.3, scale=40.0,
+              temperature=3.0, group_size=G, bank=bank, labels=torch.arange(B, device=DEV) % 3,
+              bank_labels=torch.arange(M, device=DEV) % 2 + 1, write_eps=True)
+    with _tiles.gpu_tiles_in_interpreter():
+        assert _tiles.hnm_tile_config(100, torch.float32)["BLOCK_R"] == 32
+        out, e = hnm_guided_affine_update(x, eps, pos, backend="triton", **kw)
+    ref, ref_e = hnm_guided_affine_reference(x, eps, pos, **kw)
+    assert _rel(out, ref) < 1e-5 and _rel(e, ref_e) < 1e-5
