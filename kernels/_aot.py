@@ -103,9 +103,10 @@ class Plan:
     odd_sizes: bool = False                      # batch / group / bank sizes not multiples of 16
 
 
-# The CI share (17 units, ~3 min on 2 loaded cores): every kernel on sm_90 in bf16 at d = 128
+# The CI share (23 units, ~3 min on 2 loaded cores): every kernel on sm_90 in bf16 at d = 128
 # (HGMMA), the HNM kernels at the pixel-space dim in fp16 on sm_80 (HMMA), and fp32 HNM (FMA dots,
-# the register-hungry path) at d = 100, where 64-wide fp32 tiles spilled.
+# the register-hungry path) at d = 100, where 64-wide fp32 tiles spilled. Both fused guided steps
+# (DDIM; the affine solver step with h, and write_eps on sm_90) on both backward paths.
 QUICK = (
     Plan(targets=(90,), dtypes=("bf16",), dims=(128,), hnm=("groups+labels+bank+bank_labels",),
          estimators=("hard",), guided_noise=("drawn",), guided_clip=(1.0,), ddim="one",
