@@ -6,11 +6,13 @@ a Triton backend is actually used).
 """
 from importlib import import_module
 
-__all__ = ["hnm_loss", "infonce_loss", "ddim_update", "hnm_guided_ddim_update", "backend_for"]
+__all__ = ["hnm_loss", "infonce_loss", "ddim_update", "hnm_guided_ddim_update", "hnm_guided_affine_update",
+           "backend_for"]
 
 _LAZY = {
     "hnm_loss": ".hnm",
     "hnm_guided_ddim_update": ".hnm",
+    "hnm_guided_affine_update": ".hnm",
     "infonce_loss": ".infonce",
     "ddim_update": ".ddim",
     "backend_for": "._backend",

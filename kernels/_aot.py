@@ -11,11 +11,17 @@ Run it with TRITON_INTERPRET unset: ``@triton.jit`` builds compilable kernels on
 tests start it in a subprocess).
 
 How: (1) RECORD. The public ops (``hnm_loss`` forward + backward, ``hnm_guided_ddim_update``,
-``infonce_loss`` forward + backward, ``ddim_update``) are called on small CPU tensors with
+``hnm_guided_affine_update``, ``infonce_loss`` forward + backward, ``ddim_update``) are called on
+small CPU tensors with
 ``backend="triton"`` while ``JITFunction.run`` is replaced by a recorder and
 ``_backend._LAUNCH_ONLY`` lets CPU tensors through. So the launchers themselves choose the tiles
 (``tile_config``), warps and constexpr flags -- the gate has no tile table of its own and follows
-the code. Nothing executes; outputs are garbage. (2) COMPILE. For each target, Triton's driver is
+the code. Nothing executes; outputs are garbage. ``--full`` calls them with the full product of
+their options (estimator, b = 1 or not, labels / bank / bank labels / groups, check, noise, x0
+clip, alpha and coefficient forms, history, write_eps, ...): every constexpr flag combination the
+launchers can produce, at every dtype x dim (``tests/test_aot.py`` proves the recorded flags are
+all of ``reachable_flags``, the product of each kernel's flags less the ``UNREACHABLE`` rules).
+(2) COMPILE. For each target, Triton's driver is
 replaced by a stand-in that reports ``GPUTarget("cuda", arch, 32)`` and every recorded launch is
 replayed through ``JITFunction.run(..., warmup=True)``: Triton's own binder specialises the
 arguments exactly as on a GPU (dtypes, 16-byte alignment, divisibility) and calls
@@ -48,10 +54,10 @@ from pathlib import Path
 
 import torch
 
-from . import _backend
+from . import _backend, _hnm_pixel
 from ._backend import interpreting
 from .ddim import ddim_update, make_rng_state
-from .hnm import hnm_guided_ddim_update, hnm_loss
+from .hnm import hnm_guided_affine_update, hnm_guided_ddim_update, hnm_loss
 from .infonce import infonce_loss
 
 try:
@@ -63,7 +69,8 @@ try:
 except ImportError:  # pragma: no cover - the gate needs triton; main() says so
     triton = None
 
-__all__ = ["EVIDENCE", "FULL", "QUICK", "Plan", "main", "run_gate", "sass_stats", "summary_table"]
+__all__ = ["EVIDENCE", "FULL", "QUICK", "UNREACHABLE", "Plan", "launch_flags", "main", "option_flags",
+           "reachable_flags", "record", "run_gate", "sass_stats", "summary_table"]
 
 SMEM_LIMIT = {90: 232448, 80: 166912}   # max dynamic + static shared memory per block (opt-in), bytes
 REGS_PER_SM = 65536
@@ -78,27 +85,36 @@ class Plan:
     targets: tuple[int, ...]
     dtypes: tuple[str, ...]
     dims: tuple[int, ...]
-    hnm: tuple[str, ...] = HNM_VARIANTS          # hnm_loss variants
+    hnm: tuple[str, ...] = HNM_VARIANTS          # hnm_loss / guided-step variants (negatives)
     estimators: tuple[str, ...] = ("hard", "easy")
+    betas: tuple[float, ...] = (1.0,)            # the hard estimator's b (1: the BETA_ONE path)
+    checks: tuple[bool, ...] = (True,)           # check= of the HNM ops (the epilogue's status word)
     guided: bool = True                          # hnm_guided_ddim_update (fused DDIM epilogue)
     guided_noise: tuple[str, ...] = ("none", "given", "drawn")
     guided_clip: tuple = (None, 1.0)
+    guided_alphas: tuple = (("float", "float"),)  # (a_t, a_next) forms: float | tensor0d | per_sample
+    affine: bool = True                          # hnm_guided_affine_update (the solvers' fused step)
+    affine_h: tuple[bool, ...] = (True,)         # with a history tensor h
+    affine_write_eps: tuple[bool, ...] = (False,)
+    affine_coefs: tuple[str, ...] = ("mixed",)   # float | tensor0d | per_sample | mixed (one of each)
     infonce: bool = True
     infonce_modes: tuple = (None,)               # infonce_loss(deterministic=...): None = default path
     ddim: str = "cover"                          # "none" | "one" | "philox" | "cover" | "full"
     odd_sizes: bool = False                      # batch / group / bank sizes not multiples of 16
 
 
-# The CI share (17 units, ~3 min on 2 loaded cores): every kernel on sm_90 in bf16 at d = 128
+# The CI share (23 units, ~3 min on 2 loaded cores): every kernel on sm_90 in bf16 at d = 128
 # (HGMMA), the HNM kernels at the pixel-space dim in fp16 on sm_80 (HMMA), and fp32 HNM (FMA dots,
-# the register-hungry path) at d = 100, where 64-wide fp32 tiles spilled.
+# the register-hungry path) at d = 100, where 64-wide fp32 tiles spilled. Both fused guided steps
+# (DDIM; the affine solver step with h, and write_eps on sm_90) on both backward paths.
 QUICK = (
     Plan(targets=(90,), dtypes=("bf16",), dims=(128,), hnm=("groups+labels+bank+bank_labels",),
-         estimators=("hard",), guided_noise=("drawn",), guided_clip=(1.0,), ddim="one"),
+         estimators=("hard",), guided_noise=("drawn",), guided_clip=(1.0,), ddim="one",
+         affine_write_eps=(True,)),
     Plan(targets=(80,), dtypes=("fp16",), dims=(3072,), hnm=("plain",), estimators=("easy",),
          guided_noise=("none",), guided_clip=(None,), infonce=False, ddim="none"),
     Plan(targets=(90,), dtypes=("fp32",), dims=(100,), hnm=("labels+bank+bank_labels",), estimators=("hard",),
-         guided=False, infonce=False, ddim="none"),
+         guided=False, affine=False, infonce=False, ddim="none"),
 )
 # The before/after evidence of issue 14 (benchmarks/sass_compare.py): the units whose SASS the
 # planned kernel changes should move, in the authors' default setting (hard estimator, beta = 1):
@@ -107,15 +123,20 @@ QUICK = (
 # Philox noise; bf16 and fp32 at d = 128 on sm_90, fp16 at the pixel-space d = 3072 on sm_80.
 EVIDENCE = (
     Plan(targets=(90,), dtypes=("bf16", "fp32"), dims=(128,), hnm=("plain", "bank"), estimators=("hard",),
-         guided_noise=("drawn",), guided_clip=(1.0,), ddim="philox"),
+         guided_noise=("drawn",), guided_clip=(1.0,), ddim="philox", affine=False),
     Plan(targets=(80,), dtypes=("fp16",), dims=(3072,), hnm=("plain", "bank"), estimators=("hard",),
-         guided_noise=("drawn",), guided_clip=(1.0,), ddim="philox"),
+         guided_noise=("drawn",), guided_clip=(1.0,), ddim="philox", affine=False),
 )
+_ALPHA_FORMS = ("float", "tensor0d", "per_sample")
+_ALL_OPTIONS = dict(betas=(1.0, 0.5), checks=(True, False), guided_noise=("none", "given"),
+                    guided_alphas=tuple(itertools.product(_ALPHA_FORMS, _ALPHA_FORMS)), affine_h=(False, True),
+                    affine_write_eps=(False, True), affine_coefs=_ALPHA_FORMS + ("mixed",))
+# every option of every op (tests/test_aot.py: the recorded flags are all of reachable_flags)
 FULL = (
     Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128, 640, 3072), ddim="full",
-         infonce_modes=(None, True)),   # True: the two-kernel deterministic backward, half dtypes too
+         infonce_modes=(None, True), **_ALL_OPTIONS),   # True: the two-kernel deterministic backward
     Plan(targets=(90, 80), dtypes=("fp32", "bf16", "fp16"), dims=(64, 100, 128), ddim="none",
-         odd_sizes=True),
+         odd_sizes=True, **_ALL_OPTIONS),
 )
 
 
@@ -133,17 +154,27 @@ class Launch:
 
 @contextlib.contextmanager
 def _recording(launches: list, case: list):
-    orig = JITFunction.run
+    """Record (not run) every launch; under TRITON_INTERPRET=1 the interpreter's launches too
+    (tests/test_aot.py records the full plans' flags that way, without compiling)."""
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover - a Triton without the interpreter
+        pass
+    originals = [(cls, cls.__dict__["run"]) for cls in classes]
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, dict(kwargs), grid, case[0]))
 
-    JITFunction.run = record
+    for cls, _ in originals:
+        cls.run = record
     old, _backend._LAUNCH_ONLY = _backend._LAUNCH_ONLY, True
     try:
         yield
     finally:
-        JITFunction.run = orig
+        for cls, orig in originals:
+            cls.run = orig
         _backend._LAUNCH_ONLY = old
 
 
@@ -171,23 +202,45 @@ def _cases(plan: Plan):
                 kw["bank_labels"] = torch.arange(M) % 2 + 1
             return kw
 
-        for est, v in itertools.product(plan.estimators, plan.hnm):
-            def f(est=est, v=v, B=B, d=d, dt=dt, hnm_kw=hnm_kw):
+        ests = [(e, b) for e in plan.estimators for b in (plan.betas if e == "hard" else (1.0,))]
+        for (est, beta), v, chk in itertools.product(ests, plan.hnm, plan.checks):
+            def f(est=est, beta=beta, v=v, chk=chk, B=B, d=d, dt=dt, hnm_kw=hnm_kw):
                 a, p = rnd(B, d, dt=dt, grad=True), rnd(B, d, dt=dt, grad=True)
-                hnm_loss(a, p, estimator=est, backend="triton", **hnm_kw(v)).backward()
-            yield f"hnm_loss {dn} d={d} {sname} {est} {v}", f
+                hnm_loss(a, p, estimator=est, beta=beta, check=chk, backend="triton", **hnm_kw(v)).backward()
+            yield f"hnm_loss {dn} d={d} {sname} {est}{_opt(beta, chk)} {v}", f
+
+        def guided_kw(v, hnm_kw=hnm_kw):
+            kw = hnm_kw(v)
+            if "bank" in kw:
+                kw["bank"] = kw["bank"].detach()
+            return kw
+
         if plan.guided:
-            gv = plan.hnm if len(plan.hnm) < len(HNM_VARIANTS) else ("plain", "labels+bank+bank_labels")
-            for est, v, noise, clip in itertools.product(plan.estimators, gv, plan.guided_noise, plan.guided_clip):
-                def f(est=est, v=v, noise=noise, clip=clip, B=B, d=d, dt=dt, hnm_kw=hnm_kw):
-                    kw = hnm_kw(v)
-                    if "bank" in kw:
-                        kw["bank"] = kw["bank"].detach()
-                    hnm_guided_ddim_update(rnd(B, d, dt=dt), rnd(B, d, dt=dt), 0.5, 0.6, rnd(B, d, dt=dt),
-                                           scale=2.0, estimator=est, eta=0.0 if noise == "none" else 0.5,
+            for (est, beta), v, noise, clip, (at_m, an_m), chk in itertools.product(
+                    ests, plan.hnm, plan.guided_noise, plan.guided_clip, plan.guided_alphas, plan.checks):
+                def f(est=est, beta=beta, v=v, noise=noise, clip=clip, at_m=at_m, an_m=an_m, chk=chk, B=B, d=d,
+                      dt=dt, guided_kw=guided_kw):
+                    hnm_guided_ddim_update(rnd(B, d, dt=dt), rnd(B, d, dt=dt), _alpha(at_m, 0.5, B),
+                                           _alpha(an_m, 0.6, B), rnd(B, d, dt=dt),
+                                           scale=2.0, estimator=est, beta=beta, eta=0.0 if noise == "none" else 0.5,
                                            noise=rnd(B, d, dt=dt) if noise == "given" else None,
-                                           clip_x0=clip, backend="triton", **kw)
-                yield f"hnm_guided_ddim_update {dn} d={d} {sname} {est} {v} noise={noise} clip={clip}", f
+                                           clip_x0=clip, check=chk, backend="triton", **guided_kw(v))
+                alphas = "" if (at_m, an_m) == ("float", "float") else f" a_t={at_m} a_next={an_m}"
+                yield (f"hnm_guided_ddim_update {dn} d={d} {sname} {est}{_opt(beta, chk)} {v} noise={noise} "
+                       f"clip={clip}{alphas}"), f
+        if plan.affine:
+            for (est, beta), v, hist, we, cf, chk in itertools.product(
+                    ests, plan.hnm, plan.affine_h, plan.affine_write_eps, plan.affine_coefs, plan.checks):
+                def f(est=est, beta=beta, v=v, hist=hist, we=we, cf=cf, chk=chk, B=B, d=d, dt=dt,
+                      guided_kw=guided_kw):
+                    forms = (cf,) * 3 if cf != "mixed" else _ALPHA_FORMS
+                    cx, ce, ch = (_alpha(form, val, B) for form, val in zip(forms, (0.9, -0.2, 0.3), strict=True))
+                    hnm_guided_affine_update(rnd(B, d, dt=dt), rnd(B, d, dt=dt), rnd(B, d, dt=dt), c_x=cx, c_e=ce,
+                                             h=rnd(B, d, dt=dt) if hist else None, c_h=ch if hist else 0.0,
+                                             scale=2.0, estimator=est, beta=beta, write_eps=we, check=chk,
+                                             backend="triton", **guided_kw(v))
+                yield (f"hnm_guided_affine_update {dn} d={d} {sname} {est}{_opt(beta, chk)} {v} h={hist} "
+                       f"write_eps={we} coefs={cf}"), f
         if plan.infonce:
             for negs, det in itertools.product((None, M), plan.infonce_modes):
                 def f(negs=negs, det=det, B=B, d=d, dt=dt):
@@ -198,6 +251,20 @@ def _cases(plan: Plan):
                 yield f"infonce_loss {dn} d={d} {sname} negatives={negs}{mode}", f
     if plan.ddim != "none":
         yield from _ddim_cases(plan, rnd)
+
+
+def _alpha(form: str, v: float, B: int):
+    """A DDIM alpha / affine coefficient in one of the forms the ops take."""
+    if form == "float":
+        return v
+    if form == "tensor0d":
+        return torch.tensor(v)
+    return torch.full((B,), v)
+
+
+def _opt(beta: float, check: bool) -> str:
+    """The case label's suffix for non-default beta / check (default labels stay as before)."""
+    return ("" if beta == 1.0 else f" beta={beta}") + ("" if check else " check=False")
 
 
 def _ddim_cases(plan: Plan, rnd):
@@ -251,6 +318,79 @@ def record(plan: Plan) -> tuple[list[Launch], list[str]]:
             except Exception as e:  # noqa: BLE001 - an op that cannot launch is a finding
                 errors.append(f"{label}: {type(e).__name__}: {e}")
     return launches, errors
+
+
+# --------------------------------------------------------------------------------------------
+# 1b. which flag combinations exist: what --full must cover
+# --------------------------------------------------------------------------------------------
+# Constexprs that the ops' options do not choose: tiles (BLOCK*), the numerics / structure the
+# dtype and dim select (RESIDENT, ONE_CHUNK, FP32_DOT, IEEE, RUN) and constants. The dims x dtypes
+# product of the plans covers those.
+STRUCTURE_CONSTEXPRS = frozenset({"LOG_EPS", "FP32_DOT", "IEEE", "RESIDENT", "ONE_CHUNK", "ROWS_PER_PROG", "RUN"})
+# the option flags that are not booleans, with every value a launcher can pass
+FLAG_DOMAINS = {"AT_MODE": (0, 1, 2), "AN_MODE": (0, 1, 2), "NOISE_MODE": (0, 1, 2), "INIT_L": (0.0, 1.0)}
+
+
+# Combinations no launcher produces, each with the code that rules it out. A flag a kernel does
+# not have reads as absent (the rule then does not apply unless the flag is named with a default).
+UNREACHABLE = (
+    ("BETA_ONE is the hard estimator's b = 1 path (hnm._Prepared.flags)",
+     lambda f, d: f.get("BETA_ONE") is True and f.get("HARD") is False),
+    ("BANK_COND needs a bank and labels (validate_hnm_inputs)",
+     lambda f, d: f.get("BANK_COND") is True and (f.get("HAS_BANK") is False or f.get("HAS_LABELS") is False)),
+    ("the store flags exist only in the fused guided step (hnm._backward_rows)",
+     lambda f, d: f.get("FUSED_DDIM") is False and any(f.get(k) for k in ("HAS_NOISE", "CLIP", "AFFINE", "WRITE_EPS"))),
+    ("x0 clipping is the DDIM step's; write_eps the affine step's (hnm_guided_*_update)",
+     lambda f, d: (f.get("CLIP") is True and f.get("AFFINE") is True)
+     or (f.get("WRITE_EPS") is True and f.get("AFFINE") is False)),
+    ("the fused guided step takes the pixel-space path from PIXEL_MIN_D on (hnm._guided_step)",
+     lambda f, d: f.get("FUSED_DDIM") is True and d >= _hnm_pixel.PIXEL_MIN_D),
+    ("the bank's values are checked only with check=True (hnm._row_epilogue)",
+     lambda f, d: f.get("CHECK_BANK") is True and f.get("CHECK") is False),
+    ("the alphas' forms matter only with the DDIM coefficients (hnm._row_epilogue)",
+     lambda f, d: f.get("DDIM_COEF") is False and (f.get("AT_MODE", 0) != 0 or f.get("AN_MODE", 0) != 0)),
+    ("eps is re-derived from the clipped x0 only when x0 is clipped (ddim._launch)",
+     lambda f, d: f.get("EPS_FROM_CLIPPED_X0") is True and f.get("CLIP") is False),
+)
+
+
+def _python_fn(kernel):
+    return getattr(kernel, "fn", kernel)
+
+
+def option_flags(kernel) -> dict:
+    """{name: default} of a kernel's constexprs that the ops' options choose (tiles and the
+    STRUCTURE_CONSTEXPRS left out); default is None where the signature has none."""
+    import inspect
+
+    out = {}
+    for name, prm in inspect.signature(_python_fn(kernel)).parameters.items():
+        if "constexpr" not in str(prm.annotation) or name.startswith("BLOCK") or name in STRUCTURE_CONSTEXPRS:
+            continue
+        out[name] = None if prm.default is inspect.Parameter.empty else prm.default
+    return out
+
+
+def launch_flags(launch: Launch) -> tuple:
+    """The option flags of one recorded launch, defaults filled in: ((name, value), ...) sorted."""
+    import inspect
+
+    names = list(inspect.signature(_python_fn(launch.kernel)).parameters)
+    bound = dict(zip(names, launch.args, strict=False))
+    bound.update(launch.kwargs)
+    return tuple(sorted((k, bound.get(k, dflt)) for k, dflt in option_flags(launch.kernel).items()))
+
+
+def reachable_flags(kernel, d: int) -> set:
+    """Every option-flag combination of ``kernel`` that a launcher can produce at feature dim d:
+    the product of the flags' domains (booleans, FLAG_DOMAINS) less the UNREACHABLE rules."""
+    names = sorted(option_flags(kernel))
+    out = set()
+    for values in itertools.product(*(FLAG_DOMAINS.get(n, (False, True)) for n in names)):
+        f = dict(zip(names, values, strict=True))
+        if not any(rule(f, d) for _, rule in UNREACHABLE):
+            out.add(tuple(sorted(f.items())))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ launch of ``_hnm_epilogue_kernel`` computes, for the 2B rows of Z = [A; P]:
 * the loss rows and their mean (or per-program partial sums when B is large),
 * the backward coefficients CA, CB, CP of the mean loss (METHOD.md §6; the formulas of
   ``hnm.py``'s reference epilogue, ``_row_epilogue``), already multiplied by n = 2B (see
-  ``hnm._coef_scaled``: the backward kernel's fp32 accumulator applies (1/T) / n); with BETA_ONE
+  ``_hnm_common.coef_scaled``: the backward kernel's fp32 accumulator applies (1/T) / n); with BETA_ONE
   (the kernels' beta = 1 path, when ``_Prepared.flags()`` has it) CA' = CA exp(2 LSE0 - LSE1),
 * optionally a status word (bit 0: a non-finite value in A, P or the bank; bit 1: a row without
   negatives) that the host reads once when it wants the checks, instead of syncing per check,

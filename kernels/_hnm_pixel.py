@@ -1,6 +1,7 @@
-"""Pixel-space path of the fused HNM-guided DDIM step (``hnm_guided_ddim_update`` at d >= 640;
-d = 3072 on CIFAR): the gradient coefficients once per group, then a GEMM with the DDIM update
-fused in its epilogue. Private: ``hnm.hnm_guided_ddim_update`` dispatches here.
+"""Pixel-space path of the fused HNM-guided steps (``hnm_guided_ddim_update`` and
+``hnm_guided_affine_update`` at d >= 640; d = 3072 on CIFAR): the gradient coefficients once per
+group, then a GEMM with the step's update fused in its epilogue. Private: ``hnm``'s two guided ops
+dispatch here.
 
 Why: ``hnm._hnm_bwd_kernel`` owns a [rows, BLOCK_DO] output tile, so at d = 3072 each of its
 d / 128 = 24 feature chunks recomputes the similarity tiles (a full-d GEMM) and their exps. Here:
@@ -8,12 +9,13 @@ d / 128 = 24 feature chunks recomputes the similarity tiles (a full-d GEMM) and 
 * ``_hnm_pixel_coef_kernel``, one program per (block of a group's anchor rows, column tile of the
   group's 2G columns then the bank's M): s = z_r . z_c / T once over the full d, then
   H_rc = G_rc + G_cr for negatives c (G from the forward's LSEs and the row epilogue's CA/CB,
-  ``hnm._grad_terms``) and H_r,partner = CP_r + CP_partner, stored in fp32; bank columns store
+  ``_hnm_common._grad_terms``) and H_r,partner = CP_r + CP_partner, stored in fp32; bank columns store
   G_rm (row statistics only). Same masks, statistics and coefficients as ``_hnm_bwd_kernel``.
 * ``_hnm_pixel_gemm_kernel``, one program per (anchor row block, feature chunk):
   dZ_r = (1/T) (sum_c H_rc z_c + sum_m G_rm bank_m), fp32 accumulation (tensor cores for half
-  inputs: H is cast to the input dtype, scaled by n = 2B as in ``hnm._coef_scaled``), and the
-  DDIM update of METHOD.md §3 (``hnm._guided_ddim_store``) in the epilogue: writes x_next only.
+  inputs: H is cast to the input dtype, scaled by n = 2B as in ``_hnm_common.coef_scaled``), and
+  the guided step's update (``_hnm_common._guided_store``: DDIM, METHOD.md §3, or the solvers'
+  affine step) in the epilogue: writes x_next (and, on request, the guided eps) only.
 
 Memory: H is [groups in a chunk x G, 2G] fp32 plus [.. x G, M] fp32 with a bank, i.e.
 4 * B * (2G + M) bytes for the whole batch (B = G = 512, no bank: 2 MiB; M = 10^4: +20 MB).
@@ -39,7 +41,7 @@ import torch
 
 from . import _tiles
 from ._backend import interpreting
-from .hnm import _coef_scaled
+from ._hnm_common import coef_scaled
 
 try:  # the package and the reference backend must work without triton
     import triton
@@ -55,8 +57,8 @@ PIXEL_MIN_D = 640
 _H_BUDGET_BYTES = 256 * 2 ** 20   # H + G_bank buffer per chunk of groups (read at call time)
 
 if triton is not None:
+    from ._hnm_common import _bank_tile, _grad_terms, _guided_store, _local_to_row
     from ._tiles import dot, sim_tile
-    from .hnm import _bank_tile, _grad_terms, _guided_ddim_store, _local_to_row
 
     @triton.jit
     def _hnm_pixel_coef_kernel(Z, BANK, LAB, BLAB, LSE1, LSE0, CA, CB, CP, H, HB,
@@ -117,12 +119,13 @@ if triton is not None:
                 gb = _grad_terms(s, act, lse1_r, lse0_r, ca_r, cb_r, beta, LOG_EPS, HARD, BETA_ONE, 0)
                 tl.store(HB + hrows[:, None] * M + cols[None, :], gb, mask=rmask[:, None] & cmask[None, :])
 
-    @triton.jit
-    def _hnm_pixel_gemm_kernel(Z, BANK, H, HB, OUT, X, EPS, NOISE, KSA, KSB, KSN, KC1, KC2,
-                               B, G, M, D, g0, gscale, clip, acc_scale,
+    @triton.jit(do_not_specialize=("ks0", "ks1", "ks2"))   # -1 / 0 / 1: no specialisation each
+    def _hnm_pixel_gemm_kernel(Z, BANK, H, HB, OUT, X, EPS, AUX, K0, K1, K2, K3, K4, EOUT,
+                               B, G, M, D, g0, gscale, clip, ks0, ks1, ks2, kv0, kv1, kv2, acc_scale,
                                HAS_BANK: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr,
-                               FP32_DOT: tl.constexpr):
+                               FP32_DOT: tl.constexpr, AFFINE: tl.constexpr = False,
+                               WRITE_EPS: tl.constexpr = False):
         # grid: (groups of this chunk x anchor row blocks, feature chunks); BLOCK_C: the
         # contraction step over the group's 2G columns (then the bank's M rows)
         pid = tl.program_id(0)
@@ -150,10 +153,11 @@ if triton is not None:
                 hb = tl.load(HB + hrows[:, None] * M + mc[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
                 bc = tl.load(BANK + mc[:, None] * D + do[None, :], mask=mmask[:, None] & domask[None, :], other=0.0)
                 acc = dot(hb.to(bc.dtype), bc, acc, FP32_DOT)
-        acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (_coef_scaled)
+        acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (coef_scaled)
         omask = rmask[:, None] & domask[None, :]
-        _guided_ddim_store(acc, rows, rmask, rows[:, None] * D + do[None, :], omask, X, EPS, NOISE,
-                           KSA, KSB, KSN, KC1, KC2, OUT, gscale, clip, HAS_NOISE, CLIP)
+        _guided_store(acc, rows, rmask, rows[:, None] * D + do[None, :], omask, X, EPS, AUX,
+                      K0, K1, K2, K3, K4, OUT, EOUT, gscale, clip, ks0, ks1, ks2, kv0, kv1, kv2,
+                      AFFINE, HAS_NOISE, CLIP, WRITE_EPS)
 
 
 def pixel_tiles(dtype: torch.dtype) -> dict:
@@ -175,13 +179,12 @@ def pixel_tiles(dtype: torch.dtype) -> dict:
 
 def guided_rows(p, lse1, lse0, ca, cb, cp, out, fused, *, budget_bytes=None):
     """x_next [B, D] into ``out`` for the prepared inputs ``p`` (``hnm._Prepared``), the forward's
-    statistics and the row epilogue's coefficients; ``fused`` is the tuple ``hnm._backward_rows``
-    takes: ((x, eps, noise, sa, sb, sn, c1, c2), gscale, clip, has_noise, do_clip).
+    statistics and the row epilogue's coefficients; ``fused`` is the ``hnm._Fused`` record
+    ``hnm._backward_rows`` takes (the store's pointers, scalars and flags).
 
     Groups are processed in chunks whose H (+ G_bank) buffer fits ``budget_bytes`` (default
     ``_H_BUDGET_BYTES``): two launches per chunk."""
-    ddim, gscale, clip, has_noise, do_clip = fused
-    ca, cb, cp, acc_scale = _coef_scaled(p, ca, cb, cp)
+    ca, cb, cp, acc_scale = coef_scaled(p, ca, cb, cp)
     budget = _H_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
     B, G, M, D = p.B, p.G, p.M, p.D
     ngroups = B // G
@@ -201,6 +204,6 @@ def guided_rows(p, lse1, lse0, ca, cb, cp, out, fused, *, budget_bytes=None):
             HARD=fl["HARD"], HAS_LABELS=fl["HAS_LABELS"], HAS_BANK=fl["HAS_BANK"], BANK_COND=fl["BANK_COND"],
             LOG_EPS=fl["LOG_EPS"], FP32_DOT=fl["FP32_DOT"], BETA_ONE=fl["BETA_ONE"], **tc)
         _hnm_pixel_gemm_kernel[(ng * triton.cdiv(G, tg["BLOCK_R"]), triton.cdiv(D, tg["BLOCK_DO"]))](
-            p.Z, p.ptrs()[1], h, hb, out, *ddim, B, G, M, D, g0, gscale, clip, acc_scale,
-            HAS_BANK=fl["HAS_BANK"], HAS_NOISE=has_noise, CLIP=do_clip, FP32_DOT=fl["FP32_DOT"], **tg)
+            p.Z, p.ptrs()[1], h, hb, out, *fused.ptrs, B, G, M, D, g0, *fused.scalars, acc_scale,
+            HAS_BANK=fl["HAS_BANK"], FP32_DOT=fl["FP32_DOT"], **fused.flags, **tg)
     return out

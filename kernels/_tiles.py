@@ -91,6 +91,8 @@ HNM_RESIDENT_MAX_D = 128
 # and spilled 4 B (d = 64; d = 128 on sm_80, easy estimator + bank). The backward keeps the
 # config's num_stages: 3 spilled it on sm_80 at d = 128 (fused DDIM, labels + bank).
 HNM_FWD_STAGES_RESIDENT = 3
+# The fp32 HNM kernels' register limit (the launch option ``maxnreg``; see hnm_tile_config)
+HNM_FP32_MAXNREG = 255
 
 
 def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
@@ -108,6 +110,7 @@ def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
       loads go through registers: 128 x 64 spilled on sm_90, 64 x 64 on sm_80; d = 256 (64 x 64)
       spilled on sm_80. Those keep the chunked tiles.
     * fp32 ("ieee" dots on FMA units): the K loop's 32-wide chunks; a resident 128-wide K spilled.
+      ptxas may use up to ``HNM_FP32_MAXNREG`` registers (held at 128 by its own choice, they spilled).
     """
     p2 = max(16, triton.next_power_of_2(D))
     if interpreting() and not _GPU_TILES_IN_INTERPRETER:
@@ -116,8 +119,13 @@ def hnm_tile_config(D: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=kb, BLOCK_DO=kb, num_warps=4, num_stages=1,
                     RESIDENT=D <= 32)
     if dtype == torch.float32:  # 64-wide fp32 tiles spilled too
+        # maxnreg: left to itself, ptxas held several variants at 128 registers (2 programs of 256
+        # threads per SM) and spilled 4-36 B at d = 128 (the backward on sm_90: hard + labels, and
+        # B, G not multiples of 16; the forward on sm_80: hard + bank). Allowed 255 it takes
+        # 124-250, no spill (the AOT gate): 1 program per SM. Tiles, warps and stages (hence the
+        # numerics) unchanged. 2 stages, or 4 warps, moved the spills to other variants.
         return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8,
-                    num_stages=3, RESIDENT=False)
+                    num_stages=3, maxnreg=HNM_FP32_MAXNREG, RESIDENT=False)
     if D > HNM_RESIDENT_MAX_D or D % 16:
         return dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=min(32, p2), BLOCK_DO=min(128, p2), num_warps=8,
                     num_stages=3, RESIDENT=False)

@@ -1,7 +1,11 @@
 """Fused hard-negative-mining (HNM) contrastive loss, METHOD.md §6 / §7, and the fused
-"HNM gradient straight into the DDIM update" for pixel-space guidance.
+"HNM gradient straight into the solver's update" for pixel-space guidance.
 
-Public: :func:`hnm_loss`, :func:`hnm_guided_ddim_update`. The pure-PyTorch oracle is ``hnm_ref.py``.
+Public: :func:`hnm_loss`, :func:`hnm_guided_ddim_update` (the DDIM step) and
+:func:`hnm_guided_affine_update` (out = c_x x + c_e (eps + scale grad) + c_h h: the Euler, Heun and
+DPM-Solver++ steps). The pure-PyTorch oracle is ``hnm_ref.py``. Module order (no import cycle):
+``_tiles`` / ``ddim`` -> ``_hnm_common`` (the jit helpers both kernel modules share) ->
+``_hnm_epilogue``, ``_hnm_pixel`` -> this module (its kernels, the launchers, the public ops).
 
 Layout of the Triton path (flash-attention-2 style, nothing of size 2B x 2B is ever stored):
 
@@ -16,8 +20,9 @@ Layout of the Triton path (flash-attention-2 style, nothing of size 2B x 2B is e
   makes no host sync; at N = 2B = 1024 it is 6 device launches (tests/test_launches.py).
 * ``_hnm_bwd_kernel``: recomputes the tiles and accumulates dZ_r = (1/T) sum_c (G_rc + G_cr) z_c.
   G_cr only needs row c's saved statistics, so each program owns its output rows: no atomics,
-  deterministic. With FUSED_DDIM it handles the anchor rows only and writes
-  x_next = DDIM(x, eps + scale * dZ_r) instead of dZ.
+  deterministic. With FUSED_DDIM it handles the anchor rows only and writes the guided step
+  x_next = DDIM(x, eps + scale * dZ_r) (or, AFFINE, c_x x + c_e (eps + scale dZ_r) + c_h h;
+  ``_hnm_common._guided_store``) instead of dZ.
 * ``_hnm_bank_bwd_kernel``: one program per block of bank rows, looping over all 2B rows of Z.
 
 Loop structure (``hnm_tile_config`` in _tiles.py picks it, the AOT gate proves the tiles):
@@ -44,7 +49,9 @@ import math
 
 import torch
 
+from . import _hnm_pixel
 from ._backend import backend_for, interpreting, launch_only, on_input_device
+from ._hnm_common import Fused, coef_scaled
 from ._hnm_epilogue import BAD_VALUE, NO_NEGATIVES, epilogue_programs
 from ._tiles import HNM_FWD_STAGES_RESIDENT, fp32_dot_precision, hnm_tile_config
 from .hnm_ref import (
@@ -52,6 +59,7 @@ from .hnm_ref import (
     _capturing,
     _check_finite,
     check_negative_counts,
+    hnm_guided_affine_reference,
     hnm_guided_ddim_reference,
     hnm_loss_reference,
     validate_hnm_inputs,
@@ -64,71 +72,16 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     triton = None
     tl = None
 
-__all__ = ["hnm_loss", "hnm_guided_ddim_update"]
+__all__ = ["hnm_loss", "hnm_guided_ddim_update", "hnm_guided_affine_update"]
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if triton is not None:
+    from ._hnm_common import _bank_tile, _col_tile, _grad_terms, _guided_store, _local_to_row
     from ._hnm_epilogue import _hnm_epilogue_kernel
-    from ._tiles import dot, load_rows, sim_tile
-    from .ddim import _ddim_step_jit  # the DDIM update of METHOD.md §3, shared with ddim.py
-
-    @triton.jit
-    def _col_tile(zr, R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale, RESIDENT: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
-        # s = R[rows] . C[cols]^T * scale. RESIDENT: zr is the row tile (loaded once per program);
-        # the column tile is loaded once and returned, so the backward's gradient dot reuses it.
-        # Otherwise (d > BLOCK_K, pixel space) features stream in BLOCK_K chunks.
-        if RESIDENT:
-            zc = load_rows(C_PTR, cols, cmask, D, BLOCK_K)
-            s = dot(zr, tl.trans(zc), tl.zeros((BLOCK_R, BLOCK_C), tl.float32), FP32_DOT) * scale
-        else:
-            s = sim_tile(R_PTR, rows, rmask, C_PTR, cols, cmask, D, scale, BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
-            zc = zr  # unused
-        return s, zc
-
-    @triton.jit
-    def _bank_tile(zr, Z, rows, rmask, lab_r, BANK, BLAB, c0, M, D, scale, BANK_COND: tl.constexpr,
-                   RESIDENT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
-        # one tile of bank columns: similarities, which of them are negatives of each row, and
-        # (RESIDENT) the bank tile itself. lab_r: the rows' labels (loaded once, BANK_COND)
-        cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        cmask = cols < M
-        s, bc = _col_tile(zr, Z, rows, rmask, BANK, cols, cmask, D, scale, RESIDENT,
-                          BLOCK_R, BLOCK_C, BLOCK_K, FP32_DOT)
-        valid = rmask[:, None] & cmask[None, :]
-        if BANK_COND:
-            blab = tl.load(BLAB + cols, mask=cmask, other=0)
-            valid = valid & (lab_r[:, None] != blab[None, :])
-        return cols, cmask, s, valid, bc
-
-    @triton.jit
-    def _guided_ddim_store(acc, rows, rmask, offs, omask, X, EPS, NOISE, KSA, KSB, KSN, KC1, KC2, OUT,
-                           gscale, clip, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr):
-        # the guided step's epilogue (METHOD.md §3): acc = the anchor rows' gradient tile;
-        # x_next = sqrt(a_n) x0 + c1 z + c2 e with e = eps + gscale * acc, written to OUT
-        x = tl.load(X + offs, mask=omask, other=0.0).to(tl.float32)
-        e = tl.load(EPS + offs, mask=omask, other=0.0).to(tl.float32) + gscale * acc
-        sa = tl.load(KSA + rows, mask=rmask, other=1.0)[:, None]
-        sb = tl.load(KSB + rows, mask=rmask, other=0.0)[:, None]
-        sn = tl.load(KSN + rows, mask=rmask, other=0.0)[:, None]
-        c2 = tl.load(KC2 + rows, mask=rmask, other=0.0)[:, None]
-        if HAS_NOISE:
-            c1 = tl.load(KC1 + rows, mask=rmask, other=0.0)[:, None]
-            z = tl.load(NOISE + offs, mask=omask, other=0.0).to(tl.float32)
-        else:  # unused without noise
-            c1 = c2
-            z = x
-        out, _ = _ddim_step_jit(x, e, sa, sb, sn, c1, c2, z, clip, CLIP, False, HAS_NOISE)
-        tl.store(OUT + offs, out, mask=omask)
-
-    @triton.jit
-    def _local_to_row(li, g, B, G):
-        # local index in [0, 2G) of group g -> row of Z: anchors g*G.., then their positives B+g*G..
-        return tl.where(li < G, g * G + li, B + g * G + li - G).to(tl.int64)
+    from ._tiles import dot, load_rows
 
     @triton.jit
     def _online_update(s, valid, m, l1, l0, cnt, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr,
@@ -205,58 +158,22 @@ if triton is not None:
             tl.store(LSE1 + rows, m + tl.log(l1), mask=rmask)
         tl.store(CNT + rows, cnt, mask=rmask)
 
-    # Backward. With w1_rc = exp((1+b) s'_rc - LSE1_r), w0_rc = exp(b s'_rc - LSE0_r), the
-    # gradient of the mean loss w.r.t. s_rc (c a negative of r, zero where s_rc < ln 1e-4) is
-    #   hard: G_rc = CA_r w1_rc + CB_r w0_rc,  CA = u R (1+b)/(1-tau), CB = -u R b/(1-tau)
-    #   easy: G_rc = CA_r w1_rc,               CA = u Ng
-    # (R = reweight, u = dmean/dNg, zero where a clamp binds), and w.r.t. the positive logit
-    # s_{r,partner}: CP_r (computed by _row_epilogue). s is symmetric, so
-    #   dZ_r = (1/T) [ sum_c (G_rc + G_cr) z_c + (CP_r + CP_partner) z_partner + sum_m G_rm bank_m ]
-    # where G_cr uses row c's statistics: each program owns its rows, no atomics.
-    # b = 1 (BETA_ONE): w1 = exp(2 s' - LSE1) = w0^2 exp(2 LSE0 - LSE1), so
-    #   G = w0 (CA' w0 + CB),  CA' = CA exp(2 LSE0 - LSE1)
-    # with exp(2 LSE0 - LSE1) = (sum e)^2 / sum e^2 in [1, N]: one exp per element instead of two.
-    # CA' is a per-row quantity, computed once by _row_epilogue (the CA tensor the b = 1 kernels
-    # get holds CA'): per column tile in here it would cost BLOCK_C more exps per thread and tile.
-    @triton.jit
-    def _grad_terms(s, act, lse1, lse0, ca, cb, beta, LOG_EPS: tl.constexpr, HARD: tl.constexpr,
-                    BETA_ONE: tl.constexpr, ROW_AXIS: tl.constexpr):
-        # ROW_AXIS = 0: statistics belong to the tile's rows; 1: to its columns. BETA_ONE: ca is
-        # CA' (lse1 unused)
-        sp = tl.maximum(s, LOG_EPS)
-        if ROW_AXIS == 0:
-            lse1 = lse1[:, None]
-            lse0 = lse0[:, None]
-            ca = ca[:, None]
-            cb = cb[:, None]
-        else:
-            lse1 = lse1[None, :]
-            lse0 = lse0[None, :]
-            ca = ca[None, :]
-            cb = cb[None, :]
-        if BETA_ONE:
-            w0 = tl.exp(tl.where(act, sp - lse0, float("-inf")))
-            t = w0 * (ca * w0 + cb)
-        elif HARD:
-            w1 = tl.exp(tl.where(act, (1.0 + beta) * sp - lse1, float("-inf")))
-            w0 = tl.exp(tl.where(act, beta * sp - lse0, float("-inf")))
-            t = ca * w1 + cb * w0
-        else:
-            t = ca * tl.exp(tl.where(act, sp - lse1, float("-inf")))
-        return tl.where(act, t, 0.0)
-
-    @triton.jit
+    # Backward: the gradient terms G_rc and the derivation of dZ are beside _grad_terms
+    # (_hnm_common.py).
+    @triton.jit(do_not_specialize=("ks0", "ks1", "ks2"))   # -1 / 0 / 1: no specialisation each
     def _hnm_bwd_kernel(Z, BANK, LAB, BLAB, LSE1, LSE0, CA, CB, CP, DZ,
-                        X, EPS, NOISE, KSA, KSB, KSN, KC1, KC2,
-                        B, G, M, D, scale, beta, gscale, clip, acc_scale,
+                        X, EPS, AUX, K0, K1, K2, K3, K4, EOUT,
+                        B, G, M, D, scale, beta, gscale, clip, ks0, ks1, ks2, kv0, kv1, kv2, acc_scale,
                         HARD: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BANK: tl.constexpr,
                         BANK_COND: tl.constexpr, LOG_EPS: tl.constexpr,
                         FUSED_DDIM: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_DO: tl.constexpr, FP32_DOT: tl.constexpr, BETA_ONE: tl.constexpr = False,
-                        RESIDENT: tl.constexpr = False):
+                        RESIDENT: tl.constexpr = False, AFFINE: tl.constexpr = False,
+                        WRITE_EPS: tl.constexpr = False):
         # RESIDENT: BLOCK_DO = BLOCK_K >= D, one program per row block (grid axis 1 has size 1) and
-        # each column tile feeds both dots; else one program per (row block, BLOCK_DO feature chunk)
+        # each column tile feeds both dots; else one program per (row block, BLOCK_DO feature chunk).
+        # FUSED_DDIM: the fused guided step (anchor rows only, _guided_store: DDIM, or AFFINE)
         pid = tl.program_id(0)
         if FUSED_DDIM:
             nloc = G  # only the anchor rows' gradient is needed
@@ -317,12 +234,12 @@ if triton is not None:
                 if not RESIDENT:
                     bc = tl.load(BANK + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
                 acc = dot(gt.to(bc.dtype), bc, acc, FP32_DOT)
-        acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (_coef_scaled)
+        acc = acc * acc_scale   # 1/T and the 1/n the coefficients were relieved of (coef_scaled)
         omask = rmask[:, None] & domask[None, :]
         offs = rows[:, None] * D + do[None, :]
         if FUSED_DDIM:   # rows are anchors (rows < B)
-            _guided_ddim_store(acc, rows, rmask, offs, omask, X, EPS, NOISE, KSA, KSB, KSN, KC1, KC2, DZ,
-                               gscale, clip, HAS_NOISE, CLIP)
+            _guided_store(acc, rows, rmask, offs, omask, X, EPS, AUX, K0, K1, K2, K3, K4, DZ, EOUT,
+                          gscale, clip, ks0, ks1, ks2, kv0, kv1, kv2, AFFINE, HAS_NOISE, CLIP, WRITE_EPS)
         else:
             tl.store(DZ + offs, acc, mask=omask)
 
@@ -421,7 +338,7 @@ def _forward_stats(p: _Prepared):
     grid = ((p.B // p.G) * triton.cdiv(2 * p.G, bl["BLOCK_R"]),)
     _hnm_fwd_kernel[grid](*p.ptrs(), lse1, lse0, cnt, p.B, p.G, p.M, p.D, p.scale, p.beta,
                           BLOCK_R=bl["BLOCK_R"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
-                          num_warps=bl["num_warps"], RESIDENT=bl["RESIDENT"],
+                          num_warps=bl["num_warps"], RESIDENT=bl["RESIDENT"], maxnreg=bl.get("maxnreg"),
                           num_stages=HNM_FWD_STAGES_RESIDENT if bl["RESIDENT"] else bl["num_stages"],
                           **p.flags())
     return lse1, lse0, cnt
@@ -442,7 +359,7 @@ def _alpha_arg(a, B: int, device):
 
 def _row_epilogue(p: _Prepared, lse1, lse0, cnt, tau_plus, temperature, *, check, alphas=None):
     """One launch of ``_hnm_epilogue_kernel``: the loss (0-d fp32), the backward coefficients
-    COEF [3, 2B] = (CA, CB, CP) of the mean loss times n (see _coef_scaled), the status word
+    COEF [3, 2B] = (CA, CB, CP) of the mean loss times n (see _hnm_common.coef_scaled), the status word
     (``check``, else None) and, with ``alphas`` = (a_t, a_next, eta), the DDIM coefficients [5, B].
 
     Formulas (METHOD.md §6, the reference's): loss_r = min(softplus(log Ng_r - s_pos), -ln 1e-4);
@@ -493,37 +410,28 @@ def _raise_on_status(p: _Prepared, status, cnt, **tensors) -> None:
                          "pinned down again; are the inputs being modified concurrently?")
 
 
-def _coef_scaled(p: _Prepared, *coefs):
-    """The backward coefficients as the epilogue stores them (times n = 2B) and the accumulator
-    scale (1/T) / n that undoes it. They carry the mean's 1/n; G = CA w1 + CB w0 is cast to the
-    input dtype before the second dot, and in fp16 1/n-sized G is subnormal (at T = 0.5, all of it
-    from N = 1024 on; flushed to zero at N = 16384). Scaled by n, G stays O(1/N) and the 1/n is
-    applied in fp32. (The scaling itself is done by _hnm_epilogue_kernel: no launch here.)"""
-    return tuple(coefs) + (p.scale / (2 * p.B),)
-
-
 def _backward_rows(p: _Prepared, lse1, lse0, ca, cb, cp, out, *, fused=None):
-    """Launch _hnm_bwd_kernel: dZ (into ``out`` [2B, D]) or, with ``fused``, x_next [B, D]."""
+    """Launch _hnm_bwd_kernel: dZ (into ``out`` [2B, D]) or, with ``fused`` (a ``Fused``
+    record), the guided step's output [B, D]."""
     bl = p.blocks
-    ca, cb, cp, acc_scale = _coef_scaled(p, ca, cb, cp)
+    ca, cb, cp, acc_scale = coef_scaled(p, ca, cb, cp)
     nloc = p.G if fused is not None else 2 * p.G
     grid = ((p.B // p.G) * triton.cdiv(nloc, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
     if fused is None:
-        dummy = lse1
-        ddim = (dummy,) * 8
-        gscale, clip, has_noise, do_clip = 0.0, 0.0, False, False
+        fused = Fused(ptrs=(lse1,) * 9, scalars=(0.0, 0.0, -1, -1, -1, 0.0, 0.0, 0.0),
+                      flags=dict(HAS_NOISE=False, CLIP=False))
+        is_fused = False
     else:
-        ddim, gscale, clip, has_noise, do_clip = fused
-    _hnm_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, cp, out, *ddim,
-                          p.B, p.G, p.M, p.D, p.scale, p.beta, gscale, clip, acc_scale,
-                          FUSED_DDIM=fused is not None, HAS_NOISE=has_noise, CLIP=do_clip,
-                          **bl, **p.flags())
+        is_fused = True
+    _hnm_bwd_kernel[grid](*p.ptrs(), lse1, lse0, ca, cb, cp, out, *fused.ptrs,
+                          p.B, p.G, p.M, p.D, p.scale, p.beta, *fused.scalars, acc_scale,
+                          FUSED_DDIM=is_fused, **fused.flags, **bl, **p.flags())
     return out
 
 
 def _backward_bank(p: _Prepared, lse1, lse0, ca, cb):
     bl = p.blocks
-    ca, cb, acc_scale = _coef_scaled(p, ca, cb)
+    ca, cb, acc_scale = coef_scaled(p, ca, cb)
     dbank = torch.empty_like(p.bank)
     grid = (triton.cdiv(p.M, bl["BLOCK_R"]), triton.cdiv(p.D, bl["BLOCK_DO"]))
     fl = p.flags()
@@ -599,6 +507,50 @@ def hnm_loss(anchor, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, esti
                               float(tau_plus), float(beta), estimator, bool(check))
 
 
+def _check_guided_tensors(x, eps, positive, scale, **optional) -> None:
+    """Argument checks shared by the two fused guided steps (raise before anything launches)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(eps, torch.Tensor) or not isinstance(positive, torch.Tensor):
+        raise TypeError("x, eps and positive must be torch.Tensors")
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch [B, ...] with at least 2 dims, got shape {tuple(x.shape)}")
+    if eps.shape != x.shape or positive.shape != x.shape:
+        raise ValueError(f"x, eps and positive must share a shape: {tuple(x.shape)}, {tuple(eps.shape)}, {tuple(positive.shape)}")
+    if not x.is_floating_point() or eps.dtype != x.dtype or positive.dtype != x.dtype:
+        raise TypeError(f"x, eps and positive must share a floating dtype, got {x.dtype}, {eps.dtype}, {positive.dtype}")
+    for name, t in optional.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} differs from x's {tuple(x.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+
+def _guided_step(x, positive, hnm_kw, *, check, alphas, fused_of):
+    """The Triton path shared by the fused guided steps: forward statistics, the row epilogue
+    (with ``alphas`` = (a_t, a_next, eta): also the DDIM coefficients), the status check, then
+    the backward of the anchor rows with the step's store in its epilogue (the pixel-space
+    GEMM path at d >= PIXEL_MIN_D). ``fused_of(dcoef)`` -> (Fused, out): the store's record and
+    the output tensor it writes."""
+    anchor2 = x.detach().flatten(1)
+    pos2 = positive.detach().flatten(1)
+    bank = hnm_kw["bank"]
+    bank_d = None if bank is None else bank.detach()
+    p = _Prepared(anchor2, pos2, bank_d, hnm_kw["labels"], hnm_kw["bank_labels"], hnm_kw["G"],
+                  hnm_kw["temperature"], hnm_kw["beta"], hnm_kw["estimator"])
+    lse1, lse0, cnt = _forward_stats(p)
+    _, coef, status, dcoef = _row_epilogue(p, lse1, lse0, cnt, float(hnm_kw["tau_plus"]), hnm_kw["temperature"],
+                                           check=check, alphas=alphas)
+    _raise_on_status(p, status, cnt, anchor=anchor2, positive=pos2, bank=bank_d)
+    fused, out = fused_of(lse1 if dcoef is None else dcoef)
+    if p.D >= _hnm_pixel.PIXEL_MIN_D:   # pixel space: H = G + G^T once per group, then a GEMM
+        _hnm_pixel.guided_rows(p, lse1, lse0, *coef, out, fused)
+    else:
+        _backward_rows(p, lse1, lse0, *coef, out, fused=fused)
+
+
 @on_input_device
 def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=10.0, tau_plus=0.1,
                            beta=1.0, estimator="hard", labels=None, bank=None, bank_labels=None,
@@ -614,22 +566,11 @@ def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=
     computed in fp32 inside the epilogue kernel (as ``ddim_update``'s), never read on the host.
     ``check``: as in :func:`hnm_loss` (``check=False``: no host sync).
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(eps, torch.Tensor) or not isinstance(positive, torch.Tensor):
-        raise TypeError("x, eps and positive must be torch.Tensors")
-    if x.dim() < 2:
-        raise ValueError(f"x must be a batch [B, ...] with at least 2 dims, got shape {tuple(x.shape)}")
-    if eps.shape != x.shape or positive.shape != x.shape:
-        raise ValueError(f"x, eps and positive must share a shape: {tuple(x.shape)}, {tuple(eps.shape)}, {tuple(positive.shape)}")
-    if noise is not None and noise.shape != x.shape:
-        raise ValueError(f"noise shape {tuple(noise.shape)} differs from x's {tuple(x.shape)}")
-    if not x.is_floating_point() or eps.dtype != x.dtype or positive.dtype != x.dtype:
-        raise TypeError(f"x, eps and positive must share a floating dtype, got {x.dtype}, {eps.dtype}, {positive.dtype}")
+    _check_guided_tensors(x, eps, positive, scale, noise=noise)
     if not isinstance(eta, (int, float)) or eta < 0:
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")
     if clip_x0 is not None and not clip_x0 > 0:
         raise ValueError(f"clip_x0 must be > 0 or None, got {clip_x0!r}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
     anchor2 = x.detach().flatten(1)
     pos2 = positive.detach().flatten(1)
     G = validate_hnm_inputs(anchor2, pos2, temperature=temperature, tau_plus=tau_plus, beta=beta,
@@ -646,25 +587,91 @@ def hnm_guided_ddim_update(x, eps, a_t, a_next, positive, *, scale, temperature=
             _check_finite(anchor=anchor2, positive=pos2, bank=bank)
         return hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, scale=scale, eta=eta,
                                          noise=noise, clip_x0=clip_x0, check=bool(check), **kw)
-    with torch.no_grad():
-        bank_d = None if bank is None else bank.detach()
-        p = _Prepared(anchor2, pos2, bank_d, labels, bank_labels, G, temperature, beta, estimator)
-        lse1, lse0, cnt = _forward_stats(p)
-        _, coef, status, dcoef = _row_epilogue(p, lse1, lse0, cnt, float(tau_plus), temperature, check=check,
-                                               alphas=(a_t, a_next, float(eta)))
-        _raise_on_status(p, status, cnt, anchor=anchor2, positive=pos2, bank=bank_d)
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def fused_of(dcoef):
         xc = x.detach().contiguous()
-        ec = eps.detach().contiguous()
-        nc = lse1 if noise is None else noise.detach().to(x.dtype).contiguous()
-        fused = ((xc, ec, nc) + tuple(dcoef), float(scale),
-                 0.0 if clip_x0 is None else float(clip_x0), noise is not None, clip_x0 is not None)
-        if p.D >= _hnm_pixel.PIXEL_MIN_D:   # pixel space: H = G + G^T once per group, then a GEMM
-            _hnm_pixel.guided_rows(p, lse1, lse0, *coef, out, fused)
-        else:
-            _backward_rows(p, lse1, lse0, *coef, out, fused=fused)
+        nc = dcoef if noise is None else noise.detach().to(x.dtype).contiguous()
+        ptrs = (xc, eps.detach().contiguous(), nc) + tuple(dcoef) + (xc,)
+        scalars = (float(scale), 0.0 if clip_x0 is None else float(clip_x0), -1, -1, -1, 0.0, 0.0, 0.0)
+        return Fused(ptrs, scalars, dict(HAS_NOISE=noise is not None, CLIP=clip_x0 is not None)), out
+
+    with torch.no_grad():
+        _guided_step(x, positive, dict(kw, G=G), check=check, alphas=(a_t, a_next, float(eta)), fused_of=fused_of)
     return out
 
 
-# the pixel-space path imports this module's kernels and helpers, so it is imported last
-from . import _hnm_pixel  # noqa: E402
+def _affine_coef_arg(c, name: str, B: int, device):
+    """(value, tensor, stride) of one coefficient of the affine step for ``_guided_store``: a host
+    float (stride -1, no tensor), or fp32 device values, 0-d / one element (stride 0) or per
+    sample [B] (stride 1), never read on the host."""
+    if not isinstance(c, torch.Tensor):
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise ValueError(f"{name} must be a finite number or a tensor (0-d or [B]), got {c!r}")
+        return float(c), None, -1
+    if not c.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {c.dtype}")
+    if c.numel() == 1:
+        return 1.0, c.detach().to(device=device, dtype=torch.float32).reshape(1), 0
+    if c.shape != (B,):
+        raise ValueError(f"{name} must be a number, a 0-d tensor or a per-sample tensor [B]=[{B}], "
+                         f"got shape {tuple(c.shape)}")
+    return 1.0, c.detach().to(device=device, dtype=torch.float32).contiguous(), 1
+
+
+@on_input_device
+def hnm_guided_affine_update(x, eps, positive, *, c_x, c_e, h=None, c_h=0.0, scale, temperature=10.0,
+                             tau_plus=0.1, beta=1.0, estimator="hard", labels=None, bank=None,
+                             bank_labels=None, group_size=None, write_eps=False, backend="auto", check=True):
+    """One guided step of an affine solver in pixel space (features = identity), METHOD.md §7:
+
+        g = d hnm_loss(x.flatten(1), positive.flatten(1)) / d x   (the anchors are x, detached)
+        e = eps + scale * g                                       (the guided noise prediction)
+        out = c_x * x + c_e * e + c_h * h                          (the h term only when h is given)
+
+    Every step of the continuous-sigma samplers is of this form (Euler, Heun's second stage with
+    h = the first stage's part, DPM-Solver++(2M) with h = the previous data prediction);
+    ``hnm_guided_ddim_update`` is the case c_x = sqrt(a_n / a_t), c_e = c2 - sqrt(a_n (1 - a_t) / a_t),
+    c_h = c1, h = z (without x0 clipping). c_x, c_e, c_h: Python numbers or fp32-able tensors,
+    0-d / one element or per sample [B] (device tensors are never read on the host, so a CUDA
+    graph can capture the step and update them in place). h: like x (same shape and dtype).
+    Returns out (x's shape and dtype, contiguous), or (out, e) with ``write_eps`` (e in x's dtype;
+    e.g. for a solver that keeps its data prediction). No autograd. The Triton path writes both
+    from the kernel that produces the anchor gradient (no gradient tensor is materialised).
+    ``check``: as in :func:`hnm_loss` (``check=False``: no host sync). Other arguments: as in
+    :func:`hnm_loss`.
+    """
+    _check_guided_tensors(x, eps, positive, scale, h=h)
+    if h is not None and h.dtype != x.dtype:
+        raise TypeError(f"h must have x's dtype {x.dtype}, got {h.dtype}")
+    if h is None and not (isinstance(c_h, (int, float)) and not isinstance(c_h, bool) and c_h == 0):
+        raise ValueError("c_h is given but h is None: pass the history tensor h (or c_h=0.0)")
+    B = x.shape[0]
+    coefs = [_affine_coef_arg(c, n, B, x.device) for c, n in ((c_x, "c_x"), (c_e, "c_e"), (c_h, "c_h"))]
+    anchor2 = x.detach().flatten(1)
+    pos2 = positive.detach().flatten(1)
+    G = validate_hnm_inputs(anchor2, pos2, temperature=temperature, tau_plus=tau_plus, beta=beta,
+                            estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
+                            group_size=group_size, check_values=False)
+    kw = dict(temperature=temperature, tau_plus=tau_plus, beta=beta, estimator=estimator,
+              labels=labels, bank=bank, bank_labels=bank_labels, group_size=group_size)
+    if backend_for(backend, x, eps, positive, bank, h) == "reference" or x.dtype == torch.float64:
+        if check and not _capturing():
+            _check_finite(anchor=anchor2, positive=pos2, bank=bank)
+        return hnm_guided_affine_reference(x, eps, positive, c_x=c_x, c_e=c_e, h=h, c_h=c_h, scale=scale,
+                                           write_eps=bool(write_eps), check=bool(check), **kw)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    e_out = torch.empty_like(x, memory_format=torch.contiguous_format) if write_eps else None
+
+    def fused_of(dummy):
+        xc = x.detach().contiguous()
+        ptrs = ((xc, eps.detach().contiguous(), xc if h is None else h.detach().contiguous())
+                + tuple(dummy if t is None else t for _, t, _ in coefs) + (dummy, dummy)
+                + (xc if e_out is None else e_out,))
+        scalars = (float(scale), 0.0) + tuple(s for _, _, s in coefs) + tuple(v for v, _, _ in coefs)
+        flags = dict(AFFINE=True, HAS_NOISE=h is not None, CLIP=False, WRITE_EPS=bool(write_eps))
+        return Fused(ptrs, scalars, flags), out
+
+    with torch.no_grad():
+        _guided_step(x, positive, dict(kw, G=G), check=check, alphas=None, fused_of=fused_of)
+    return (out, e_out) if write_eps else out

@@ -238,14 +238,11 @@ def ddim_coefficients_per_sample(a_t, a_next, eta: float, B: int, device) -> tup
     return tuple(v.to(torch.float32) for v in out)
 
 
-def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperature=10.0,
-                              tau_plus=0.1, beta=1.0, estimator="hard", labels=None, bank=None,
-                              bank_labels=None, group_size=None, eta=0.0, noise=None, clip_x0=None,
-                              check: bool = True):
-    """Pixel-space Contrastive-DP step: g = d hnm_loss(x.flatten(1), positive.flatten(1)) / d x,
-    e = eps + scale * g, then the DDIM update of METHOD.md §3. fp32 math, result in x's dtype.
-    ``check``: raise on a row without negatives (the argument checks are the caller's)."""
-    B = x.shape[0]
+def hnm_pixel_grad_reference(x, positive, *, temperature=10.0, tau_plus=0.1, beta=1.0, estimator="hard",
+                             labels=None, bank=None, bank_labels=None, group_size=None, check: bool = True):
+    """g = d hnm_loss(x.flatten(1), positive.flatten(1)) / d x in fp32 (the guidance gradient of
+    METHOD.md §7 in pixel space, features = identity), shaped [B, d]. ``check``: raise on a row
+    without negatives (the argument checks are the caller's)."""
     anchor = x.detach().flatten(1).float().requires_grad_(True)
     pos = positive.detach().flatten(1).float()
     bank32 = None if bank is None else bank.detach().float()
@@ -255,10 +252,54 @@ def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperatu
                                   bank_labels=bank_labels, group_size=group_size, check=False,
                                   check_counts=check)
         (g,) = torch.autograd.grad(loss, anchor)
+    return g
+
+
+def hnm_guided_ddim_reference(x, eps, a_t, a_next, positive, *, scale, temperature=10.0,
+                              tau_plus=0.1, beta=1.0, estimator="hard", labels=None, bank=None,
+                              bank_labels=None, group_size=None, eta=0.0, noise=None, clip_x0=None,
+                              check: bool = True):
+    """Pixel-space Contrastive-DP step: g = d hnm_loss(x.flatten(1), positive.flatten(1)) / d x,
+    e = eps + scale * g, then the DDIM update of METHOD.md §3. fp32 math, result in x's dtype.
+    ``check``: raise on a row without negatives (the argument checks are the caller's)."""
+    B = x.shape[0]
+    g = hnm_pixel_grad_reference(x, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
+                                 estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
+                                 group_size=group_size, check=check)
     coefficients = ddim_coefficients_per_sample(a_t, a_next, eta, B, x.device)
     view = (B,) + (1,) * (x.dim() - 1)
     coefficients = tuple(v.view(view) for v in coefficients)
     e = eps.detach().float() + scale * g.view(x.shape)
     out, _ = ddim_step_ref(x.detach().float(), e, coefficients, clip_x0=clip_x0,
                            noise=None if noise is None else noise.detach().float())
+    return out.to(x.dtype)
+
+
+def _affine_coefficient(c, B: int, x: torch.Tensor):
+    """A coefficient of the affine step as fp32, broadcastable against x: a Python number, or a
+    0-d / one-element / per-sample [B] tensor."""
+    if not isinstance(c, torch.Tensor):
+        return float(c)
+    t = c.detach().to(device=x.device, dtype=torch.float32).reshape(-1)
+    return t.expand(B).reshape((B,) + (1,) * (x.dim() - 1))
+
+
+def hnm_guided_affine_reference(x, eps, positive, *, c_x, c_e, h=None, c_h=0.0, scale, temperature=10.0,
+                                tau_plus=0.1, beta=1.0, estimator="hard", labels=None, bank=None,
+                                bank_labels=None, group_size=None, write_eps: bool = False,
+                                check: bool = True):
+    """The guided affine solver step (METHOD.md §7): g = d hnm_loss(x.flatten(1),
+    positive.flatten(1)) / d x, e = eps + scale * g, out = c_x x + c_e e + c_h h (the h term only
+    when h is given). fp32 math; out (and e, with ``write_eps``: returns (out, e)) in x's dtype.
+    ``check``: raise on a row without negatives (the argument checks are the caller's)."""
+    B = x.shape[0]
+    g = hnm_pixel_grad_reference(x, positive, temperature=temperature, tau_plus=tau_plus, beta=beta,
+                                 estimator=estimator, labels=labels, bank=bank, bank_labels=bank_labels,
+                                 group_size=group_size, check=check)
+    e = eps.detach().float() + scale * g.view(x.shape)
+    out = _affine_coefficient(c_x, B, x) * x.detach().float() + _affine_coefficient(c_e, B, x) * e
+    if h is not None:
+        out = out + _affine_coefficient(c_h, B, x) * h.detach().float()
+    if write_eps:
+        return out.to(x.dtype), e.to(x.dtype)
     return out.to(x.dtype)

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,6 +68,9 @@ def test_aot_gate_compiles_every_kernel_without_spills(gate):
     assert {u["dtype"] for u in units} == {"fp32", "bf16", "fp16"}
     # every variant class the launchers produce in this share is present
     assert any(u["flags"].get("FUSED_DDIM") for u in units), "the fused DDIM epilogue was not compiled"
+    for kern in ("_hnm_bwd_kernel", "_hnm_pixel_gemm_kernel"):   # the fused affine solver step, both paths
+        assert any(u["flags"].get("AFFINE") for u in units if u["kernel"] == kern), kern
+    assert any(u["flags"].get("WRITE_EPS") for u in units)
     assert any(u["flags"].get("BANK_COND") for u in units)
     assert {u["flags"].get("EXCL_DIAG") for u in units if u["kernel"] == "_infonce_bwd_kernel"} == {True, False}
     for u in units:
@@ -161,6 +166,56 @@ def test_aot_kernels_filter_rejects_a_regex_matching_nothing():
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "matches none of the recorded kernels" in proc.stderr and "_hnm_fwd_kernel" in proc.stderr
     assert "[aot]" not in proc.stdout   # nothing was compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# --full is complete: every flag combination a launcher can produce is recorded
+# ----------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("pixel", [False, True], ids=["d<PIXEL_MIN_D", "d>=PIXEL_MIN_D"])
+def test_full_plan_records_every_reachable_flag_combination(pixel, monkeypatch):
+    """The FULL plans call the ops with the product of all their options; recorded (not run, not
+    compiled) at one small dim, each kernel's option flags are exactly ``reachable_flags``: the
+    product of the flags in the kernel's signature less the documented UNREACHABLE rules. A new
+    constexpr flag, or an option the plans do not vary, fails here until --full covers it. The
+    dims x dtypes x targets product of FULL does the rest (asserted below)."""
+    from cdp_fast.kernels import _aot, _hnm_pixel, _tiles
+
+    d = 32
+    assert min(_aot.FULL[0].dims) < _hnm_pixel.PIXEL_MIN_D <= max(_aot.FULL[0].dims)   # both paths
+    if pixel:   # the pixel-space path at a cheap d
+        monkeypatch.setattr(_hnm_pixel, "PIXEL_MIN_D", d)
+    for plan in _aot.FULL:   # every FULL plan varies every option
+        assert {k: getattr(plan, k) for k in _aot._ALL_OPTIONS} == _aot._ALL_OPTIONS
+        assert set(plan.dtypes) == set(_aot.DTYPES) and set(plan.targets) == {90, 80}
+        assert plan.hnm == _aot.HNM_VARIANTS and set(plan.estimators) == {"hard", "easy"}
+    assert _aot.FULL[0].ddim == "full" and set(_aot.FULL[0].infonce_modes) == {None, True}
+    # pixel: the kernels of the pixel path only, whose flags do not depend on the DDIM / InfoNCE
+    # ops, the alphas' forms or check (those are the other case's)
+    plan = dataclasses.replace(_aot.FULL[0], dims=(d,), dtypes=("fp32",),
+                               **(dict(ddim="none", infonce=False, guided_alphas=(("float", "float"),),
+                                       checks=(True,)) if pixel else {}))
+    with _tiles.gpu_tiles_in_interpreter():
+        launches, errors = _aot.record(plan)
+    assert not errors, errors[:3]
+    recorded, kernels = collections.defaultdict(set), {}
+    for launch in launches:
+        name = _aot._python_fn(launch.kernel).__name__
+        kernels[name] = launch.kernel
+        recorded[name].add(_aot.launch_flags(launch))
+    want = {"_hnm_fwd_kernel", "_hnm_bwd_kernel", "_hnm_bank_bwd_kernel", "_hnm_epilogue_kernel"}
+    want |= {"_hnm_pixel_coef_kernel", "_hnm_pixel_gemm_kernel"} if pixel else {"_ddim_fwd_kernel"}
+    assert want <= set(kernels), sorted(kernels)
+    for name, kernel in sorted(kernels.items()):
+        if pixel and name not in ("_hnm_pixel_coef_kernel", "_hnm_pixel_gemm_kernel", "_hnm_bwd_kernel"):
+            continue
+        reachable = _aot.reachable_flags(kernel, d)
+        missing, extra = reachable - recorded[name], recorded[name] - reachable
+        assert not missing, f"{name}: --full never launches {len(missing)} combinations, e.g. {sorted(missing)[:2]}"
+        assert not extra, f"{name}: launched combinations a rule calls unreachable: {sorted(extra)[:2]}"
+    assert len(reachable_of := _aot.reachable_flags(kernels["_hnm_fwd_kernel"], d)) == 15, reachable_of
+    # 3 estimator paths x 5 negative sets: (easy | hard, b != 1 | hard, b = 1) x
+    # (none | labels | bank | labels + bank | labels + bank + bank labels)
 
 
 # ----------------------------------------------------------------------------------------------

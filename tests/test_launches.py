@@ -73,6 +73,23 @@ def test_guided_step_launch_budget_at_sampler_size():
 
 
 @interpreter_only
+def test_guided_affine_step_launch_budget_at_sampler_size():
+    """The fused affine solver step costs what the DDIM one does (coefficients as device tensors
+    or floats are read in the kernel: no launch, no sync), also with h and write_eps."""
+    from cdp_fast.kernels import hnm_guided_affine_update
+
+    B, d = 512, 128
+    g = torch.Generator().manual_seed(2)
+    x, e, pos, h = (torch.randn(B, d, generator=g) for _ in range(4))
+    c_x, c_e = torch.tensor(0.9), torch.full((B,), -0.3)
+    with count_launches(False) as c:
+        hnm_guided_affine_update(x, e, pos, c_x=c_x, c_e=c_e, h=h, c_h=0.2,
+                                 scale=2.0, write_eps=True, backend="triton", check=False)
+    assert c.triton == ["_hnm_fwd_kernel", "_hnm_epilogue_kernel", "_hnm_bwd_kernel"], c.summary()
+    assert c.launches <= GUIDED_BUDGET and not c.syncs, c.summary()
+
+
+@interpreter_only
 def test_recorded_counts_equal_executed_counts():
     """Recording at N = 1024 counts what running the kernels counts (here at N = 16)."""
     for case in BUDGET:
