@@ -11,13 +11,17 @@
 6. evaluate clean and PGD robust accuracy on the held-out test split
 
 Every stage lives in its own folder under ``--out`` with a ``stage.json`` holding the settings it
-was made with (and the seconds it took); a rerun reuses every stage whose settings are unchanged
-(and redoes the rest).
+was made with, the fingerprints of what it consumed (the real images, upstream stages' outputs),
+its own output fingerprint and the seconds it took; a rerun reuses a stage only when its settings
+and inputs are unchanged and its files are still those it wrote (and redoes the rest), so a
+changed upstream output recomputes every stage that used it.
 
-Never lose work: every setting of every stage is resolved and checked (``resolve``) before any
-stage runs, and a finished stage whose settings changed is rebuilt beside it (``.<name>.next``)
-and swapped in only once the replacement is complete, so a failure or Ctrl-C leaves the finished
-stage as it was.
+Never lose work: every setting of every stage is resolved and checked (``resolve``, against the
+data set's size too) before any stage runs, and a finished stage that must be redone is rebuilt
+beside it (``.<name>.next``) and swapped in only once the replacement is complete, so a failure or
+Ctrl-C leaves the finished stage as it was; a successful run removes leftover ``.next`` folders.
+An intermediate classifier at chance is reported loudly; the sweep then chooses no scale and,
+without ``--scale``, the run stops with an error after the sweep.
 """
 from __future__ import annotations
 
@@ -241,6 +245,8 @@ class _Stage:
             return "computed: not run before"
         if old.get("settings") is not None and _key(old["settings"]) != _key(self.settings):
             return "recomputed: settings changed"
+        if self.inputs is not None and old.get("inputs") is None:
+            return "recomputed: made by an older version that did not record its inputs"
         if self.inputs is not None:
             changed = sorted(k for k, v in self.inputs.items() if (old.get("inputs") or {}).get(k) != v)
             if changed:

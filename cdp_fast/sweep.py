@@ -19,8 +19,10 @@ The same metrics are computed for the real training images as a reference. A sca
 the rule of :func:`choose_scale` (the largest scale whose fidelity stays within ``tolerance`` of
 lambda 0's); a scale whose sampling hits NaN/inf is recorded as broken and the larger ones are
 skipped. A classifier at chance on the real test split, or one that puts 90% of it in one class
-(:func:`classifier_degenerate`), measures nothing: the sweep warns and chooses no scale. Outputs: ``sweep.json``, ``sweep.png`` (metrics against lambda, log x axis) and
-``sweep_images.png`` (one row of noise across the scales).
+(:func:`classifier_degenerate`), measures nothing: the sweep warns and chooses no scale.
+Outputs: ``sweep.json``, ``sweep.png`` (metrics against lambda, log x axis) and
+``sweep_images.png`` (one row of noise across the scales); an ``--out`` that already holds files
+is refused unless ``--force``.
 """
 from __future__ import annotations
 
