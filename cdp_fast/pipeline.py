@@ -144,11 +144,11 @@ _NOT_OUTPUT = ("stage.json", "consolidated")
 
 def _output_files(folder: Path) -> list[Path]:
     out = []
-    for p in sorted(folder.rglob("*")):
+    for p in folder.rglob("*"):
         rel = p.relative_to(folder).parts
         if p.is_file() and rel[0] not in _NOT_OUTPUT and not any(s.startswith(".") for s in rel):
             out.append(p)
-    return out
+    return sorted(out, key=lambda p: str(p.relative_to(folder)))
 
 
 def _listing(folder: Path) -> dict:
@@ -156,11 +156,13 @@ def _listing(folder: Path) -> dict:
     return {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in _output_files(folder)}
 
 
-def output_fingerprint(folder: Path) -> str:
+def output_fingerprint(folder: Path, names=None) -> str:
     """sha256 over a stage's output files (relative path, size and content), 16 hex digits: what a
-    dependent stage consumed, recorded in its cache key."""
+    dependent stage consumed, recorded in its cache key. ``names``: only these relative paths."""
+    folder = Path(folder)
+    files = _output_files(folder) if names is None else [folder / n for n in sorted(names)]
     h = hashlib.sha256()
-    for p in _output_files(Path(folder)):
+    for p in files:
         h.update(f"{p.relative_to(folder)}\0{p.stat().st_size}\0".encode())
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -253,18 +255,22 @@ class _Stage:
                 return f"recomputed: its input changed ({', '.join(changed)})"
         return "recomputed: settings changed"
 
-    def _verify(self, marker: dict) -> tuple[str, str | None]:
-        """(output fingerprint, None) when the folder still holds what the stage wrote, else
-        (fingerprint now, the first changed file). Cheap when the size/mtime listing matches."""
-        listing = _listing(self.final)
-        if marker.get("files") == listing and marker.get("output"):
-            return marker["output"], None
-        now = output_fingerprint(self.final)
-        if not marker.get("output") or marker["output"] == now:  # a marker from before fingerprints
-            return now, None                                     # / a copy with new mtimes
-        old = marker.get("files") or {}
-        diff = sorted(set(old) ^ set(listing) | {k for k in old if k in listing and old[k][0] != listing[k][0]})
-        return now, (diff[0] if diff else "content")
+    def _verify(self, marker: dict) -> tuple[str | None, str | None]:
+        """(output fingerprint, None) when the files the stage wrote are still there, unchanged
+        (files added since, e.g. an eval.json, do not count), else (None, the first changed file).
+        Cheap when their sizes and mtimes match the marker's listing."""
+        recorded, fp = marker.get("files"), marker.get("output")
+        if not recorded or not fp:  # a marker from before fingerprints: take the folder as it is
+            return output_fingerprint(self.final), None
+        for rel, (size, _) in sorted(recorded.items()):
+            p = self.final / rel
+            if not p.is_file() or p.stat().st_size != size:
+                return None, rel
+        if all([p.stat().st_size, p.stat().st_mtime_ns] == recorded[rel]
+               for rel, p in ((r, self.final / r) for r in recorded)):
+            return fp, None
+        # touched (a copy with new mtimes?): the content decides
+        return (fp, None) if output_fingerprint(self.final, names=recorded) == fp else (None, "content")
 
     def _recover(self) -> None:
         if not self.final.exists():

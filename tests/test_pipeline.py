@@ -354,10 +354,15 @@ def test_stage_key_holds_its_inputs_and_verifies_its_files(tmp_path, capsys):
     shutil.rmtree(other.dir)
     # a copy (new mtimes, same bytes) is still trusted; changed bytes are not
     os.utime(root / "a" / "r.txt", ns=(1, 1))
+    (root / "a" / "eval.json").write_text("{}")  # a file added beside the outputs is not an edit
     assert pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f1"}).fresh
-    (root / "a" / "r.txt").write_text("two")
+    (root / "a" / "r.txt").write_text("owt")
     edited = pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f1"})
-    assert not edited.fresh and "files changed" in edited.reason and edited.dir.name == ".a.next"
+    assert not edited.fresh and edited.reason == "recomputed: its files changed since it finished (content)"
+    assert edited.dir.name == ".a.next"
+    shutil.rmtree(edited.dir)
+    (root / "a" / "r.txt").unlink()
+    assert "(r.txt)" in pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f1"}).reason
     # a stray build-aside folder does not survive beside a reused stage
     (root / "b").mkdir()
     ok = pipeline._Stage(root, "b", {"x": 1}, False)
