@@ -472,6 +472,14 @@ def _load_data(name: str, data_dir, real_limit, seed: int):
     return _DATA[k]
 
 
+def _limit_test(data, n: int | None):
+    """A class-balanced subset of n test images (the same for every seed), or data unchanged."""
+    if n is None or n >= data.x_test.shape[0]:
+        return data
+    keep = torch.from_numpy(data_mod.balanced_subset(data.y_test, n, 0))
+    return dataclasses.replace(data, x_test=data.x_test[keep].contiguous(), y_test=data.y_test[keep].contiguous())
+
+
 def _check_sizes(cfg: PipelineConfig, data) -> None:
     """What the data set's size decides: every class present, every stage's batch filled."""
     n, C, n_test = int(data.x_train.shape[0]), int(data.num_classes), int(data.x_test.shape[0])
@@ -536,9 +544,7 @@ def run(cfg: PipelineConfig) -> dict:
     seed_everything(cfg.seed)
     data = _load_data(cfg.data, cfg.data_dir, cfg.real_limit, cfg.seed)  # loaded (and checked) by _plan
     _DATA.clear()
-    if cfg.limit_test is not None and cfg.limit_test < data.x_test.shape[0]:
-        keep = torch.from_numpy(data_mod.balanced_subset(data.y_test, cfg.limit_test, 0))
-        data = dataclasses.replace(data, x_test=data.x_test[keep].contiguous(), y_test=data.y_test[keep].contiguous())
+    data = _limit_test(data, cfg.limit_test)
     print(f"[pipeline] {data!r} on {device}")
     # what the stages consume, by content (see _Stage): the real images, then upstream outputs
     real = {"real_train": data_fingerprint(data.x_train, data.y_train),

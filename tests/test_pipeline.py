@@ -381,6 +381,17 @@ def _tiny_as_run(run: Path) -> list[str]:
     return args
 
 
+def test_limit_test_is_a_class_balanced_subset():
+    from cdp_fast.data import load_dataset
+
+    data = load_dataset("digits")
+    small = pipeline._limit_test(data, 50)
+    assert small.x_test.shape[0] == 50 and torch.bincount(small.y_test).tolist() == [5] * 10
+    assert torch.equal(pipeline._limit_test(data, 50).x_test, small.x_test)  # the same every time
+    assert pipeline._limit_test(data, None) is data and pipeline._limit_test(data, 360) is data
+    assert pipeline._limit_test(data, 50).x_train is data.x_train
+
+
 def _rewrite_stage(folder: Path, edit) -> None:
     """Change a finished stage's output as a rerun of it would: new files, and a marker that
     records them (so the stage itself is reused, and only what consumed it is stale)."""
@@ -503,9 +514,9 @@ def test_chance_classifier_stops_the_sweep_choice(tiny_run, tmp_path, monkeypatc
     args = [a for a in TINY]
     i = args.index("--scale")
     del args[i:i + 2]
-    assert cli_main(["pipeline", "--out", str(run), *args]) == 2
+    assert cli_main(["pipeline", "--out", str(run), *args, "--limit-test", "100"]) == 2
     err = capsys.readouterr().err
-    assert "WARNING: the intermediate classifier is at chance" in err
+    assert "WARNING: the intermediate classifier is at chance: accuracy 0.100 on 100 real test images" in err
     assert "the guidance-scale sweep chose no scale" in err and "--scale" in err
     sw = json.loads((run / "sweep" / "sweep.json").read_text())
     assert sw["guidance_scale"] is None and "at chance" in sw["choice"]["refused"]
