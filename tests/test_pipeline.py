@@ -514,7 +514,7 @@ def test_chance_classifier_stops_the_sweep_choice(tiny_run, tmp_path, monkeypatc
     args = [a for a in TINY]
     i = args.index("--scale")
     del args[i:i + 2]
-    assert cli_main(["pipeline", "--out", str(run), *args, "--limit-test", "100"]) == 2
+    assert cli_main(["pipeline", "--out", str(run), *args, "--limit-test", "100", "--sweep-n", "8"]) == 2
     err = capsys.readouterr().err
     assert "WARNING: the intermediate classifier is at chance: accuracy 0.100 on 100 real test images" in err
     assert "the guidance-scale sweep chose no scale" in err and "--scale" in err
