@@ -11,21 +11,27 @@
 6. evaluate clean and PGD robust accuracy on the held-out test split
 
 Every stage lives in its own folder under ``--out`` with a ``stage.json`` holding the settings it
-was made with (and the seconds it took); a rerun reuses every stage whose settings are unchanged
-(and redoes the rest).
+was made with, the fingerprints of what it consumed (the real images, upstream stages' outputs),
+its own output fingerprint and the seconds it took; a rerun reuses a stage only when its settings
+and inputs are unchanged and its files are still those it wrote (and redoes the rest), so a
+changed upstream output recomputes every stage that used it.
 
-Never lose work: every setting of every stage is resolved and checked (``resolve``) before any
-stage runs, and a finished stage whose settings changed is rebuilt beside it (``.<name>.next``)
-and swapped in only once the replacement is complete, so a failure or Ctrl-C leaves the finished
-stage as it was.
+Never lose work: every setting of every stage is resolved and checked (``resolve``, against the
+data set's size too) before any stage runs, and a finished stage that must be redone is rebuilt
+beside it (``.<name>.next``) and swapped in only once the replacement is complete, so a failure or
+Ctrl-C leaves the finished stage as it was; a successful run removes leftover ``.next`` folders.
+An intermediate classifier at chance is reported loudly; the sweep then chooses no scale and,
+without ``--scale``, the run stops with an error after the sweep.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +45,12 @@ from . import generate as generate_mod
 from .config import check_data_dir, check_eps, field, to_dict
 from .figures import accuracy_bars, embedding_scatter, markdown_table, sample_grids
 from .guidance import LOSSES
+from .models.unet import PRESETS, UNet, unet_kwargs
 from .sweep import (
     DEFAULT_SCALES,
     SweepConfig,
+    at_chance,
+    classifier_degenerate,
     describe,
     run_sweep,
     sweep_table,
@@ -84,9 +93,11 @@ class PipelineConfig:
     # 2b. guidance-scale sweep
     sweep_scales: tuple[float, ...] = field(DEFAULT_SCALES, help="guidance sweep: scales lambda "
                                             "(>= 0, 0 always added)")
-    sweep_n: int = field(500, help="guidance sweep: images per scale")
-    sweep_steps: int = field(20, help="guidance sweep: DDIM steps (too few and lambda 0's own samples "
-                             "sit far from the data, so the rule admits broken scales)")
+    sweep_n: int | None = field(None, help="guidance sweep: images per scale (None: min(500, "
+                                "--n-synthetic), at least 4)")
+    sweep_steps: int | None = field(None, help="guidance sweep: DDIM steps (None: min(20, --sample-steps); "
+                                    "too few and lambda 0's own samples sit far from the data, so the "
+                                    "rule admits broken scales)")
     sweep_tolerance: float = field(0.5, help="guidance sweep rule: the largest scale whose "
                                    "classifier-feature Frechet distance to the real test set is at "
                                    "most (1 + tolerance) x lambda 0's")
@@ -107,6 +118,9 @@ class PipelineConfig:
                                          "an 8x8 small-cnn reaches 0 robust accuracy in a CPU budget)")
     attack_steps: int | None = field(None, help="TRADES attack steps (default: the dataset's)")
     eval_attack_steps: int = field(20, help="PGD steps of the final evaluation")
+    limit_test: int | None = field(None, help="evaluate on N test images (a class-balanced subset, the "
+                                   "same for every stage: classifier accuracy, sweep fidelity, TRADES "
+                                   "evaluation); None: the whole test split")
     embedding: str = field("pca", help="2-D embedding of the feature figure", choices=("pca", "tsne"))
     force: bool = field(False, help="recompute every stage")
 
@@ -123,30 +137,97 @@ def _read_marker(folder: Path) -> dict | None:
     return m if isinstance(m, dict) else None
 
 
+# Not part of a stage's output: its own marker, hidden files (temporary writes) and the
+# consolidated copy train-robust may write beside a synthetic set's shards (a cache of them).
+_NOT_OUTPUT = ("stage.json", "consolidated")
+
+
+def _output_files(folder: Path) -> list[Path]:
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).parts
+        if p.is_file() and rel[0] not in _NOT_OUTPUT and not any(s.startswith(".") for s in rel):
+            out.append(p)
+    return sorted(out, key=lambda p: str(p.relative_to(folder)))
+
+
+def _listing(folder: Path) -> dict:
+    """{relative path: [size, mtime_ns]} of a stage's output files (cheap: no reads)."""
+    return {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in _output_files(folder)}
+
+
+def output_fingerprint(folder: Path, names=None) -> str:
+    """sha256 over a stage's output files (relative path, size and content), 16 hex digits: what a
+    dependent stage consumed, recorded in its cache key. ``names``: only these relative paths."""
+    folder = Path(folder)
+    files = _output_files(folder) if names is None else [folder / n for n in sorted(names)]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(folder)}\0{p.stat().st_size}\0".encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' bytes (the real images a stage trains or evaluates on), 16 hex digits."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 class _Stage:
     """A cached stage folder.
 
-    ``stage.json`` holds the key of the settings the stage depends on, whether it finished and
-    how many seconds it took. ``fresh``: finished with these settings (reuse, with the seconds of
-    the run that computed it). Unfinished with the same key: the folder is kept so the stage can
-    resume (sampling shards, TRADES train_state). Anything else (other settings, ``--force``) is
-    rebuilt in ``.<name>.next`` beside the old folder, which stays untouched until ``done()``
-    swaps the complete replacement in; a swap cut short is completed (or undone) on the next run.
+    ``stage.json`` holds the key of what the stage depends on (its settings and, with ``inputs``,
+    the fingerprints of what it consumed: upstream stages' outputs, the real data), whether it
+    finished, how many seconds it took and, once finished, its own output fingerprint
+    (``output``, see :func:`output_fingerprint`) with a size/mtime listing of its files.
+    ``fresh``: finished with the same key and its files still those it wrote (reuse, with the
+    seconds of the run that computed it); a file changed since (the listing differs and so does
+    the content hash) makes it stale. Unfinished with the same key: the folder is kept so the
+    stage can resume (sampling shards, TRADES train_state). Anything else (other settings, other
+    inputs, changed files, ``--force``) is rebuilt in ``.<name>.next`` beside the old folder, which
+    stays untouched until ``done()`` swaps the complete replacement in; a swap cut short is
+    completed (or undone) on the next run, and a leftover ``.next`` beside a reused stage is removed.
+    ``reason`` says why the stage is reused or (re)computed; ``output`` is the fingerprint a
+    dependent stage passes in its ``inputs`` (None until the stage is finished).
     """
 
-    def __init__(self, root: Path, name: str, settings: dict, force: bool):
-        self.final, self.settings, self.key = root / name, settings, _key(settings)
+    def __init__(self, root: Path, name: str, settings: dict, force: bool, *, inputs: dict | None = None):
+        self.final, self.settings, self.inputs = root / name, settings, inputs
+        # without inputs, the key is the settings' alone (as before inputs existed)
+        self.key = _key(settings) if inputs is None else _key({**settings, "_inputs": inputs})
+        self.name = name
         self._next, self._old = root / f".{name}.next", root / f".{name}.old"
         self._recover()
         old = _read_marker(self.final)
         same = old is not None and old.get("key") == self.key and not force
         self.fresh = same and old.get("done", True)
+        self.output = None
+        if self.fresh:
+            self.output, changed = self._verify(old)
+            if changed:
+                same = self.fresh = False
+                self.reason = f"recomputed: its files changed since it finished ({changed})"
+        if not same:
+            self.reason = getattr(self, "reason", None) or self._why(old, force)
         self.resuming = same and not self.fresh
         self.seconds = old.get("seconds") if self.fresh else None
         self.info = old if self.fresh else {}
         self.dir = self.final
         if self.fresh:
+            self.reason = "cached: settings and inputs unchanged"
+            if self._next.exists():  # an unfinished rebuild with other settings: superseded
+                shutil.rmtree(self._next)
+                print(f"[pipeline] removed {self._next}: an unfinished rebuild of {name} with other settings")
             return
+        if self.resuming:
+            self.reason = "resuming an unfinished run with the same settings"
         if not same and self.final.exists():  # keep the finished work until its replacement is done
             self.dir = self._next
             nxt = _read_marker(self._next)
@@ -156,7 +237,40 @@ class _Stage:
                 shutil.rmtree(self._next)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.resuming:
-            write_json(self.dir / "stage.json", {"key": self.key, "done": False, "settings": self.settings})
+            write_json(self.dir / "stage.json", {"key": self.key, "done": False, "settings": self.settings,
+                                                 "inputs": self.inputs})
+
+    def _why(self, old: dict | None, force: bool) -> str:
+        if force:
+            return "recomputed: --force"
+        if old is None:
+            return "computed: not run before"
+        if old.get("settings") is not None and _key(old["settings"]) != _key(self.settings):
+            return "recomputed: settings changed"
+        if self.inputs is not None and old.get("inputs") is None:
+            return "recomputed: made by an older version that did not record its inputs"
+        if self.inputs is not None:
+            changed = sorted(k for k, v in self.inputs.items() if (old.get("inputs") or {}).get(k) != v)
+            if changed:
+                return f"recomputed: its input changed ({', '.join(changed)})"
+        return "recomputed: settings changed"
+
+    def _verify(self, marker: dict) -> tuple[str | None, str | None]:
+        """(output fingerprint, None) when the files the stage wrote are still there, unchanged
+        (files added since, e.g. an eval.json, do not count), else (None, the first changed file).
+        Cheap when their sizes and mtimes match the marker's listing."""
+        recorded, fp = marker.get("files"), marker.get("output")
+        if not recorded or not fp:  # a marker from before fingerprints: take the folder as it is
+            return output_fingerprint(self.final), None
+        for rel, (size, _) in sorted(recorded.items()):
+            p = self.final / rel
+            if not p.is_file() or p.stat().st_size != size:
+                return None, rel
+        if all([p.stat().st_size, p.stat().st_mtime_ns] == recorded[rel]
+               for rel, p in ((r, self.final / r) for r in recorded)):
+            return fp, None
+        # touched (a copy with new mtimes?): the content decides
+        return (fp, None) if output_fingerprint(self.final, names=recorded) == fp else (None, "content")
 
     def _recover(self) -> None:
         if not self.final.exists():
@@ -170,7 +284,9 @@ class _Stage:
 
     def done(self, seconds: float | None = None, **info) -> None:
         self.seconds = seconds
-        self.info = {"key": self.key, "done": True, "settings": self.settings, "seconds": seconds, **info}
+        self.output = output_fingerprint(self.dir)
+        self.info = {"key": self.key, "done": True, "settings": self.settings, "seconds": seconds, **info,
+                     "inputs": self.inputs, "output": self.output, "files": _listing(self.dir)}
         write_json(self.dir / "stage.json", self.info)
         if self.dir != self.final:  # swap: final -> .old, .next -> final, drop .old
             if self._old.exists():
@@ -181,8 +297,20 @@ class _Stage:
             self.dir = self.final
 
 
+def _remove_leftovers(roots) -> list[str]:
+    """Remove ``.<name>.next`` / ``.<name>.old`` folders left beside stages (after a successful run
+    every stage is complete, so these are superseded rebuilds); returns what was removed."""
+    gone = []
+    for root in roots:
+        for p in sorted(Path(root).glob(".*")):
+            if p.is_dir() and (p.name.endswith(".next") or p.name.endswith(".old")):
+                shutil.rmtree(p)
+                gone.append(str(p))
+    return gone
+
+
 # Settings that never change a stage's result: left out of the cache keys.
-_UNKEYED = ("out", "checkpoint", "device", "bf16", "cuda_graphs")
+_UNKEYED = ("out", "checkpoint", "device", "bf16", "cuda_graphs", "force")
 
 
 def _keyed(d: dict) -> dict:
@@ -194,9 +322,11 @@ _STEPS = ("intermediate classifier", "diffusion model", "guidance-scale sweep", 
           "TRADES + test evaluation", "figures and report")
 
 
-def _log(step: str, what: str, cached: bool = False) -> None:
+def _log(step: str, what: str, cached: bool = False, note: str | None = None) -> None:
+    """One numbered log line; ``note`` (a ``_Stage.reason``) says why it is reused or computed."""
     k = _STEPS.index(step) + 1
-    print(f"[pipeline] {k}/{len(_STEPS)} {what}{' (cached: settings unchanged)' if cached else ''}")
+    note = note or ("cached: settings unchanged" if cached else None)
+    print(f"[pipeline] {k}/{len(_STEPS)} {what}{f' ({note})' if note else ''}")
 
 
 @dataclass
@@ -237,14 +367,18 @@ def _positive(cfg: PipelineConfig) -> list[tuple[bool, str]]:
         (c.attack_steps is None or c.attack_steps >= 1, f"--attack-steps must be >= 1, got {c.attack_steps}"),
         (c.eval_attack_steps >= 1, f"--eval-attack-steps must be >= 1, got {c.eval_attack_steps}"),
         (c.real_limit is None or c.real_limit >= 1, f"--real-limit must be >= 1, got {c.real_limit}"),
+        (c.limit_test is None or c.limit_test >= 1, f"--limit-test must be >= 1, got {c.limit_test}"),
+        (c.sweep_n is None or c.sweep_n >= 4, f"--sweep-n must be >= 4, got {c.sweep_n}"),
+        (c.sweep_steps is None or c.sweep_steps >= 1, f"--sweep-steps must be >= 1, got {c.sweep_steps}"),
     ]
 
 
 def _plan(cfg: PipelineConfig) -> _Plan:
     """Resolve and check every setting of every stage; raises ValueError naming the first bad one.
 
-    Nothing is loaded, trained or written here. The returned plan's ``cfg`` has every default
-    filled in with the value actually used (no None left for eps, lr, attack steps, models).
+    Nothing is trained or written here; the data set is loaded (kept for ``run``) so that every
+    check that depends on its size runs too. The returned plan's ``cfg`` has every default filled
+    in with the value actually used (no None left for eps, lr, attack steps, models, sweep size).
     """
     for ok, msg in _positive(cfg):
         if not ok:
@@ -258,20 +392,34 @@ def _plan(cfg: PipelineConfig) -> _Plan:
         if model is not None and model.lower().replace("_", "-") not in models.NAMES:
             raise ValueError(f"{flag} {model!r} is not a classifier this package builds; choose one of "
                              f"{', '.join(models.NAMES)}")
+    if cfg.diffusion_preset != "auto" and cfg.diffusion_preset not in PRESETS:
+        raise ValueError(f"--diffusion-preset {cfg.diffusion_preset!r} is not a UNet preset; choose auto or "
+                         f"one of {', '.join(PRESETS)}")
     dcfg = diffusion_train.TrainDiffusionConfig(data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
                                 iters=cfg.diffusion_iters, preset=cfg.diffusion_preset, seed=cfg.seed,
                                 device=cfg.device)
     ds = diffusion_train.resolve_settings(dcfg, name)
     dcfg = dataclasses.replace(dcfg, iters=ds["iters"], preset=ds["preset"])
-    if cfg.sample_steps > dcfg.num_train_timesteps:
-        raise ValueError(f"--sample-steps {cfg.sample_steps} exceeds the diffusion model's "
-                         f"{dcfg.num_train_timesteps} training timesteps")
+    T = dcfg.num_train_timesteps
+    sweep_n, sweep_steps = _sweep_size(cfg)
+    for flag, n in (("--sample-steps", cfg.sample_steps), ("--sweep-steps", sweep_steps)):
+        if n > T:
+            raise ValueError(f"{flag} {n} exceeds the diffusion model's {T} training timesteps")
+    _check_window(cfg, T, ds["schedule"], {"--sample-steps": (cfg.sample_steps, cfg.sample_batch),
+                                           "--sweep-steps": (sweep_steps, min(cfg.sample_batch, sweep_n))})
+    data = _load_data(name, cfg.data_dir, cfg.real_limit, cfg.seed)
+    _check_sizes(cfg, data)
+    try:  # the preset fits the images (UNet checks the size on construction; no memory on "meta")
+        with torch.device("meta"):
+            UNet(**unet_kwargs(ds["preset"], in_channels=data.channels, image_size=data.size))
+    except ValueError as e:
+        raise ValueError(f"--diffusion-preset {ds['preset']}: {e}") from None
     eps = float(cfg.eps if cfg.eps is not None else (0.1 if name == "digits" else defaults["eps"]))
     steps = int(cfg.attack_steps if cfg.attack_steps is not None else defaults["attack_steps"])
     resolved = dataclasses.replace(
         cfg, data=name, classifier=cfg.classifier or defaults["model"],
         robust_model=cfg.robust_model or defaults["model"], diffusion_iters=ds["iters"],
-        diffusion_preset=ds["preset"], eps=eps, attack_steps=steps)
+        diffusion_preset=ds["preset"], eps=eps, attack_steps=steps, sweep_n=sweep_n, sweep_steps=sweep_steps)
     rcfgs = {}
     for s in range(cfg.seeds):
         for arm in ARMS:
@@ -300,6 +448,84 @@ def _plan(cfg: PipelineConfig) -> _Plan:
     return _Plan(resolved, base, defaults, dcfg, gcfgs, rcfgs)
 
 
+def _sweep_size(cfg: PipelineConfig) -> tuple[int, int]:
+    """The sweep's images per scale and DDIM steps: given, or scaled with the run (at most the
+    synthetic sets' size and step count, at most 500 images and 20 steps)."""
+    return (cfg.sweep_n if cfg.sweep_n is not None else max(4, min(500, cfg.n_synthetic)),
+            cfg.sweep_steps if cfg.sweep_steps is not None else min(20, cfg.sample_steps))
+
+
+_DATA: dict = {}  # the data set _plan loaded, for run() (one entry)
+
+
+def _load_data(name: str, data_dir, real_limit, seed: int):
+    """load_dataset once per (name, folder, limit, seed): _plan checks its size, run() trains on it."""
+    k = (name, None if data_dir is None else str(Path(data_dir).expanduser().resolve()), real_limit, seed)
+    if k not in _DATA:
+        _DATA.clear()
+        try:
+            _DATA[k] = data_mod.load_dataset(name, data_dir, real_limit=real_limit, seed=seed)
+        except ValueError as e:
+            if real_limit is not None and "real_limit" in str(e):
+                raise ValueError(f"--real-limit {real_limit}: {e}") from None
+            raise
+    return _DATA[k]
+
+
+def _limit_test(data, n: int | None):
+    """A class-balanced subset of n test images (the same for every seed), or data unchanged."""
+    if n is None or n >= data.x_test.shape[0]:
+        return data
+    keep = torch.from_numpy(data_mod.balanced_subset(data.y_test, n, 0))
+    return dataclasses.replace(data, x_test=data.x_test[keep].contiguous(), y_test=data.y_test[keep].contiguous())
+
+
+def _check_sizes(cfg: PipelineConfig, data) -> None:
+    """What the data set's size decides: every class present, every stage's batch filled."""
+    n, C, n_test = int(data.x_train.shape[0]), int(data.num_classes), int(data.x_test.shape[0])
+    present = int(torch.unique(data.y_train).numel())
+    if present < C:
+        raise ValueError(f"--real-limit {cfg.real_limit}: the real training subset holds {present} of the "
+                         f"{C} classes of {data.name}; at least {C} images (one per class) are needed, and "
+                         f"far more to train anything")
+    # TRADES holds out min(1024, n // 10) images for validation (trades.train_robust's default
+    # --val-size); every real-only batch takes --batch-size of the rest (synthetic arms fewer)
+    val = min(1024, n // 10)
+    if cfg.batch_size > n - val:
+        raise ValueError(f"--batch-size {cfg.batch_size}: each TRADES batch of the real-only arm takes "
+                         f"{cfg.batch_size} real images but there are only {n - val} ({n} real training "
+                         f"images{f' (--real-limit {cfg.real_limit})' if cfg.real_limit else ''}, {val} "
+                         f"held out for validation); lower --batch-size or raise --real-limit")
+    if cfg.limit_test is not None and not C <= cfg.limit_test <= n_test:
+        raise ValueError(f"--limit-test {cfg.limit_test} must be between {C} (one image per class) and the "
+                         f"{n_test} images of {data.name}'s test split")
+
+
+def _check_window(cfg: PipelineConfig, T: int, schedule: str, runs: dict) -> None:
+    """The guidance window must hold a sampled step, and the contrastive group divide the batch:
+    checked with the sampler's own step list and the guidance's own rule (never the first step)."""
+    from .guidance import ContrastiveGuidance, default_group_size
+    from .sampler import DDIMSampler
+    from .schedules import NoiseSchedule
+
+    window = f"--t-min {cfg.t_min} / --t-max {cfg.t_max}"
+    if cfg.t_min is not None and cfg.t_min >= T:
+        raise ValueError(f"{window}: no step would be guided, the diffusion model's timesteps are 0..{T - 1} "
+                         f"(Contrastive-DP would be plain DDIM)")
+    sched = NoiseSchedule.from_name(schedule, T)
+    g = ContrastiveGuidance(cfg.guidance, None, scale=1.0, t_min=cfg.t_min, t_max=cfg.t_max)
+    for flag, (steps, batch) in runs.items():
+        sampler = DDIMSampler(lambda x, t: x, sched, steps=steps, guidance=g)
+        if not any(sampler.guided_steps()):
+            raise ValueError(f"{window}: none of the {steps} DDIM steps ({flag}, timesteps "
+                             f"{sampler.timesteps[0]}..{sampler.timesteps[-1]}, the first never guided) lies "
+                             f"in the guidance window t_min <= t < t_max (Contrastive-DP would be plain DDIM)")
+        G = cfg.group_size if cfg.group_size is not None else default_group_size(batch)
+        if G < 2 or batch % G:
+            raise ValueError(f"the contrastive group ({G}, --group-size) must be >= 2 and divide the sampling "
+                             f"batch {batch} ({'--sample-batch' if flag == '--sample-steps' else 'min(--sample-batch, --sweep-n)'})")
+
+
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
     """The config with every default filled in, after checking every stage's settings (CLI hook:
     runs before anything is written, so a bad setting costs nothing and changes no file)."""
@@ -316,8 +542,18 @@ def run(cfg: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    data = data_mod.load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
+    data = _load_data(cfg.data, cfg.data_dir, cfg.real_limit, cfg.seed)  # loaded (and checked) by _plan
+    _DATA.clear()
+    data = _limit_test(data, cfg.limit_test)
     print(f"[pipeline] {data!r} on {device}")
+    # what the stages consume, by content (see _Stage): the real images, then upstream outputs
+    real = {"real_train": data_fingerprint(data.x_train, data.y_train),
+            "real_test": data_fingerprint(data.x_test, data.y_test)}
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        print(f"[pipeline] WARNING: {msg}", file=sys.stderr)
 
     def finish(stage_name: str, st: _Stage, t0: float, **info) -> None:
         if st.fresh:
@@ -329,47 +565,60 @@ def run(cfg: PipelineConfig) -> dict:
     # 1. intermediate classifier ------------------------------------------------------------------
     t0 = time.perf_counter()
     clf_name = cfg.classifier
-    st = _Stage(out, "classifier", {**base, "model": clf_name, "epochs": cfg.classifier_epochs}, cfg.force)
-    _log("intermediate classifier", f"intermediate classifier ({clf_name})", st.fresh)
+    st = _Stage(out, "classifier", {**base, "model": clf_name, "epochs": cfg.classifier_epochs}, cfg.force,
+                inputs={"real_train": real["real_train"]})
+    _log("intermediate classifier", f"intermediate classifier ({clf_name})", st.fresh, st.reason)
     if not st.fresh:
         clf = pseudolabel.train_classifier(data, clf_name, epochs=cfg.classifier_epochs, seed=cfg.seed, device=device)
         models.save(clf, st.dir, name=clf_name, data=data.name, role="intermediate classifier")
     finish("classifier", st, t0)
+    clf_out = st.output
     clf = models.load(st.dir, device=device)
     with torch.no_grad():
         pred = _batched(lambda x: clf(x).argmax(1), data.x_test, device)
         clf_acc = float((pred == data.y_test).float().mean())
     print(f"[pipeline] intermediate classifier test accuracy {clf_acc:.3f}")
+    bad = classifier_degenerate(pred, data.y_test, data.num_classes)
+    if bad:  # its pseudo-labels and guidance features would carry no class information
+        warn(f"{bad}: the synthetic sets' pseudo-labels and the guidance features are meaningless "
+             f"(raise --classifier-epochs or --real-limit)")
 
     # 2. diffusion model (real training subset only) -----------------------------------------------
     t0 = time.perf_counter()
     dcfg = plan.dcfg
-    st = _Stage(out, "diffusion", {**base, **_keyed(to_dict(dcfg))}, cfg.force)
-    _log("diffusion model", "diffusion model on the real training subset", st.fresh)
+    st = _Stage(out, "diffusion", {**base, **_keyed(to_dict(dcfg))}, cfg.force,
+                inputs={"real_train": real["real_train"]})
+    _log("diffusion model", "diffusion model on the real training subset", st.fresh, st.reason)
     if not st.fresh:
         diffusion_train.train_diffusion(dataclasses.replace(dcfg, out=str(st.dir)), data=data)
     finish("diffusion", st, t0)
+    diff_out = st.output
     unet, schedule, meta = diffusion_train.load_diffusion(st.dir, device=device)
 
     # 2b. guidance-scale sweep: chooses the Contrastive-DP scale unless --scale is given ----------
     sweep_res = _sweep_stage(cfg, out, {**base, "diffusion": _key(_keyed(to_dict(dcfg))), "classifier": clf_name,
                                         "classifier_epochs": cfg.classifier_epochs},
                              unet=unet, schedule=schedule, meta=meta, clf=clf, data=data, device=device,
-                             finish=finish)
+                             finish=finish, inputs={**real, "classifier": clf_out, "diffusion": diff_out})
     scale = cfg.scale if cfg.scale is not None else sweep_res["guidance_scale"]
+    if scale is None:  # the sweep refused to choose (degenerate metrics): nothing to fall back on
+        raise ValueError(f"the guidance-scale sweep chose no scale: {sweep_res['choice']['note']} Fix the "
+                         f"intermediate classifier (e.g. more --classifier-epochs), or give --scale to run "
+                         f"the Contrastive-DP arm anyway (the finished stages are kept)")
 
     # 3 + 4. synthetic sets from the same noise, pseudo-labelled ----------------------------------
     synth: dict[str, tuple] = {}
     gen_info: dict[str, dict] = {}
     syn_keys: dict[str, str] = {}
+    syn_out: dict[str, str] = {}
     for arm, gcfg in plan.gcfgs.items():
         t0 = time.perf_counter()
         if gcfg.guidance != "none":
             gcfg = dataclasses.replace(gcfg, scale=scale)
         dep = {**base, "diffusion": _key(_keyed(to_dict(dcfg))), "classifier": clf_name,
                "classifier_epochs": cfg.classifier_epochs, **_keyed(to_dict(gcfg))}
-        st = _Stage(out / "synthetic", arm, dep, cfg.force)
-        _log("synthetic sets + pseudo-labels", f"{cfg.n_synthetic} images: {arm}", st.fresh)
+        st = _Stage(out / "synthetic", arm, dep, cfg.force, inputs={"classifier": clf_out, "diffusion": diff_out})
+        _log("synthetic sets + pseudo-labels", f"{cfg.n_synthetic} images: {arm}", st.fresh, st.reason)
         if not st.fresh:
             gen_info[arm] = generate_mod.generate(dataclasses.replace(gcfg, out=str(st.dir)), model=unet, schedule=schedule,
                                      meta=meta, features_model=clf.features, labeler=clf)
@@ -379,6 +628,7 @@ def run(cfg: PipelineConfig) -> dict:
             gen_info[arm] = {k: st.info.get(k) for k in ("images_per_s", "wall_s", "load_during_sampling")}
         finish(f"sample_{arm}", st, t0, **gen_info[arm])
         syn_keys[arm] = st.key
+        syn_out[arm] = st.output
         imgs, labels, extra = data_mod.load_synthetic(st.dir, like=data, with_extra=True)
         synth[arm] = (imgs, labels, extra.get("confidence"))
 
@@ -390,8 +640,9 @@ def run(cfg: PipelineConfig) -> dict:
             rcfg = plan.rcfgs[arm, s]
             dep = {**base, **_keyed(to_dict(rcfg)), "arm": arm,
                    "synthetic": None if arm == "real" else syn_keys[arm]}
-            st = _Stage(out / "robust", f"{arm}-seed{s}", dep, cfg.force)
-            _log("TRADES + test evaluation", f"TRADES on {arm} (seed {cfg.seed + s})", st.fresh)
+            inputs = {**real, **({} if arm == "real" else {"synthetic": syn_out[arm]})}
+            st = _Stage(out / "robust", f"{arm}-seed{s}", dep, cfg.force, inputs=inputs)
+            _log("TRADES + test evaluation", f"TRADES on {arm} (seed {cfg.seed + s})", st.fresh, st.reason)
             if not st.fresh:
                 syn = None if arm == "real" else synth[arm][:2]
                 # an interrupted run of the same stage continues from its last finished epoch
@@ -410,6 +661,9 @@ def run(cfg: PipelineConfig) -> dict:
         arms[arm] = {"clean_acc": float(c.mean()), "robust_acc": float(r_.mean()),
                      "clean_acc_std": float(c.std()), "robust_acc_std": float(r_.std()),
                      "seeds": len(rs), "eps": rs[0]["eps"], "n_synthetic": rs[0]["n_synthetic"]}
+        if at_chance(arms[arm]["clean_acc"], data.num_classes):
+            warn(f"the TRADES {arm} arm ends at chance (clean accuracy {arms[arm]['clean_acc']:.3f}, "
+                 f"{data.num_classes} classes): it learned nothing at this budget")
 
     # synthetic-set statistics + figures -----------------------------------------------------------
     feats, labs, syn_stats = {}, {}, {}
@@ -439,12 +693,14 @@ def run(cfg: PipelineConfig) -> dict:
         "synthetic_difference": _set_difference(synth["ddim"][0], synth["contrastive-dp"][0]),
         "comparisons": _comparisons(arms, int(data.x_test.shape[0])),
         **_sweep_results(sweep_res, scale, cfg.scale is None),
-        "per_seed": per_arm, "timings_s": timings, "cached_stages": cached,
+        "per_seed": per_arm, "timings_s": timings, "cached_stages": cached, "warnings": warnings,
         "device": str(device), "figures": {k: str(v) for k, v in figs.items()},
         "config": to_dict(cfg),
     }
     write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", _report(cfg, results, markdown_table).encode())
+    for p in _remove_leftovers([out, out / "synthetic", out / "robust"]):
+        print(f"[pipeline] removed {p}: an unfinished rebuild superseded by this run")
     print(f"[pipeline] done in {timings['total_this_run']:.0f}s: {out / 'report.md'}")
     return results
 
@@ -544,6 +800,7 @@ def _report(cfg: PipelineConfig, r: dict, markdown_table) -> str:
         f"# cdp-fast pipeline: {r['data']}",
         f"Real training images: {r['n_real_train']}; test images: {r['n_test']}; device: {r['device']}; "
         f"seeds: {cfg.seeds}. Intermediate classifier test accuracy: {100 * r['intermediate_classifier_acc']:.2f}%.",
+        *(["## Warnings", "\n".join(f"- {w}" for w in r["warnings"])] if r.get("warnings") else []),
         "## Robust accuracy (TRADES, test split)",
         f"Linf eps = {eps:.4g}; robust = PGD-{cfg.eval_attack_steps} accuracy (%).",
         markdown_table(rows, ["arm", "synthetic images", "clean acc", "robust acc"]),
@@ -577,26 +834,28 @@ def _report(cfg: PipelineConfig, r: dict, markdown_table) -> str:
 def _sweep_config(cfg: PipelineConfig) -> SweepConfig:
     """The sweep with the Contrastive-DP arm's guidance settings (checked on construction)."""
     out = Path(cfg.out)
+    sweep_n, sweep_steps = _sweep_size(cfg)
     return SweepConfig(checkpoint=str(out / "diffusion"), classifier=str(out / "classifier"),
                        data=cfg.data, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
                        out=str(out / "sweep"), scales=tuple(validate_scales(cfg.sweep_scales)),
-                       guidance=cfg.guidance, features="classifier", head=cfg.head, n=cfg.sweep_n,
-                       batch_size=min(cfg.sample_batch, cfg.sweep_n), steps=cfg.sweep_steps,
+                       guidance=cfg.guidance, features="classifier", head=cfg.head, n=sweep_n,
+                       batch_size=min(cfg.sample_batch, sweep_n), steps=sweep_steps,
                        t_min=cfg.t_min, t_max=cfg.t_max, group_size=cfg.group_size,
                        tolerance=cfg.sweep_tolerance, seed=cfg.seed + 1000, device=cfg.device)
 
 
 def _sweep_stage(cfg: PipelineConfig, out: Path, dep: dict, *, unet, schedule, meta, clf, data, device,
-                 finish=None) -> dict:
+                 finish=None, inputs: dict | None = None) -> dict:
     """Run (or reuse) the sweep stage ``out/sweep``; returns its sweep.json. ``finish(name, st, t0,
-    **info)`` records the stage (run()'s bookkeeping); by default the stage is just marked done."""
+    **info)`` records the stage (run()'s bookkeeping); by default the stage is just marked done.
+    ``inputs``: fingerprints of what the sweep consumes (see ``_Stage``)."""
     scfg = _sweep_config(cfg)
     t0 = time.perf_counter()
     # no paths in the key (the classifier checkpoint is keyed by dep's model name + epochs)
     keyed = {k: v for k, v in _keyed(to_dict(scfg)).items() if k not in ("classifier", "seed")}
-    st = _Stage(out, "sweep", {**dep, **keyed, "sweep_seed": scfg.seed}, cfg.force)
-    _log("guidance-scale sweep", f"guidance-scale sweep: {len(scfg.scales)} scales x {scfg.n} images",
-         st.fresh)
+    st = _Stage(out, "sweep", {**dep, **keyed, "sweep_seed": scfg.seed}, cfg.force, inputs=inputs)
+    _log("guidance-scale sweep", f"guidance-scale sweep: {len(scfg.scales)} scales x {scfg.n} images x "
+         f"{scfg.steps} steps", st.fresh, st.reason)
     info = {}
     if not st.fresh:
         res = run_sweep(dataclasses.replace(scfg, out=str(st.dir)), model=unet, schedule=schedule, meta=meta,
@@ -625,14 +884,15 @@ def _sweep_report(r: dict, markdown_table) -> list[str]:
            "reference_real_train": r["guidance_reference_real_train"]}
     rows, header = sweep_table(res)
     c = r["guidance_choice"]
+    choice = "none" if c["scale"] is None else f"{c['scale']:g}"
     used = (f"The Contrastive-DP arm uses lambda = {r['guidance_scale']:g}"
             + (" (the sweep's choice)." if r["guidance_scale_source"] == "sweep" else
-               f" (given by --scale; the sweep's choice was {c['scale']:g})."))
+               f" (given by --scale; the sweep's choice was {choice})."))
     return [
         "## Guidance-scale sweep",
         describe(),
         markdown_table(rows, header),
-        f"Rule: {c['rule']}. Chosen: lambda = {c['scale']:g}. {c['note']}".strip(),
+        f"Rule: {c['rule']}. Chosen: lambda = {choice}. {c['note']}".strip(),
         used + f" At its own step count the arm's images differ from the DDIM set's (same noise) by "
                f"{r['synthetic_difference']['mean_abs_diff_255'] / 255:.4f} on average in [0, 1] pixel units.",
         "![guidance sweep](sweep/sweep.png)\n\n![same noise across scales](sweep/sweep_images.png)",

@@ -18,12 +18,16 @@ pseudo-labels = its argmax):
 The same metrics are computed for the real training images as a reference. A scale is chosen by
 the rule of :func:`choose_scale` (the largest scale whose fidelity stays within ``tolerance`` of
 lambda 0's); a scale whose sampling hits NaN/inf is recorded as broken and the larger ones are
-skipped. Outputs: ``sweep.json``, ``sweep.png`` (metrics against lambda, log x axis) and
-``sweep_images.png`` (one row of noise across the scales).
+skipped. A classifier at chance on the real test split, or one that puts 90% of it in one class
+(:func:`classifier_degenerate`), measures nothing: the sweep warns and chooses no scale.
+Outputs: ``sweep.json``, ``sweep.png`` (metrics against lambda, log x axis) and
+``sweep_images.png`` (one row of noise across the scales); an ``--out`` that already holds files
+is refused unless ``--force``.
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +76,7 @@ class SweepConfig:
                               "counts as invisible")
     seed: int = field(0, help="seed of the first batch's initial noise")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
+    force: bool = field(False, help="replace existing outputs")
 
     def __post_init__(self):  # bad input fails before anything is loaded or written
         validate_scales(self.scales)
@@ -192,13 +197,40 @@ def validate_scales(scales) -> list[float]:
     return sorted(out)
 
 
-def choose_scale(rows: list[dict], tolerance: float = 0.5, min_change: float = 0.01) -> dict:
+def at_chance(accuracy: float, num_classes: int) -> bool:
+    """Accuracy less than 5% of the way from chance (1/C) to perfect: the model learned nothing."""
+    chance = 1.0 / num_classes
+    return accuracy < chance + 0.05 * (1.0 - chance)
+
+
+def classifier_degenerate(pred, labels, num_classes: int) -> str | None:
+    """Why a classifier's features and pseudo-labels carry no class information (None: they do):
+    its accuracy on real labelled images is at chance (:func:`at_chance`), or it puts 90% or more
+    of them in one class. ``pred``: its argmax on the images, ``labels``: their true labels."""
+    pred, labels = torch.as_tensor(pred).long().cpu(), torch.as_tensor(labels).long().cpu()
+    acc = float((pred == labels).double().mean())
+    counts = torch.bincount(pred, minlength=num_classes)
+    top = int(counts.argmax())
+    share = float(counts[top]) / max(1, len(pred))
+    if at_chance(acc, num_classes):
+        return (f"the intermediate classifier is at chance: accuracy {acc:.3f} on {len(pred)} real test "
+                f"images, {num_classes} classes (chance {1 / num_classes:.3f}), {share:.0%} of them labelled {top}")
+    if share >= 0.9:
+        return (f"the intermediate classifier labels {share:.0%} of {len(pred)} real test images as class "
+                f"{top} (accuracy {acc:.3f})")
+    return None
+
+
+def choose_scale(rows: list[dict], tolerance: float = 0.5, min_change: float = 0.01,
+                 degenerate: str | None = None) -> dict:
     """The rule: the largest scale > 0 that did not break and whose fidelity (classifier-feature
     Frechet distance to the real test set) is at most (1 + tolerance) x lambda 0's.
 
     Returns {"scale", "rule", "visible", "note"}. When no positive scale qualifies, the smallest
     positive unbroken scale is returned with a note saying so; ``visible`` says whether the
-    chosen scale's pixel_change reaches ``min_change``.
+    chosen scale's pixel_change reaches ``min_change``. ``degenerate``: why the measuring
+    classifier carries no class information (:func:`classifier_degenerate`); then every metric is
+    meaningless and no scale is chosen: "scale" is None and "note" says why.
     """
     base = next((r for r in rows if r["scale"] == 0.0), None)
     if base is None or base.get("fidelity") is None:
@@ -206,6 +238,10 @@ def choose_scale(rows: list[dict], tolerance: float = 0.5, min_change: float = 0
     limit = (1.0 + tolerance) * base["fidelity"]
     rule = (f"the largest scale whose classifier-feature Frechet distance to the real test set is at "
             f"most (1 + {tolerance:g}) x that of lambda 0 ({base['fidelity']:.4g} -> limit {limit:.4g})")
+    if degenerate:
+        return {"scale": None, "rule": rule, "visible": False, "refused": degenerate,
+                "note": f"No scale chosen: {degenerate}, so its features and pseudo-labels cannot rank "
+                        f"the scales."}
     ok = [r for r in rows if r["scale"] > 0 and not r["broken"] and r["fidelity"] <= limit]
     note = ""
     if ok:
@@ -244,7 +280,11 @@ def run_sweep(cfg: SweepConfig, *, model, schedule, meta: dict, clf, data, devic
     device = resolve_device(cfg.device) if device is None else device
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ref_test, _ = _features_probs(clf, data.x_test, device)
+    ref_test, test_p = _features_probs(clf, data.x_test, device)
+    degenerate = classifier_degenerate(test_p.argmax(1), data.y_test, data.num_classes)
+    if degenerate:
+        print(f"sweep: WARNING: {degenerate}: the metrics below cannot rank the scales; no scale will "
+              f"be chosen", file=sys.stderr)
     real_f, real_p = _features_probs(clf, data.x_train, device)
     reference = {"scale": None, "pixel_change": None, **set_metrics(real_f, real_p, ref_test, seed=cfg.seed)}
 
@@ -281,7 +321,7 @@ def run_sweep(cfg: SweepConfig, *, model, schedule, meta: dict, clf, data, devic
         rows.append({"scale": s, "broken": False, "pixel_change": change,
                      **set_metrics(f, p, ref_test, seed=cfg.seed)})
         strip[s] = imgs[: min(10, len(imgs))].numpy()
-    choice = choose_scale(rows, cfg.tolerance, cfg.min_change)
+    choice = choose_scale(rows, cfg.tolerance, cfg.min_change, degenerate=degenerate)
     figs = guidance_sweep_figures(rows, strip, out / "sweep.png", out / "sweep_images.png",
                                   reference=reference, chosen=choice["scale"],
                                   title=f"{data.name}: {cfg.guidance} guidance, {cfg.features} features")
@@ -326,7 +366,24 @@ def describe() -> str:
             "same way.")
 
 
+def _check_out(cfg: SweepConfig) -> None:
+    out = Path(cfg.out)
+    if out.is_file():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not cfg.force:
+        raise ValueError(f"--out {out} already holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; "
+                         f"add --force to replace the sweep's outputs there, or choose another --out")
+
+
+def resolve(cfg: SweepConfig) -> SweepConfig:
+    """CLI hook, before anything is loaded or written: an existing output folder needs --force."""
+    _check_out(cfg)
+    return cfg
+
+
 def run(cfg: SweepConfig) -> dict:
+    _check_out(cfg)
     device = resolve_device(cfg.device)
     data = data_mod.load_dataset(cfg.data, cfg.data_dir, real_limit=cfg.real_limit, seed=cfg.seed)
     model, schedule, meta = load_diffusion(cfg.checkpoint, device=device)
@@ -334,5 +391,8 @@ def run(cfg: SweepConfig) -> dict:
     res = run_sweep(cfg, model=model, schedule=schedule, meta=meta, clf=clf, data=data, device=device)
     rows, header = sweep_table(res)
     print(markdown_table(rows, header))
-    print(f"chosen scale {res['guidance_scale']:g}: {res['choice']['rule']}. {res['choice']['note']}")
+    if res["guidance_scale"] is None:
+        print(f"sweep: no scale chosen: {res['choice']['note']}", file=sys.stderr)
+    else:
+        print(f"chosen scale {res['guidance_scale']:g}: {res['choice']['rule']}. {res['choice']['note']}")
     return {"guidance_scale": res["guidance_scale"], "out": cfg.out}

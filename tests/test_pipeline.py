@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import runpy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +338,188 @@ def test_pipeline_guidance_sweep_outputs(tiny_run):
         _is_png(tiny_run / name)
     report = (tiny_run / "report.md").read_text()
     assert "## Guidance-scale sweep" in report and "Rule:" in report and "| real train |" in report
+
+
+# issue 21: the cache trusts content, data-dependent settings fail before any stage ----------------
+def test_stage_key_holds_its_inputs_and_verifies_its_files(tmp_path, capsys):
+    root = tmp_path / "r"
+    st = pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f1"})
+    (st.dir / "r.txt").write_text("one")
+    st.done(seconds=1.0)
+    m = json.loads((root / "a" / "stage.json").read_text())
+    assert m["inputs"] == {"up": "f1"} and m["output"] == pipeline.output_fingerprint(root / "a") == st.output
+    same = pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f1"})
+    assert same.fresh and same.output == st.output and "cached" in same.reason
+    # same settings, another upstream output: rebuilt aside, the finished folder untouched
+    other = pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f2"})
+    assert not other.fresh and other.dir.name == ".a.next" and other.reason == "recomputed: its input changed (up)"
+    assert (root / "a" / "r.txt").read_text() == "one"
+    shutil.rmtree(other.dir)
+    # a copy (new mtimes, same bytes) is still trusted; changed bytes are not
+    os.utime(root / "a" / "r.txt", ns=(1, 1))
+    (root / "a" / "eval.json").write_text("{}")  # a file added beside the outputs is not an edit
+    assert pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f1"}).fresh
+    (root / "a" / "r.txt").write_text("owt")
+    edited = pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f1"})
+    assert not edited.fresh and edited.reason == "recomputed: its files changed since it finished (content)"
+    assert edited.dir.name == ".a.next"
+    shutil.rmtree(edited.dir)
+    (root / "a" / "r.txt").unlink()
+    assert "(r.txt)" in pipeline._Stage(root, "a", {"x": 1}, False, inputs={"up": "f1"}).reason
+    # a stray build-aside folder does not survive beside a reused stage
+    (root / "b").mkdir()
+    ok = pipeline._Stage(root, "b", {"x": 1}, False)
+    ok.done(seconds=1.0)
+    (root / ".b.next").mkdir()
+    (root / ".b.next" / "half.txt").write_text("x")
+    assert pipeline._Stage(root, "b", {"x": 1}, False).fresh and not (root / ".b.next").exists()
+    assert "removed" in capsys.readouterr().out
+
+
+def _tiny_as_run(run: Path) -> list[str]:
+    """TINY with the settings the module's run now has (an earlier test changes one)."""
+    args = list(TINY)
+    args[args.index("--eval-attack-steps") + 1] = str(json.loads((run / "config.json").read_text())
+                                                      ["eval_attack_steps"])
+    return args
+
+
+def test_limit_test_is_a_class_balanced_subset():
+    from cdp_fast.data import load_dataset
+
+    data = load_dataset("digits")
+    small = pipeline._limit_test(data, 50)
+    assert small.x_test.shape[0] == 50 and torch.bincount(small.y_test).tolist() == [5] * 10
+    assert torch.equal(pipeline._limit_test(data, 50).x_test, small.x_test)  # the same every time
+    assert pipeline._limit_test(data, None) is data and pipeline._limit_test(data, 360) is data
+    assert pipeline._limit_test(data, 50).x_train is data.x_train
+
+
+def _rewrite_stage(folder: Path, edit) -> None:
+    """Change a finished stage's output as a rerun of it would: new files, and a marker that
+    records them (so the stage itself is reused, and only what consumed it is stale)."""
+    edit(folder)
+    m = json.loads((folder / "stage.json").read_text())
+    m["output"], m["files"] = pipeline.output_fingerprint(folder), pipeline._listing(folder)
+    (folder / "stage.json").write_text(json.dumps(m))
+
+
+def test_changed_upstream_output_recomputes_its_dependents(tiny_run, tmp_path, monkeypatch, capsys):
+    # the issue: classifier, diffusion, sweep and sets were recomputed, and the three TRADES arms
+    # were reused "cached: settings unchanged": report.md paired new sets with old accuracies
+    from safetensors.torch import load_file, save_file
+
+    import cdp_fast.diffusion_train as dt
+    import cdp_fast.pseudolabel as pl
+    import cdp_fast.trades as tr
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    old_fp = json.loads((run / "diffusion" / "stage.json").read_text())["output"]
+
+    def retrain(folder):  # a diffusion model with other weights (a retrain with other randomness)
+        w = load_file(folder / "model.safetensors")
+        g = torch.Generator().manual_seed(1)
+        w = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in w.items()}
+        save_file(w, folder / "model.safetensors", metadata={"format": "cdp-fast-diffusion"})
+
+    _rewrite_stage(run / "diffusion", retrain)
+    new_fp = json.loads((run / "diffusion" / "stage.json").read_text())["output"]
+    assert new_fp != old_fp
+
+    def boom(*a, **k):
+        raise AssertionError("an unchanged upstream stage was recomputed")
+
+    monkeypatch.setattr(dt, "train_diffusion", boom)
+    monkeypatch.setattr(pl, "train_classifier", boom)
+    trained = []
+
+    def fake_trades(cfg, data=None, synthetic=None, **k):  # fast stand-in: its accuracy marks it
+        trained.append(Path(cfg.out).name)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "results.json").write_text(json.dumps(
+            {"clean_acc": 0.777, "robust_acc": 0.555, "eps": cfg.eps, "n_synthetic": len(synthetic[0])}))
+
+    monkeypatch.setattr(tr, "train_robust", fake_trades)
+    swept = []
+
+    def fake_sweep(cfg, **k):  # fast stand-in: the earlier sweep's files (the choice is not used: --scale)
+        swept.append(Path(cfg.out).name)
+        for f in ("sweep.json", "sweep.png", "sweep_images.png"):
+            shutil.copy(tiny_run / "sweep" / f, Path(cfg.out) / f)
+        return json.loads((tiny_run / "sweep" / "sweep.json").read_text())
+
+    monkeypatch.setattr(pipeline, "run_sweep", fake_sweep)
+    assert cli_main(["pipeline", "--out", str(run), *_tiny_as_run(tiny_run)]) == 0
+    log = capsys.readouterr().out
+    assert swept == [".sweep.next"]  # the sweep measured the old model: redone
+    assert sorted(trained) == [".contrastive-dp-seed0.next", ".ddim-seed0.next"]  # not the real-only arm
+    r = json.loads((run / "results.json").read_text())
+    assert sorted(r["cached_stages"]) == ["classifier", "diffusion", "robust_real_seed0"]
+    assert "recomputed: its input changed (diffusion)" in log
+    for arm in ("ddim", "contrastive-dp"):
+        syn = json.loads((run / "synthetic" / arm / "stage.json").read_text())
+        rob = json.loads((run / "robust" / f"{arm}-seed0" / "stage.json").read_text())
+        assert syn["inputs"]["diffusion"] == new_fp and rob["inputs"]["synthetic"] == syn["output"]
+        assert r["arms"][arm]["clean_acc"] == 0.777
+    assert r["arms"]["real"] == json.loads((tiny_run / "results.json").read_text())["arms"]["real"]
+    report = (run / "report.md").read_text()
+    assert "| ddim | 20 | 77.70 | 55.50 |" in report and "| contrastive-dp | 20 | 77.70 | 55.50 |" in report
+    assert not [p for p in run.rglob(".*") if p.is_dir()], "build-aside folders left behind"
+
+
+ISSUE_BAD = [(["--real-limit", "5"], "--real-limit 5"), (["--batch-size", "100000"], "--batch-size 100000"),
+             (["--diffusion-preset", "huge"], "--diffusion-preset 'huge'"),
+             (["--real-limit", "100000"], "--real-limit 100000"), (["--t-min", "2000"], "--t-min 2000"),
+             (["--t-min", "900"], "none of the 6 DDIM steps"), (["--limit-test", "100000"], "--limit-test"),
+             (["--group-size", "3"], "--group-size"), (["--sweep-steps", "5000"], "--sweep-steps 5000")]
+
+
+def test_data_dependent_bad_settings_fail_before_any_stage(tiny_run, monkeypatch, capsys):
+    # the issue: on a copy of a finished run, --real-limit 5 retrained the classifier, diffusion model
+    # and sweep and regenerated both sets (26 files changed) before failing; --diffusion-preset huge
+    # failed at stage 2 and left .diffusion.next/
+    _no_stage_may_run(monkeypatch)
+    before = _tree(tiny_run)
+    for bad, says in ISSUE_BAD:
+        with pytest.raises(SystemExit) as e:
+            cli_main(["pipeline", "--out", str(tiny_run), *TINY, *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and "Traceback" not in err, (bad, err)
+        assert _tree(tiny_run) == before, f"{bad} changed files of the finished run"
+    assert not [p for p in tiny_run.rglob(".*") if p.is_dir()]
+
+
+def test_chance_classifier_stops_the_sweep_choice(tiny_run, tmp_path, monkeypatch, capsys):
+    # the issue: a classifier at chance (every pseudo-label class 0) carried on through the sweep,
+    # which "chose" a scale from degenerate metrics. Now: a loud warning, and without --scale the
+    # pipeline stops with a clear error (the finished stages are kept for a rerun with --scale)
+    from safetensors.torch import load_file, save_file
+
+    import cdp_fast.diffusion_train as dt
+    import cdp_fast.generate as gm
+    import cdp_fast.trades as tr
+
+    def boom(*a, **k):
+        raise AssertionError("a stage after the sweep ran")
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+
+    def kill_head(folder):  # zero classifier head: every image class 0
+        w = load_file(folder / "model.safetensors")
+        w = {k: torch.zeros_like(v) if k.startswith("head.") else v for k, v in w.items()}
+        save_file(w, folder / "model.safetensors", metadata={"format": "pt", "name": "small-cnn"})
+
+    _rewrite_stage(run / "classifier", kill_head)
+    for mod, name in ((dt, "train_diffusion"), (gm, "generate"), (tr, "train_robust")):
+        monkeypatch.setattr(mod, name, boom)
+    args = [a for a in TINY]
+    i = args.index("--scale")
+    del args[i:i + 2]
+    assert cli_main(["pipeline", "--out", str(run), *args, "--limit-test", "100", "--sweep-n", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "WARNING: the intermediate classifier is at chance: accuracy 0.100 on 100 real test images" in err
+    assert "the guidance-scale sweep chose no scale" in err and "--scale" in err
+    sw = json.loads((run / "sweep" / "sweep.json").read_text())
+    assert sw["guidance_scale"] is None and "at chance" in sw["choice"]["refused"]

@@ -108,6 +108,23 @@ def test_choose_scale_rule():
     # nothing within the limit: the smallest positive scale, said plainly
     c = sweep.choose_scale([_row(0, 0.0, 10.0), _row(1e3, 0.2, 50.0)], tolerance=0.1)
     assert c["scale"] == 1e3 and "No positive scale" in c["note"]
+    # a classifier that measures nothing: no choice at all, and the note says why
+    c = sweep.choose_scale(rows, tolerance=0.5, degenerate="the intermediate classifier is at chance")
+    assert c["scale"] is None and "No scale chosen: the intermediate classifier is at chance" in c["note"]
+
+
+def test_classifier_degenerate():
+    y = torch.arange(200) % 10
+    # the issue: every pseudo-label class 0 (10% accuracy)
+    assert "at chance" in sweep.classifier_degenerate(torch.zeros(200), y, 10)
+    one = torch.full((200,), 3)
+    one[:15] = y[:15]  # accuracy 0.165 (above chance), 187 of 200 labels 3
+    assert "94% of 200 real test images as class 3" in sweep.classifier_degenerate(one, y, 10)
+    weak = y.clone()
+    weak[:140] = (y[:140] + 1) % 10  # 30% accuracy, labels spread: weak but informative
+    assert sweep.classifier_degenerate(weak, y, 10) is None
+    assert sweep.at_chance(0.14, 10) and not sweep.at_chance(0.15, 10)
+    assert sweep.at_chance(0.06, 43) and not sweep.at_chance(0.08, 43)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +174,8 @@ def checkpoints(tmp_path_factory):
     data = load_dataset("digits", real_limit=100)
     train_diffusion(TrainDiffusionConfig(data="digits", real_limit=100, iters=3, batch_size=16,
                                          out=str(root / "diffusion"), device="cpu"), data=data)
-    clf = train_classifier(data, "small-cnn", epochs=2, seed=0, device="cpu", show_progress=False)
+    # 20 epochs: at 2 this classifier labelled every test image 3 (chance), and the sweep now refuses it
+    clf = train_classifier(data, "small-cnn", epochs=20, seed=0, device="cpu", show_progress=False)
     models.save(clf, root / "classifier", name="small-cnn", data="digits", role="test")
     return root
 
@@ -183,6 +201,42 @@ def test_sweep_command_end_to_end(checkpoints, tmp_path):
     assert r["guidance_scale"] in [row["scale"] for row in rows if row["scale"] > 0 and not row["broken"]]
     for name in ("sweep.png", "sweep_images.png"):
         assert (out / name).read_bytes()[:8] == PNG
+
+
+def test_sweep_refuses_to_overwrite_without_force(checkpoints, tmp_path, capsys):
+    from cdp_fast.cli import main as cli_main
+
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "sweep.json").write_text("{}")  # an earlier sweep's result
+    args = ["sweep", "--checkpoint", str(checkpoints / "diffusion"), "--classifier", str(checkpoints / "classifier"),
+            "--real-limit", "100", "--out", str(out), "--scales", "1e3", "--n", "8", "--batch-size", "8",
+            "--steps", "3", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        cli_main(args)
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"] and (out / "sweep.json").read_text() == "{}"
+    assert cli_main([*args, "--force"]) == 0
+    assert json.loads((out / "sweep.json").read_text())["n"] == 8
+
+
+def test_sweep_with_a_chance_classifier_chooses_nothing(checkpoints, tmp_path, capsys):
+    """The issue: a classifier at chance (every pseudo-label one class) and the sweep still "chose"."""
+    from cdp_fast import models
+    from cdp_fast.cli import main as cli_main
+
+    torch.manual_seed(0)
+    dead = models.build("small-cnn", num_classes=10, in_channels=1, image_size=8)  # zero head: all class 0
+    models.save(dead, tmp_path / "dead", name="small-cnn", data="digits", role="test")
+    out = tmp_path / "s"
+    assert cli_main(["sweep", "--checkpoint", str(checkpoints / "diffusion"), "--classifier", str(tmp_path / "dead"),
+                     "--real-limit", "100", "--out", str(out), "--scales", "1e3", "--n", "8", "--batch-size", "8",
+                     "--steps", "3", "--device", "cpu"]) == 0
+    r = json.loads((out / "sweep.json").read_text())
+    assert r["guidance_scale"] is None and r["choice"]["scale"] is None
+    assert "at chance" in r["choice"]["refused"]
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "no scale chosen" in err
 
 
 def test_sweep_bad_input(checkpoints, tmp_path, capsys):
