@@ -310,7 +310,7 @@ def _remove_leftovers(roots) -> list[str]:
 
 
 # Settings that never change a stage's result: left out of the cache keys.
-_UNKEYED = ("out", "checkpoint", "device", "bf16", "cuda_graphs", "force")
+_UNKEYED = ("out", "checkpoint", "device", "bf16", "cuda_graphs", "force", "resume")
 
 
 def _keyed(d: dict) -> dict:
