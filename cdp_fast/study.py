@@ -47,7 +47,7 @@ from . import diffusion_train, models, pseudolabel, trades
 from .config import check_data_dir, check_eps, field, to_dict
 from .figures import markdown_table, study_curves
 from .guidance import LOSSES, ContrastiveGuidance, default_group_size, default_scale
-from .pipeline import _comparisons, _key, _Stage
+from .pipeline import _comparisons, _key, _load_note, _Stage
 from .sampler import DDIMSampler
 from .sweep import set_metrics
 from .utils import atomic_write_bytes, resolve_device, write_json
@@ -300,11 +300,13 @@ def _trades_cfg(cfg: StudyConfig, out: Path, n: int, steps: int, seed: int) -> t
 
 
 def _train(cfg, st: _Stage, rcfg, data) -> dict:
+    """Run (or reuse) one TRADES stage; its results plus the optimiser steps it actually took."""
     if not st.fresh:
         resume = st.resuming and (st.dir / trades.STATE_FILE).is_file()
         trades.train_robust(dataclasses.replace(rcfg, out=str(st.dir), resume=resume), data=data,
                             show_progress=False)
-    return json.loads((st.dir / "results.json").read_text())
+    r = json.loads((st.dir / "results.json").read_text())
+    return {**r, "steps": json.loads((st.dir / "metrics.json").read_text())[-1]["step"]}
 
 
 def choose(rows: list[dict]) -> dict:
@@ -406,7 +408,7 @@ def run(cfg: StudyConfig) -> dict:
         # candidate sets: total - k images (footnote 2: total at k = total), same noise
         n_syn = cfg.total - k if k < cfg.total else cfg.total
         real_model = (x_tr[real].float() / 127.5 - 1).to(device)
-        sets, set_keys, scales = {}, {}, {}
+        sets, set_keys, scales, broken = {}, {}, {}, {}
         for c in cfg.grid:  # "none" first: the conditional candidates use its pseudo-labels
             cand = cands[c]
             t0 = time.perf_counter()
@@ -419,8 +421,15 @@ def run(cfg: StudyConfig) -> dict:
             log(f"k={k}: {n_syn} images, {c}", st)
             if not st.fresh:
                 labels = sets["none"][1] if cand["conditional"] else None
-                imgs = sample_set(unet, schedule, meta, g, n_syn, cfg.sample_batch, cfg.sample_steps,
-                                  cfg.seed + 1000, device, labels=labels)
+                try:
+                    imgs = sample_set(unet, schedule, meta, g, n_syn, cfg.sample_batch, cfg.sample_steps,
+                                      cfg.seed + 1000, device, labels=labels)
+                except ValueError as e:  # NaN/inf or a guidance precondition: out of the grid, not fatal
+                    if c == "none":
+                        raise
+                    broken[c] = str(e)
+                    log(f"k={k}: candidate {c} failed ({e}); left out of the selection")
+                    continue
                 lab, conf = pseudolabel.pseudo_label(clf, imgs.to(device))
                 _save_set(st.dir / "set.npz", imgs, lab.cpu(), conf.cpu())
             finish(f"k{k}/set/{c}", st, t0, scale=scale)
@@ -431,7 +440,7 @@ def run(cfg: StudyConfig) -> dict:
         # selection: short TRADES on (k real minus V) + candidate, evaluated on V
         rows = []
         use_real = k < cfg.total
-        for c in cfg.grid:
+        for c in sets:
             xs, ys, _ = sets[c]
             x = torch.cat([x_tr[fit], xs]) if use_real else xs
             y = torch.cat([y_tr[fit], ys]) if use_real else ys
@@ -444,10 +453,10 @@ def run(cfg: StudyConfig) -> dict:
             finish(f"k{k}/select/{c}", st, t0)
             rows.append({"name": c, "scale": scales[c], "val_clean_acc": r["clean_acc"],
                          "val_robust_acc": r["robust_acc"], "n_train": len(x),
-                         "steps": _steps_epochs(len(x), rcfg.batch_size, cfg.select_steps)[1]})
+                         "steps": r["steps"]})
         chosen = choose(rows)
         log(f"k={k}: chosen {chosen['candidate']}")
-        per_k[k] = {"sets": sets, "set_keys": set_keys, "selection": rows, "choice": chosen,
+        per_k[k] = {"sets": sets, "set_keys": set_keys, "selection": rows, "choice": chosen, "broken": broken,
                     "clf_key": clf_key, "n_syn": n_syn, "scales": scales}
 
     # --- phase 2: diagnostics (oracle classifier: all real training images; no test split) ------
@@ -526,9 +535,8 @@ def run(cfg: StudyConfig) -> dict:
                 log(f"k={k}: final TRADES {arm} seed {cfg.seed + seed_i} ({len(x)} images)", st)
                 r = _train(cfg, st, rcfg, _image_data(name, x, y, x_te, y_te, nc))
                 finish(f"k{k}/final/{arm}-seed{seed_i}", st, t0)
-                _, steps = _steps_epochs(len(x), rcfg.batch_size, cfg.robust_steps)
-                final[k][arm].append({**{a: r[a] for a in ("clean_acc", "robust_acc", "n_test")},
-                                      "n_train": len(x), "steps": steps, "seed": cfg.seed + seed_i})
+                final[k][arm].append({**{a: r[a] for a in ("clean_acc", "robust_acc", "n_test", "steps")},
+                                      "n_train": len(x), "seed": cfg.seed + seed_i})
 
     # --- phase 4: aggregate, verdicts, figures, results.json --------------------------------------
     n_test = int(x_te.shape[0])
@@ -556,13 +564,14 @@ def run(cfg: StudyConfig) -> dict:
         "data": name, "total": cfg.total, "real_counts": ks, "n_test": n_test, "n_train_available": n_all,
         "table": {str(k): table[k] for k in ks},
         "all_real_baseline": baseline,
-        "choices": {str(k): {**per_k[k]["choice"], "selection": per_k[k]["selection"]} for k in ks},
+        "choices": {str(k): {**per_k[k]["choice"], "selection": per_k[k]["selection"],
+                             "failed_candidates": per_k[k]["broken"]} for k in ks},
         "diagnostics": {str(k): diagnostics[k] for k in ks},
         "proxy_rank_correlation": proxy_corr,
         "proxy_rank_correlation_per_k": {str(k): v for k, v in proxy_corr_per_k.items()},
         "control": {"kind": cfg.control, "k": cfg.control_k},
         "validation_sizes": {str(k): int(len(subs[k]["val"])) for k in ks},
-        "timings_s": timings, "cached_stages": cached, "device": str(device),
+        "timings_s": timings, "cached_stages": cached, "device": str(device), "load_at_end": _load_note(),
         "figure": str(fig), "config": to_dict(cfg),
     }
     write_json(out / "results.json", results)
@@ -630,7 +639,12 @@ def summarize(out) -> str:
                             f"{d['fidelity']:.3g}", f"{d['diversity']:.3g}", f"{d['confidence']:.3f}",
                             "/".join(map(str, d["label_counts"]))])
     pc = r["proxy_rank_correlation"]
-    pc_rows = [[p, "n/a" if v is None else f"{v:+.2f}"] for p, v in pc.items()]
+    per_k = r["proxy_rank_correlation_per_k"]
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:+.2f}"
+
+    pc_rows = [[p, fmt(v), *(fmt(per_k[str(k)][p]) for k in r["real_counts"])] for p, v in pc.items()]
     base = r["all_real_baseline"]
     tim = r["timings_s"]
     ctl = r["control"]
@@ -650,12 +664,13 @@ def summarize(out) -> str:
         "classifier-feature Fréchet distance to the k real images (lower is closer).",
         markdown_table(dg_rows, ["real k", "set", "oracle agr %", "label moved %", "pixel change",
                                  "fidelity", "diversity", "confidence", "class counts"]),
-        "Spearman rank correlation of each proxy with validation robust accuracy, over every "
-        "candidate and real count:",
-        markdown_table(pc_rows, ["proxy", "rank corr."]),
+        "Spearman rank correlation of each proxy with validation robust accuracy: pooled over every "
+        "candidate and real count (confounded by k), then within each real count (over its candidates):",
+        markdown_table(pc_rows, ["proxy", "pooled", *(f"k={k}" for k in r["real_counts"])]),
         f"Controlled run ({ctl['kind']}) at k = {ctl['k']}: see the 'control' arm and its "
         f"'control − contrastive-dp' rows above.",
-        f"Wall time this run: {tim.get('total_this_run')} s (cached stages keep their own time).",
+        f"Wall time this run: {tim.get('total_this_run')} s (cached stages keep their own time); "
+        f"1-min load average at the end: {(r.get('load_at_end') or {}).get('load_1min')}.",
         "![study](study.png)",
     ])
 
