@@ -608,6 +608,32 @@ def _pm(a: dict, key: str) -> str:
     return f"{100 * a[key]:.2f} ± {100 * a[key + '_std']:.2f}"
 
 
+def _findings(r: dict) -> list[str]:
+    """Plain statements read off the comparisons (robust and clean), one per real count, plus the
+    controlled run; every number and verdict comes from results.json."""
+    out = []
+    names = {("ddim", "real"): "synthetic (DDIM) vs k real alone",
+             ("contrastive-dp", "real"): "Contrastive-DP vs k real alone",
+             ("contrastive-dp", "ddim"): "guidance (Contrastive-DP vs DDIM)",
+             ("control", "contrastive-dp"): "controlled run vs Contrastive-DP"}
+    for k in r["real_counts"]:
+        t = r["table"][str(k)]
+        parts = []
+        for (a, b), label in names.items():
+            cs = {c["metric"]: c for c in t["comparisons"] if c["a"] == a and c["b"] == b}
+            if not cs:
+                continue
+            parts.append(f"{label}: " + ", ".join(
+                f"{m.replace('_acc', '')} {100 * c['difference']:+.2f} ({'within' if c['within_noise'] else 'beyond'} noise)"
+                for m, c in cs.items()))
+        ch = r["choices"][str(k)]
+        real_note = " (all synthetic vs the all-real baseline)" if k == r["total"] else ""
+        if ch["candidate"] == "none":
+            parts.append("validation chose no guidance, so the Contrastive-DP arm is the DDIM set")
+        out.append(f"k = {k}{real_note}, chosen guidance {ch['candidate']}: " + "; ".join(parts) + ".")
+    return out
+
+
 def summarize(out) -> str:
     """Markdown tables of a finished study (from its results.json)."""
     r = json.loads((Path(out) / "results.json").read_text())
@@ -638,6 +664,7 @@ def summarize(out) -> str:
                             f"{100 * d['label_changed_vs_ddim']:.1f}", f"{d['pixel_change_vs_ddim']:.4f}",
                             f"{d['fidelity']:.3g}", f"{d['diversity']:.3g}", f"{d['confidence']:.3f}",
                             "/".join(map(str, d["label_counts"]))])
+    facts = _findings(r)
     pc = r["proxy_rank_correlation"]
     per_k = r["proxy_rank_correlation_per_k"]
 
@@ -669,6 +696,8 @@ def summarize(out) -> str:
         markdown_table(pc_rows, ["proxy", "pooled", *(f"k={k}" for k in r["real_counts"])]),
         f"Controlled run ({ctl['kind']}) at k = {ctl['k']}: see the 'control' arm and its "
         f"'control − contrastive-dp' rows above.",
+        "## What the numbers say (generated from results.json)",
+        "\n".join(f"- {f}" for f in facts),
         f"Wall time this run: {tim.get('total_this_run')} s (cached stages keep their own time); "
         f"1-min load average at the end: {(r.get('load_at_end') or {}).get('load_1min')}.",
         "![study](study.png)",
