@@ -346,11 +346,11 @@ def run(cfg: StudyConfig) -> dict:
     cfg = resolve(cfg)
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     full = data_mod.load_dataset(cfg.data, cfg.data_dir)
     name, nc = full.name, full.num_classes
-    ks = real_counts(cfg, int(full.x_train.shape[0]))
+    ks = real_counts(cfg, int(full.x_train.shape[0]))  # the data set's own size: before any file
+    out.mkdir(parents=True, exist_ok=True)
     x_tr, y_tr = full.x_train, full.y_train
     # the test split stays in `sealed` until every selection run has finished (phase 3)
     sealed = (full.x_test, full.y_test)
