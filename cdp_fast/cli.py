@@ -48,6 +48,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "check a generate folder against its manifest (cdp-fast verify OUT)"),
     "sweep": ("cdp_fast.sweep", "SweepConfig", "run",
               "guidance-scale study: the same noise across a grid of lambdas, measured and plotted"),
+    "study": ("cdp_fast.study", "StudyConfig", "run",
+              "the paper's MNIST protocol (Figure 3): real counts x DDIM / Contrastive-DP, guidance chosen on validation"),
 }
 
 

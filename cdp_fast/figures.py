@@ -273,3 +273,32 @@ def lemma3_errors(lem: Mapping, thm: Mapping, path: str | Path) -> Path:
                  f"{lem['settings']['trials']} trials; bars: 2 s.e.)", fontsize=11)
     fig.tight_layout()
     return _save_tight(fig, path)
+
+
+def study_curves(table: Mapping[int, Mapping[str, Mapping[str, float]]], path: str | Path, *,
+                 baseline: Mapping[str, float] | None = None, total: int | None = None,
+                 title: str = "") -> Path:
+    """Figure 3 of the paper: clean and robust accuracy against the real count, one line per arm
+    (error bars = std over seeds), the all-real baseline dashed. ``table``: k -> arm -> stats."""
+    plt = _plt()
+    ks = sorted(table)
+    arms = list(dict.fromkeys(a for k in ks for a in table[k]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, label) in zip(axes, [("clean_acc", "clean accuracy (%)"),
+                                       ("robust_acc", "robust accuracy, PGD (%)")]):
+        for arm in arms:
+            xs = [k for k in ks if arm in table[k]]
+            ax.errorbar(xs, [100 * table[k][arm][key] for k in xs],
+                        yerr=[100 * table[k][arm].get(key + "_std", 0.0) for k in xs],
+                        marker="o", capsize=3, label=arm)
+        if baseline is not None:
+            ax.axhline(100 * baseline[key], ls="--", color="k", lw=1,
+                       label=f"all real ({total})" if total else "all real")
+        ax.set_xlabel("real training images (rest synthetic)" + (f", total {total}" if total else ""))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
