@@ -3,10 +3,13 @@
     x_adv = TRADES-PGD(x)              (uniform start, K signed steps on KL(p(x) || p(x_adv)))
     loss  = CE(f(x), y) + beta * KL(p(x) || p(x_adv))    (KL summed over classes, mean over batch)
 
-Optimiser: SGD with Nesterov momentum 0.9 and weight decay on weights only (no decay on
-biases / BatchNorm / normalisation parameters: every parameter with ndim <= 1). The learning rate
-is set every step from the global step: ``cosine`` (lr * (1 + cos(pi * s / S)) / 2) or
-``onecycle`` (linear 0 -> lr over the first 40% of steps, then linear to 0; Rice et al.).
+Optimiser: SGD with Nesterov momentum 0.9, or AdamW, with weight decay on weights only (no decay on
+biases / BatchNorm / normalisation parameters: every parameter with ndim <= 1). Which one, the
+learning rate, schedule, eps, attack steps, beta, EMA and augmentation default to the data set's
+entry of ``data.DEFAULTS`` (one table for every command; ``resolve_settings``). The learning rate
+is set every step from the global step: ``cosine`` (lr * (1 + cos(pi * s / S)) / 2),
+``onecycle`` (linear 0 -> lr over the first 40% of steps, then linear to 0; Rice et al.) or
+``constant``.
 
 EMA weight averaging (Gowal et al. 2020, as in the authors' code ``ema_update``): with
 ``W = round(ema_warmup * total_steps)`` warm-up steps and ``n = step - W`` (``step`` counted from 0
@@ -17,8 +20,9 @@ EMA weight averaging (Gowal et al. 2020, as in the authors' code ``ema_update``)
     ema = decay * ema + (1 - decay) * weights;  buffers (BN statistics) are copied.
 
 Checkpoints (``out``): ``last/`` and ``best/`` (models.save folders of the evaluated model, the
-EMA one when ``--ema``), ``train_state.safetensors`` (raw weights, EMA weights, optimiser momentum,
-grad-scaler state, epoch/step/best metadata; written atomically after every epoch),
+EMA one when ``--ema``), ``train_state.safetensors`` (raw weights, EMA weights, optimiser state (SGD
+momentum, AdamW moments and step), grad-scaler state, the training settings (a ``--resume`` must
+repeat them), epoch/step/best metadata; written atomically after every epoch),
 ``metrics.json`` (one entry per epoch) and ``results.json`` (test clean / PGD accuracy of
 ``best``). ``--resume`` continues from train_state exactly: every epoch's randomness (data order,
 augmentation, attack starts, dropout) is derived from (seed, epoch), so a resumed run equals an
@@ -170,10 +174,10 @@ def _state_tensors(model, ema_model, opt, scaler) -> dict[str, torch.Tensor]:
     if ema_model is not None:
         t.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
     params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            t[f"opt.{i}.momentum_buffer"] = buf
+    for i, p in enumerate(params):  # every tensor of the optimiser state: SGD momentum, AdamW moments + step
+        for key, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                t[f"opt.{i}.{key}"] = v
     if scaler is not None:
         sd = scaler.state_dict()
         if sd:
@@ -209,11 +213,19 @@ def load_state(path: Path, model, ema_model, opt, scaler, device) -> dict:
     except RuntimeError as e:
         raise ValueError(f"{path} does not match this model/config (resume with the same --model "
                          f"and data): {e}") from None
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        buf = tensors.get(f"opt.{i}.momentum_buffer")
-        if buf is not None:
-            opt.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype)
+    # through the optimiser's own load_state_dict, which puts each state tensor where this
+    # optimiser (fused, foreach, capturable) wants it
+    sd = opt.state_dict()
+    state = {}
+    for i in range(sum(len(g["params"]) for g in opt.param_groups)):
+        entry = sub(f"opt.{i}.")
+        if entry:
+            state[i] = entry
+    try:
+        opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"{path}: its optimiser state does not fit this optimiser (resume with the same "
+                         f"--optimizer): {e}") from None
     if scaler is not None and "scaler.scale" in tensors:
         sd = scaler.state_dict()
         sd["scale"] = float(tensors["scaler.scale"][0])
@@ -229,7 +241,7 @@ OTHER_OPTIMIZER_LR = {"sgd": 0.1, "adamw": 1e-3}
 
 # Settings a --resume may change: where and how the run is executed, not what it trains.
 RESUME_MAY_CHANGE = frozenset({"resume", "stop_after", "log_every", "device", "out", "eval_batch_size",
-                               "compile", "synthetic_cache"})
+                               "compile", "synthetic_cache", "data_dir"})
 
 
 def resolve_settings(cfg: TrainRobustConfig, data_name: str | None = None) -> dict:
@@ -466,15 +478,15 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
     settings = _training_settings(cfg, r)
     if cfg.resume:
         recorded = _read_state_meta(state_path).get("settings")
-        if recorded is None and (out / "config.json").is_file():  # a state written before settings were kept
+        now = settings
+        if recorded is None:  # a state written before the settings were kept: config.json's explicit values
             try:
-                old = dataclasses.replace(cfg, **{k: v for k, v in json.loads((out / "config.json").read_text()).items()
-                                                  if k in settings})
-                recorded = _training_settings(old, resolve_settings(old, data_name))
-            except (ValueError, TypeError, KeyError, json.JSONDecodeError):
-                recorded = None
-        if recorded is not None:
-            _check_resume_settings(recorded, settings, state_path)
+                old = json.loads((out / "config.json").read_text())
+                recorded = {k: v for k, v in old.items() if k in settings and v is not None}
+            except (OSError, ValueError, AttributeError):
+                recorded = {}
+            now = {k: settings[k] for k in recorded}
+        _check_resume_settings(recorded, now, state_path)
 
     # Validation split: val_size real training images chosen by a seeded permutation.
     n_train = data.x_train.shape[0]
