@@ -171,14 +171,10 @@ def resolve(cfg: EvalConfig) -> EvalConfig:
                     (cfg.step_size is None or cfg.step_size > 0, f"--step-size must be > 0, got {cfg.step_size}")):
         if not ok:
             raise ValueError(msg)
-    p = Path(cfg.checkpoint)
-    if not p.exists():
-        raise FileNotFoundError(f"--checkpoint {cfg.checkpoint} does not exist")
+    p = Path(cfg.checkpoint)  # a missing one is reported by models.load (a clean error, exit 2)
     if p.is_file() and p.name not in ("model.safetensors", "config.json") and not cfg.arch:
         raise ValueError(f"--checkpoint {cfg.checkpoint} is a weights file, not a cdp-fast checkpoint folder: "
                          f"give its architecture with --arch (e.g. --arch wrn-28-10-swish)")
-    if cfg.json:
-        _check_json_path(cfg.json)
     return cfg
 
 
@@ -199,6 +195,8 @@ def checkpoint_eps(model: nn.Module, data: str) -> float | None:
 
 def run(cfg: EvalConfig) -> dict:
     cfg = resolve(cfg)
+    if cfg.json:  # before the checkpoint, the data or the evaluation (which can take hours)
+        _check_json_path(cfg.json)
     dev = resolve_device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     ds = data_mod.load_dataset(cfg.data, cfg.data_dir)
