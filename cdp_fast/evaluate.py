@@ -199,6 +199,9 @@ def run(cfg: EvalConfig) -> dict:
         _check_json_path(cfg.json)
     dev = resolve_device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint)
+    if not checkpoint.exists():  # before the data set is read (or downloaded)
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist (a checkpoint folder with "
+                                f"model.safetensors + config.json, a train-robust run folder or a weights file)")
     ds = data_mod.load_dataset(cfg.data, cfg.data_dir)
     model = models.load(checkpoint, device=dev, arch=cfg.arch, image_size=ds.x_test.shape[-1])
     ck = getattr(model, "checkpoint_config", {}) or {}
