@@ -7,6 +7,8 @@ accuracies are fractions in [0, 1]; the result carries the settings of the attac
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from . import autoattack as aa
 from . import data as data_mod
 from .config import check_eps, field
 from .data import DATASETS, as_float01, dataset_defaults
-from .training import PRECISIONS, resolve_precision
+from .training import PRECISIONS, resolve_eval_precision, resolve_precision  # noqa: F401 (re-exported)
 from .utils import progress, resolve_device, write_json
 
 ATTACKS = ("pgd", "cw", "autoattack")
@@ -37,11 +39,16 @@ def _eps_defaults() -> str:
 @dataclass
 class EvalConfig:
     checkpoint: str = field("", help="classifier checkpoint folder (model.safetensors + config.json), "
-                                     "or a train-robust run folder (its best/ is used)", required=True)
+                                     "a train-robust run folder (its best/ is used), or an external "
+                                     "weights file (.pt/.pth/.ckpt/.safetensors, with --arch)", required=True)
+    arch: str | None = field(None, help="architecture of an external weights file (e.g. wrn-28-10-swish, "
+                             "preact-resnet18, small-cnn); not needed for cdp-fast checkpoint folders")
     data: str = field("digits", help="dataset name: digits, mnist, fashion-mnist, cifar10, gtsrb")
     data_dir: str | None = field(None, help="folder with the dataset files")
     eps: float | None = field(None, help="Linf radius in [0, 1] pixel units, fractions like 8/255 accepted "
-                                         f"(default: the dataset's: {_eps_defaults()})")
+                                         "(default: the eps the checkpoint was trained with when its "
+                                         "config.json records one, else the dataset's: "
+                                         f"{_eps_defaults()}; the output says which)")
     attack: str = field("pgd", help="pgd (PGD on cross-entropy), cw (PGD on the CW margin) or autoattack "
                                     "(APGD-CE + APGD-T, the gradient-based part of standard AutoAttack, "
                                     "Croce & Hein 2020; built in)", choices=ATTACKS)
@@ -53,9 +60,11 @@ class EvalConfig:
     aa_targets: int = field(9, help="AutoAttack: APGD-T target classes (standard: 9; at most classes - 1)")
     limit: int | None = field(None, help="evaluate only the first N test images")
     batch_size: int = field(256, help="evaluation batch size")
-    precision: str = field("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
-                           choices=("auto",) + PRECISIONS)
-    json: str | None = field(None, help="write the result JSON here")
+    precision: str = field("auto", help="precision of the model under attack: auto (fp32 on every "
+                           "device, as the field reports robustness: low-precision gradients can weaken an "
+                           "attack), fp32, bf16, fp16", choices=("auto",) + PRECISIONS)
+    json: str | None = field(None, help="write the result JSON here (checked writable before the "
+                                        "evaluation starts; the metrics are printed in any case)")
     device: str = field("auto", help="auto | cpu | cuda[:i]")
     seed: int = field(0, help="random seed (attack random starts)")
 
@@ -81,7 +90,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
     if x.shape[0] == 0:
         raise ValueError("nothing to evaluate: 0 images")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    prec = resolve_precision(precision, dev)
+    prec = resolve_eval_precision(precision, dev)  # auto: fp32 attacks
     was_training = model.training
     model.eval()
     gen = torch.Generator(dev).manual_seed(seed)
@@ -124,7 +133,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
 def resolve_checkpoint(path: str) -> Path:
     """A classifier checkpoint folder; a train-robust run folder resolves to its best/ (said on stderr)."""
     p = Path(path)
-    if not (p / "model.safetensors").is_file():
+    if p.is_dir() and not (p / "model.safetensors").is_file():
         for sub in ("best", "last"):
             if (p / sub / "model.safetensors").is_file():
                 print(f"[eval] {p} is a training run folder: evaluating its {sub}/ checkpoint "
@@ -133,32 +142,93 @@ def resolve_checkpoint(path: str) -> Path:
     return p
 
 
-def run(cfg: EvalConfig) -> dict:
+def _check_json_path(path: str) -> None:
+    """--json must be writable: checked before the evaluation (which can take hours) starts."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name (e.g. {p / 'eval.json'})")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folders that would be created under the first existing one
+    if not parent.is_dir():
+        raise ValueError(f"--json {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--json {path} is not writable (no permission in {parent}); choose another path")
+
+
+def resolve(cfg: EvalConfig) -> EvalConfig:
+    """CLI hook: every setting checked before the checkpoint or the data is loaded."""
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required (a folder with model.safetensors + config.json)")
     check_eps(cfg.eps)
-    if cfg.attack == "autoattack" and (cfg.aa_iters < 1 or cfg.aa_targets < 0):
-        raise ValueError(f"--aa-iters must be >= 1 and --aa-targets >= 0, got {cfg.aa_iters}, {cfg.aa_targets}")
+    data_mod.canonical_name(cfg.data)
+    for ok, msg in ((cfg.steps >= 1 or cfg.attack == "autoattack", f"--steps must be >= 1, got {cfg.steps}"),
+                    (cfg.restarts >= 1, f"--restarts must be >= 1, got {cfg.restarts}"),
+                    (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+                    (cfg.limit is None or cfg.limit >= 1, f"--limit must be >= 1, got {cfg.limit}"),
+                    (cfg.aa_iters >= 1, f"--aa-iters must be >= 1, got {cfg.aa_iters}"),
+                    (cfg.aa_targets >= 0, f"--aa-targets must be >= 0, got {cfg.aa_targets}"),
+                    (cfg.step_size is None or cfg.step_size > 0, f"--step-size must be > 0, got {cfg.step_size}")):
+        if not ok:
+            raise ValueError(msg)
+    p = Path(cfg.checkpoint)  # a missing one is reported by models.load (a clean error, exit 2)
+    if p.is_file() and p.name not in ("model.safetensors", "config.json") and not cfg.arch:
+        raise ValueError(f"--checkpoint {cfg.checkpoint} is a weights file, not a cdp-fast checkpoint folder: "
+                         f"give its architecture with --arch (e.g. --arch wrn-28-10-swish)")
+    return cfg
+
+
+def checkpoint_eps(model: nn.Module, data: str) -> float | None:
+    """The eps a checkpoint was trained with (train-robust records it in config.json), if it was
+    trained on ``data``; None when not recorded."""
+    ck = getattr(model, "checkpoint_config", {}) or {}
+    eps = ck.get("eps")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        return None
+    try:
+        if "data" in ck and data_mod.canonical_name(str(ck["data"])) != data_mod.canonical_name(data):
+            return None
+    except ValueError:
+        return None
+    return float(eps)
+
+
+def run(cfg: EvalConfig) -> dict:
+    cfg = resolve(cfg)
+    if cfg.json:  # before the checkpoint, the data or the evaluation (which can take hours)
+        _check_json_path(cfg.json)
     dev = resolve_device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint)
-    model = models.load(checkpoint, device=dev)
+    if not checkpoint.exists():  # before the data set is read (or downloaded)
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist (a checkpoint folder with "
+                                f"model.safetensors + config.json, a train-robust run folder or a weights file)")
     ds = data_mod.load_dataset(cfg.data, cfg.data_dir)
+    model = models.load(checkpoint, device=dev, arch=cfg.arch, image_size=ds.x_test.shape[-1])
     ck = getattr(model, "checkpoint_config", {}) or {}
     want = {"in_channels": ds.x_test.shape[1], "image_size": ds.x_test.shape[-1], "num_classes": ds.num_classes}
     wrong = {k: (ck[k], v) for k, v in want.items() if k in ck and int(ck[k]) != int(v)}
     if wrong:
         raise ValueError(f"checkpoint {checkpoint} does not fit dataset {cfg.data!r}: "
                          + ", ".join(f"{k} {a} (checkpoint) vs {b} (data)" for k, (a, b) in wrong.items()))
-    eps = cfg.eps if cfg.eps is not None else float(data_mod.dataset_defaults(cfg.data)["eps"])
+    if cfg.eps is not None:
+        eps, eps_source = float(cfg.eps), "--eps"
+    elif (trained := checkpoint_eps(model, cfg.data)) is not None:
+        eps, eps_source = trained, "the checkpoint's training eps"
+    else:
+        eps, eps_source = float(data_mod.defaults_for(cfg.data).eps), f"the {data_mod.canonical_name(cfg.data)} default"
+    if cfg.eps is None:
+        print(f"[eval] eps {eps:.6g} ({eps_source}; --eps to choose another)", file=sys.stderr)
     x, y = ds.x_test, ds.y_test
     if cfg.limit is not None:
-        if cfg.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {cfg.limit}")
         x, y = x[:cfg.limit], y[:cfg.limit]
     res = evaluate(model, x, y, eps=eps, attack=cfg.attack, steps=cfg.steps, restarts=cfg.restarts,
                    step_size=cfg.step_size, batch_size=cfg.batch_size, device=dev, seed=cfg.seed,
                    precision=cfg.precision, aa_iters=cfg.aa_iters, aa_targets=cfg.aa_targets)
-    res.update(checkpoint=str(checkpoint), data=cfg.data)
+    res.update(checkpoint=str(checkpoint), data=cfg.data, eps_source=eps_source)
     if cfg.json:
-        write_json(cfg.json, res)
+        try:
+            write_json(cfg.json, res)
+        except OSError:
+            print(json.dumps(res, indent=2, default=str))  # the metrics are never lost
+            raise
     return res

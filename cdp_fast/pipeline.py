@@ -106,17 +106,15 @@ class PipelineConfig:
     robust_epochs: int = field(10, help="TRADES epochs of the synthetic arms (passes over the real "
                                         "data); the real-only arm gets as many steps")
     batch_size: int = field(128, help="TRADES batch size")
-    robust_optimizer: str = field("adamw", help="TRADES optimiser. adamw by default here: on digits "
-                                  "the TRADES small-cnn sat at chance for 150+ SGD steps on some "
-                                  "seeds, too long for a CPU budget; sgd is the field's choice",
-                                  choices=("sgd", "adamw"))
-    lr: float | None = field(None, help="TRADES peak learning rate (None: the trainer's default)")
+    robust_optimizer: str | None = field(None, help="TRADES optimiser (default: the dataset's, as "
+                                         "train-robust: adamw for digits / mnist / fashion-mnist, sgd for "
+                                         "cifar10 / gtsrb)", choices=("sgd", "adamw"))
+    lr: float | None = field(None, help="TRADES peak learning rate (default: the dataset's, as train-robust)")
     synthetic_fraction: float = field(0.5, help="synthetic fraction of each batch in the synthetic arms")
     eps: float | None = field(None, help="Linf radius in [0, 1] pixel units, fractions like 8/255 "
-                                         "accepted (default: the dataset's, e.g. 8/255 for cifar10, "
-                                         "except digits: 0.1 here, not train-robust's 0.3, since at 0.3 "
-                                         "an 8x8 small-cnn reaches 0 robust accuracy in a CPU budget)")
-    attack_steps: int | None = field(None, help="TRADES attack steps (default: the dataset's)")
+                                         "accepted (default: the dataset's, as train-robust: digits 0.1, "
+                                         "cifar10 8/255, ...)")
+    attack_steps: int | None = field(None, help="TRADES attack steps (default: the dataset's, as train-robust)")
     eval_attack_steps: int = field(20, help="PGD steps of the final evaluation")
     limit_test: int | None = field(None, help="evaluate on N test images (a class-balanced subset, the "
                                    "same for every stage: classifier accuracy, sweep fidelity, TRADES "
@@ -414,26 +412,28 @@ def _plan(cfg: PipelineConfig) -> _Plan:
             UNet(**unet_kwargs(ds["preset"], in_channels=data.channels, image_size=data.size))
     except ValueError as e:
         raise ValueError(f"--diffusion-preset {ds['preset']}: {e}") from None
-    eps = float(cfg.eps if cfg.eps is not None else (0.1 if name == "digits" else defaults["eps"]))
-    steps = int(cfg.attack_steps if cfg.attack_steps is not None else defaults["attack_steps"])
-    resolved = dataclasses.replace(
-        cfg, data=name, classifier=cfg.classifier or defaults["model"],
-        robust_model=cfg.robust_model or defaults["model"], diffusion_iters=ds["iters"],
-        diffusion_preset=ds["preset"], eps=eps, attack_steps=steps, sweep_n=sweep_n, sweep_steps=sweep_steps)
+    # TRADES: the dataset's defaults (data.DEFAULTS), resolved by train-robust's own rule
     rcfgs = {}
     for s in range(cfg.seeds):
         for arm in ARMS:
             rcfg = trades.TrainRobustConfig(data=name, data_dir=cfg.data_dir, real_limit=cfg.real_limit,
-                                     synthetic_fraction=cfg.synthetic_fraction, model=resolved.robust_model,
+                                     synthetic_fraction=cfg.synthetic_fraction,
+                                     model=cfg.robust_model or defaults["model"],
                                      epochs=_arm_epochs(cfg, arm), batch_size=cfg.batch_size, lr=cfg.lr,
-                                     optimizer=cfg.robust_optimizer, eps=eps, step_size=2.5 * eps / steps,
-                                     attack_steps=steps, eval_attack_steps=cfg.eval_attack_steps,
+                                     optimizer=cfg.robust_optimizer, eps=cfg.eps,
+                                     attack_steps=cfg.attack_steps, eval_attack_steps=cfg.eval_attack_steps,
                                      out=str(Path(cfg.out) / "robust" / f"{arm}-seed{s}"),
                                      seed=cfg.seed + s, device=cfg.device)
             trades._check_cfg(rcfg)
-            rcfg.lr = trades._resolve(rcfg, defaults, name)["lr"]  # also checks the attack settings
-            rcfgs[arm, s] = rcfg
-    resolved.lr = rcfgs["real", 0].lr
+            r = trades.resolve_settings(rcfg, name)  # also checks the attack settings
+            rcfgs[arm, s] = dataclasses.replace(rcfg, **{k: r[k] for k in (
+                "eps", "step_size", "attack_steps", "beta", "optimizer", "lr", "schedule", "ema", "ema_warmup")})
+    r0 = rcfgs["real", 0]
+    resolved = dataclasses.replace(
+        cfg, data=name, classifier=cfg.classifier or defaults["model"],
+        robust_model=cfg.robust_model or defaults["model"], diffusion_iters=ds["iters"],
+        diffusion_preset=ds["preset"], eps=r0.eps, attack_steps=r0.attack_steps, lr=r0.lr,
+        robust_optimizer=r0.optimizer, sweep_n=sweep_n, sweep_steps=sweep_steps)
     gcfgs = {}
     for arm, guidance in (("ddim", "none"), ("contrastive-dp", cfg.guidance)):
         guided = guidance != "none"

@@ -3,10 +3,13 @@
     x_adv = TRADES-PGD(x)              (uniform start, K signed steps on KL(p(x) || p(x_adv)))
     loss  = CE(f(x), y) + beta * KL(p(x) || p(x_adv))    (KL summed over classes, mean over batch)
 
-Optimiser: SGD with Nesterov momentum 0.9 and weight decay on weights only (no decay on
-biases / BatchNorm / normalisation parameters: every parameter with ndim <= 1). The learning rate
-is set every step from the global step: ``cosine`` (lr * (1 + cos(pi * s / S)) / 2) or
-``onecycle`` (linear 0 -> lr over the first 40% of steps, then linear to 0; Rice et al.).
+Optimiser: SGD with Nesterov momentum 0.9, or AdamW, with weight decay on weights only (no decay on
+biases / BatchNorm / normalisation parameters: every parameter with ndim <= 1). Which one, the
+learning rate, schedule, eps, attack steps, beta, EMA and augmentation default to the data set's
+entry of ``data.DEFAULTS`` (one table for every command; ``resolve_settings``). The learning rate
+is set every step from the global step: ``cosine`` (lr * (1 + cos(pi * s / S)) / 2),
+``onecycle`` (linear 0 -> lr over the first 40% of steps, then linear to 0; Rice et al.) or
+``constant``.
 
 EMA weight averaging (Gowal et al. 2020, as in the authors' code ``ema_update``): with
 ``W = round(ema_warmup * total_steps)`` warm-up steps and ``n = step - W`` (``step`` counted from 0
@@ -17,8 +20,9 @@ EMA weight averaging (Gowal et al. 2020, as in the authors' code ``ema_update``)
     ema = decay * ema + (1 - decay) * weights;  buffers (BN statistics) are copied.
 
 Checkpoints (``out``): ``last/`` and ``best/`` (models.save folders of the evaluated model, the
-EMA one when ``--ema``), ``train_state.safetensors`` (raw weights, EMA weights, optimiser momentum,
-grad-scaler state, epoch/step/best metadata; written atomically after every epoch),
+EMA one when ``--ema``), ``train_state.safetensors`` (raw weights, EMA weights, optimiser state (SGD
+momentum, AdamW moments and step), grad-scaler state, the training settings (a ``--resume`` must
+repeat them), epoch/step/best metadata; written atomically after every epoch),
 ``metrics.json`` (one entry per epoch) and ``results.json`` (test clean / PGD accuracy of
 ``best``). ``--resume`` continues from train_state exactly: every epoch's randomness (data order,
 augmentation, attack starts, dropout) is derived from (seed, epoch), so a resumed run equals an
@@ -32,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +64,7 @@ from .training import (
     lr_at,
     make_optimizer,
     optimizer_step,
+    resolve_eval_precision,
     resolve_precision,
     unwrap,
 )
@@ -88,30 +94,39 @@ class TrainRobustConfig:
     model: str | None = field(None, help="classifier (default: the dataset's, e.g. small-cnn)")
     epochs: int = field(10, help="training epochs (passes over the real training data)")
     batch_size: int = field(128, help="batch size (real + synthetic)")
-    lr: float | None = field(None, help="peak learning rate (default: SGD 0.1, digits 0.3; AdamW 3e-3)")
+    lr: float | None = field(None, help="peak learning rate (default: the dataset's with its optimizer, "
+                             "see the README's table; SGD 0.1 / AdamW 1e-3 with the other optimizer)")
     momentum: float = field(0.9, help="SGD momentum")
-    optimizer: str = field("sgd", help="sgd (Nesterov, the field's choice) or adamw",
-                           choices=("sgd", "adamw"))
+    optimizer: str | None = field(None, help="sgd (Nesterov, the field's choice) or adamw (default: the "
+                                  "dataset's: adamw for digits / mnist / fashion-mnist, sgd for cifar10 / gtsrb)",
+                                  choices=("sgd", "adamw"))
     weight_decay: float = field(5e-4, help="weight decay (not applied to biases / BN)")
-    schedule: str = field("cosine", help="learning-rate schedule", choices=("cosine", "onecycle", "constant"))
+    schedule: str | None = field(None, help="learning-rate schedule (default: the dataset's, cosine)",
+                                 choices=("cosine", "onecycle", "constant"))
     eps: float | None = field(None, help="Linf radius in [0, 1] pixel units, fractions like 8/255 accepted "
-                              "(default: the dataset's: digits and mnist 0.3, fashion-mnist 0.1, cifar10 and "
-                              "gtsrb 8/255; the pipeline uses 0.1 on digits, see its --help)")
-    step_size: float | None = field(None, help="attack step size (default: dataset's)")
+                              "(default: the dataset's: digits 0.1, mnist 0.3, fashion-mnist 0.1, cifar10 "
+                              "and gtsrb 8/255)")
+    step_size: float | None = field(None, help="attack step size (default: the dataset's; with another "
+                                    "--eps or --attack-steps scaled to keep step * steps / eps)")
     attack_steps: int | None = field(None, help="TRADES attack steps K (default: dataset's)")
     beta: float | None = field(None, help="TRADES beta (default: dataset's)")
     attack_init: str = field("uniform", help="attack start: uniform U(-eps,eps) or normal 0.001*N(0,1)",
                              choices=("uniform", "normal"))
     attack_bn: str = field("eval", help="BatchNorm mode during the attack", choices=("eval", "train"))
-    precision: str = field("auto", help="auto (bf16 on CUDA, fp32 on CPU: CPU bf16 autocast is ~10x "
-                           "slower), bf16, fp16 (with a grad scaler) or fp32",
+    precision: str = field("auto", help="training precision: auto (bf16 on CUDA, fp32 on CPU: CPU bf16 "
+                           "autocast is ~10x slower), bf16, fp16 (with a grad scaler) or fp32",
                            choices=("auto",) + PRECISIONS)
+    eval_precision: str = field("auto", help="precision of the validation and test attacks: auto (fp32, "
+                                "as the field reports robustness; low-precision gradients can weaken "
+                                "an attack), bf16, fp16 or fp32", choices=("auto",) + PRECISIONS)
     channels_last: bool | None = field(None, help="channels_last memory format (default: on CUDA only)")
     fused_optimizer: bool = field(True, help="fused SGD kernel (foreach when unsupported)")
     compile: bool = field(False, help="torch.compile the model (pays compile time once)")
-    ema: bool = field(True, help="evaluate/save an EMA weight average (Gowal warm-up schedule)")
+    ema: bool | None = field(None, help="evaluate/save an EMA weight average (Gowal warm-up schedule; "
+                             "default: the dataset's, on)")
     ema_decay: float = field(0.995, help="EMA maximum decay")
-    ema_warmup: float = field(0.025, help="fraction of training steps before the EMA starts averaging")
+    ema_warmup: float | None = field(None, help="fraction of training steps before the EMA starts "
+                                     "averaging (default: the dataset's, 0.025)")
     augment: str | None = field(None, help="data augmentation (default: the dataset's: crop-flip for "
                                 "CIFAR-10, crop for digits/GTSRB, none for MNIST)",
                                 choices=("none", "crop", "flip", "crop-flip"))
@@ -159,10 +174,10 @@ def _state_tensors(model, ema_model, opt, scaler) -> dict[str, torch.Tensor]:
     if ema_model is not None:
         t.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
     params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            t[f"opt.{i}.momentum_buffer"] = buf
+    for i, p in enumerate(params):  # every tensor of the optimiser state: SGD momentum, AdamW moments + step
+        for key, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                t[f"opt.{i}.{key}"] = v
     if scaler is not None:
         sd = scaler.state_dict()
         if sd:
@@ -198,11 +213,19 @@ def load_state(path: Path, model, ema_model, opt, scaler, device) -> dict:
     except RuntimeError as e:
         raise ValueError(f"{path} does not match this model/config (resume with the same --model "
                          f"and data): {e}") from None
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        buf = tensors.get(f"opt.{i}.momentum_buffer")
-        if buf is not None:
-            opt.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype)
+    # through the optimiser's own load_state_dict, which puts each state tensor where this
+    # optimiser (fused, foreach, capturable) wants it
+    sd = opt.state_dict()
+    state = {}
+    for i in range(sum(len(g["params"]) for g in opt.param_groups)):
+        entry = sub(f"opt.{i}.")
+        if entry:
+            state[i] = entry
+    try:
+        opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"{path}: its optimiser state does not fit this optimiser (resume with the same "
+                         f"--optimizer): {e}") from None
     if scaler is not None and "scaler.scale" in tensors:
         sd = scaler.state_dict()
         sd["scale"] = float(tensors["scaler.scale"][0])
@@ -212,29 +235,43 @@ def load_state(path: Path, model, ema_model, opt, scaler, device) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Training
-# Peak learning rates when --lr is not given: 0.1 (batch 128, Rice et al.); the tiny digits set
-# has ~11 steps per epoch, so a larger rate (measured: 0.3) is needed to learn in a few epochs.
-_LR_DEFAULTS = {"digits": 0.3}  # SGD
-ADAMW_LR = 3e-3
+# Settings
+# Peak learning rate of the optimiser that is not the dataset's own (``--optimizer`` given).
+OTHER_OPTIMIZER_LR = {"sgd": 0.1, "adamw": 1e-3}
+
+# Settings a --resume may change: where and how the run is executed, not what it trains.
+RESUME_MAY_CHANGE = frozenset({"resume", "stop_after", "log_every", "device", "out", "eval_batch_size",
+                               "compile", "synthetic_cache", "data_dir"})
 
 
-def _resolve(cfg: TrainRobustConfig, data_defaults: dict, data_name: str = "") -> dict:
-    def pick(v, key, fallback=None):
-        return v if v is not None else data_defaults.get(key, fallback)
-
-    r = dict(eps=float(pick(cfg.eps, "eps")), step_size=pick(cfg.step_size, "step_size"),
-             attack_steps=int(pick(cfg.attack_steps, "attack_steps", 10)),
-             beta=float(pick(cfg.beta, "beta", 6.0)), model=pick(cfg.model, "model", "small-cnn"),
-             augment=str(pick(cfg.augment, "augment", "none")),
-             padding=int(data_defaults.get("padding", 4)),
-             lr=float(cfg.lr if cfg.lr is not None else
-                      ADAMW_LR if cfg.optimizer == "adamw" else _LR_DEFAULTS.get(data_name, 0.1)))
-    if r["step_size"] is None:
-        r["step_size"] = r["eps"] / 4
-    r["step_size"] = float(r["step_size"])
-    if r["eps"] < 0 or r["step_size"] <= 0 or r["attack_steps"] < 0 or r["beta"] < 0:
-        raise ValueError(f"invalid attack settings: {r}")
+def resolve_settings(cfg: TrainRobustConfig, data_name: str | None = None) -> dict:
+    """Every TRADES setting the dataset decides, with its default filled in (one place:
+    ``data.DEFAULTS``): eps, step_size, attack_steps, beta, model, augment, padding, optimizer, lr,
+    schedule, ema, ema_warmup. ValueError naming the flag for a bad value."""
+    d = data_mod.defaults_for(data_name or cfg.data)
+    eps = d.eps if cfg.eps is None else float(cfg.eps)
+    steps = d.attack_steps if cfg.attack_steps is None else int(cfg.attack_steps)
+    if cfg.step_size is not None:
+        step_size = float(cfg.step_size)
+    elif eps > 0 and steps > 0:  # keep the dataset's step * steps / eps (METHOD.md §10)
+        step_size = d.step_size * (eps / d.eps) * (d.attack_steps / steps)
+    else:
+        step_size = d.step_size
+    optimizer = cfg.optimizer or d.optimizer
+    lr = cfg.lr if cfg.lr is not None else d.lr if optimizer == d.optimizer else OTHER_OPTIMIZER_LR[optimizer]
+    r = dict(eps=eps, step_size=float(step_size), attack_steps=steps,
+             beta=float(d.beta if cfg.beta is None else cfg.beta), model=cfg.model or d.model,
+             augment=cfg.augment or d.augment, padding=d.padding, optimizer=optimizer, lr=float(lr),
+             schedule=cfg.schedule or d.schedule, ema=d.ema if cfg.ema is None else bool(cfg.ema),
+             ema_warmup=float(d.ema_warmup if cfg.ema_warmup is None else cfg.ema_warmup))
+    for ok, msg in ((r["eps"] >= 0, f"--eps must be >= 0, got {r['eps']}"),
+                    (r["step_size"] > 0, f"--step-size must be > 0, got {r['step_size']}"),
+                    (r["attack_steps"] >= 0, f"--attack-steps must be >= 0, got {r['attack_steps']}"),
+                    (r["beta"] >= 0, f"--beta must be >= 0, got {r['beta']}"),
+                    (r["lr"] > 0, f"--lr must be > 0, got {r['lr']}"),
+                    (0 <= r["ema_warmup"] < 1, f"--ema-warmup must be in [0, 1), got {r['ema_warmup']}")):
+        if not ok:
+            raise ValueError(msg)
     return r
 
 
@@ -249,7 +286,106 @@ def _check_cfg(cfg: TrainRobustConfig) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {cfg.log_every}")
+    if cfg.val_size is not None and cfg.val_size < 0:
+        raise ValueError(f"--val-size must be >= 0, got {cfg.val_size}")
+    if cfg.real_limit is not None and cfg.real_limit < 1:
+        raise ValueError(f"--real-limit must be >= 1, got {cfg.real_limit}")
+    if cfg.limit_test is not None and cfg.limit_test < 1:
+        raise ValueError(f"--limit-test must be >= 1, got {cfg.limit_test}")
+    if cfg.eval_batch_size < 1:
+        raise ValueError(f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {cfg.stop_after}")
     check_eps(cfg.eps)
+
+
+def _check_model(name: str, flag: str = "--model") -> None:
+    """A classifier name ``models.build`` accepts, checked without building it (a wrn-70-16 would
+    take seconds and a gigabyte; the meta device would import torch._dynamo)."""
+    from .models import classifiers as C
+
+    key = str(name).lower().replace("_", "-")
+    if key in ("small-cnn", "smallcnn", "preact-resnet18", "preactresnet18", "preact-resnet-18"):
+        return
+    m = C._WRN.match(key)
+    if m is None:
+        raise ValueError(f"{flag} {name!r} is not a classifier this package builds; choose small-cnn, "
+                         f"preact-resnet18 or wrn-D-W[-swish] (e.g. {', '.join(models.NAMES)})")
+    try:
+        C._wrn_shape(int(m.group(1)), int(m.group(2)), m.group(3) or "relu")
+    except ValueError as e:
+        raise ValueError(f"{flag} {name!r}: {e}") from None
+
+
+def resolve(cfg: TrainRobustConfig) -> TrainRobustConfig:
+    """CLI hook: check every setting and fill in the dataset's defaults (so config.json records the
+    values used) before anything is loaded or written. The checks that need the data (set size vs
+    batch and validation sizes) run in ``train_robust`` before ``--out`` is created."""
+    _check_cfg(cfg)
+    name = data_mod.canonical_name(cfg.data)
+    r = resolve_settings(cfg, name)
+    _check_model(r["model"])
+    _check_out(cfg)
+    return dataclasses.replace(cfg, data=name, eps=r["eps"], step_size=r["step_size"],
+                               attack_steps=r["attack_steps"], beta=r["beta"], model=r["model"],
+                               augment=r["augment"], optimizer=r["optimizer"], lr=r["lr"],
+                               schedule=r["schedule"], ema=r["ema"], ema_warmup=r["ema_warmup"])
+
+
+def _check_out(cfg: TrainRobustConfig) -> None:
+    state_path = Path(cfg.out) / STATE_FILE
+    if cfg.resume and not state_path.is_file():
+        raise FileNotFoundError(f"--resume: {state_path} not found (nothing to resume)")
+    if not cfg.resume and state_path.is_file():  # never restart over (and so destroy) earlier work
+        raise ValueError(f"{cfg.out} already holds a training run ({STATE_FILE}); add --resume to continue "
+                         f"it, or choose another --out (or delete the folder) to start afresh")
+
+
+def _training_settings(cfg: TrainRobustConfig, r: dict) -> dict:
+    """What a run trains with (the recorded settings a --resume must repeat)."""
+    t = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    t.update({k: r[k] for k in ("eps", "step_size", "attack_steps", "beta", "model", "augment", "optimizer",
+                                "lr", "schedule", "ema", "ema_warmup")})
+    return t
+
+
+def _check_resume_settings(recorded: dict, now: dict, state_path: Path) -> None:
+    def same(a, b):
+        if isinstance(a, float) or isinstance(b, float):
+            try:
+                return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(a)))
+            except (TypeError, ValueError):
+                return False
+        return a == b
+
+    diff = [k for k in sorted(set(recorded) | set(now)) if not same(recorded.get(k), now.get(k))]
+    if diff:
+        raise ValueError(
+            f"--resume: {state_path} was trained with other settings: "
+            + "; ".join(f"{k} {recorded.get(k)!r} (recorded) vs {now.get(k)!r} (now)" for k in diff)
+            + f". A resumed run must repeat them (only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} may "
+            f"change); start a new run with another --out to train with new settings")
+
+
+def _read_state_meta(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+        return json.loads(md.get("meta", "{}"))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path} is corrupt or not a training-state file: {e}") from None
+
+
+def chance_level(y: torch.Tensor, num_classes: int) -> float:
+    """Accuracy of the best constant prediction on labels ``y`` (the majority class's share)."""
+    return float(torch.bincount(y.cpu(), minlength=num_classes).max()) / max(int(y.numel()), 1)
+
+
+def at_chance(acc: float, y: torch.Tensor, num_classes: int) -> bool:
+    """``acc`` is not clearly above a constant prediction: within 3 standard errors of it (and at
+    least 2 points), the mark of a run that trained nothing."""
+    c, n = chance_level(y, num_classes), max(int(y.numel()), 1)
+    return acc <= c + max(0.02, 3.0 * (c * (1.0 - c) / n) ** 0.5)
 
 
 # Synthetic sets above this size are read lazily under --synthetic-store auto.
@@ -317,6 +453,7 @@ def _open_synthetic(cfg: TrainRobustConfig, data, d: Dist):
 
 def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, show_progress: bool) -> dict:
     prec = resolve_precision(cfg.precision, dev)
+    eval_prec = resolve_eval_precision(cfg.eval_precision, dev)
     channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
     main = d.is_main
     show_progress = show_progress and main
@@ -326,33 +463,37 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
         keep = torch.from_numpy(data_mod.balanced_subset(data.y_train, cfg.real_limit, cfg.seed))
         data = dataclasses.replace(data, x_train=data.x_train[keep].contiguous(),
                                    y_train=data.y_train[keep].contiguous())
+    # Every check, the data-dependent ones included, before --out is created or anything written.
     try:
-        defaults = dict(data_mod.dataset_defaults(data.name))
-    except (ValueError, KeyError, AttributeError):
-        defaults = dict(data_mod.dataset_defaults(cfg.data))
-    r = _resolve(cfg, defaults, data.name)
+        data_name = data_mod.canonical_name(data.name)
+    except ValueError:  # an ImageData under another name: the config's data set decides
+        data_name = cfg.data
+    r = resolve_settings(cfg, data_name)
     if cfg.batch_size % d.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
                          f"({d.world_size}): each rank trains on batch_size / {d.world_size} images per step")
-    if synthetic is None and cfg.synthetic:
-        synthetic = _open_synthetic(cfg, data, d)
-    if synthetic is not None and not isinstance(synthetic, data_mod.SyntheticStore):
-        _check_synthetic(synthetic, data)
-
     out = Path(cfg.out)
     state_path = out / STATE_FILE
-    if cfg.resume and not state_path.is_file():
-        raise FileNotFoundError(f"--resume: {state_path} not found (nothing to resume)")
-    if not cfg.resume and state_path.is_file():  # never restart over (and so destroy) earlier work
-        raise ValueError(f"{out} already holds a training run ({STATE_FILE}); add --resume to continue "
-                         f"it, or choose another --out (or delete the folder) to start afresh")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(cfg)
+    settings = _training_settings(cfg, r)
+    if cfg.resume:
+        recorded = _read_state_meta(state_path).get("settings")
+        now = settings
+        if recorded is None:  # a state written before the settings were kept: config.json's explicit values
+            try:
+                old = json.loads((out / "config.json").read_text())
+                recorded = {k: v for k, v in old.items() if k in settings and v is not None}
+            except (OSError, ValueError, AttributeError):
+                recorded = {}
+            now = {k: settings[k] for k in recorded}
+        _check_resume_settings(recorded, now, state_path)
 
     # Validation split: val_size real training images chosen by a seeded permutation.
     n_train = data.x_train.shape[0]
     val_size = min(1024, n_train // 10) if cfg.val_size is None else cfg.val_size
     if not 0 <= val_size < n_train:
-        raise ValueError(f"--val-size {val_size} must be in [0, {n_train})")
+        raise ValueError(f"--val-size {val_size} must be in [0, {n_train}): there are {n_train} real training "
+                         f"images{f' (--real-limit {cfg.real_limit})' if cfg.real_limit is not None else ''}")
     if val_size:
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
         tr_idx, va_idx = perm[val_size:].sort().values, perm[:val_size].sort().values
@@ -360,6 +501,19 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
         x_va, y_va = data.x_train[va_idx], data.y_train[va_idx]
     else:
         x_tr, y_tr, x_va, y_va = data.x_train, data.y_train, None, None
+    n_real = cfg.batch_size - (int(round(cfg.batch_size * cfg.synthetic_fraction)) if cfg.synthetic else 0)
+    if n_real > x_tr.shape[0]:
+        raise ValueError(f"--batch-size {cfg.batch_size}: each batch takes {n_real} real images but there are "
+                         f"only {x_tr.shape[0]} training images ({n_train} minus {val_size} held out for "
+                         f"validation); lower --batch-size or --val-size")
+    build_kw = dict(num_classes=data.num_classes, in_channels=data.x_train.shape[1],
+                    image_size=data.x_train.shape[-1])
+    _check_model(r["model"])
+
+    if synthetic is None and cfg.synthetic:
+        synthetic = _open_synthetic(cfg, data, d)
+    if synthetic is not None and not isinstance(synthetic, data_mod.SyntheticStore):
+        _check_synthetic(synthetic, data)
 
     batches = data_mod.DeviceLoader(
         x_tr, y_tr, cfg.batch_size, synthetic=synthetic,
@@ -368,22 +522,23 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
         rank=d.rank, world_size=d.world_size)
     steps_per_epoch = len(batches)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.ema_warmup * total_steps))
+    warmup = int(round(r["ema_warmup"] * total_steps))
 
     torch.manual_seed(cfg.seed)
-    build_kw = dict(num_classes=data.num_classes, in_channels=data.x_train.shape[1],
-                    image_size=data.x_train.shape[-1])
-    model = models.build(r["model"], **build_kw).to(dev)
+    try:
+        model = models.build(r["model"], **build_kw).to(dev)
+    except ValueError as e:  # e.g. an image size the model cannot take: still before --out exists
+        raise ValueError(f"--model {r['model']!r}: {e}") from None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema_model = None
-    if cfg.ema:
+    if r["ema"]:
         ema_model = models.build(r["model"], **build_kw).to(dev)
         if channels_last:
             ema_model = ema_model.to(memory_format=torch.channels_last)
         ema_model.load_state_dict(model.state_dict())
         ema_model.eval().requires_grad_(False)
-    opt = make_optimizer(model, r["lr"], cfg.momentum, cfg.weight_decay, cfg.fused_optimizer, cfg.optimizer)
+    opt = make_optimizer(model, r["lr"], cfg.momentum, cfg.weight_decay, cfg.fused_optimizer, r["optimizer"])
     scaler = torch.amp.GradScaler(dev.type) if prec == "fp16" else None
 
     meta = {"epoch": 0, "step": 0, "best_val": -1.0, "best_epoch": 0}
@@ -396,6 +551,8 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
         mpath = out / "metrics.json"
         if mpath.is_file():
             metrics = [m for m in json.loads(mpath.read_text()) if m.get("epoch", 0) <= meta["epoch"]]
+    meta["settings"] = settings
+    out.mkdir(parents=True, exist_ok=True)
 
     attack_model = torch.compile(model) if cfg.compile else model
     # DDP: the loss's forwards and backward go through the wrapper (gradients averaged over ranks,
@@ -423,7 +580,7 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
         batches.generator.manual_seed(derive_seed(cfg.seed, "data", epoch))  # data order, augmentation: every rank
         for i, (x, y) in enumerate(batches):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total_steps, r["lr"], cfg.schedule)
+                g["lr"] = lr_at(step, total_steps, r["lr"], r["schedule"])
             loss, _, _, logits_nat, _ = trades_loss(
                 train_model, x, y, eps=r["eps"], step_size=r["step_size"], steps=r["attack_steps"],
                 beta=r["beta"], precision=prec, init=cfg.attack_init, attack_bn=cfg.attack_bn,
@@ -448,7 +605,7 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
             dist.all_reduce(sums)
             count *= d.world_size
         s = sums.tolist()
-        entry = {"epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, r["lr"], cfg.schedule),
+        entry = {"epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, r["lr"], r["schedule"]),
                  "train_loss": s[0] / count, "train_clean_acc": s[1] / count,
                  "train_seconds": time.perf_counter() - t0}
         meta.update(epoch=epoch, step=step, total_steps=total_steps)
@@ -456,9 +613,10 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
             continue
         if x_va is not None:
             v = evaluate(eval_model, x_va, y_va, eps=r["eps"], attack="pgd", steps=cfg.eval_attack_steps,
-                         batch_size=cfg.eval_batch_size, device=dev, seed=cfg.seed, precision=prec,
+                         batch_size=cfg.eval_batch_size, device=dev, seed=cfg.seed, precision=eval_prec,
                          show_progress=False)
-            entry.update(val_clean_acc=v["clean_acc"], val_robust_acc=v["robust_acc"])
+            entry.update(val_clean_acc=v["clean_acc"], val_robust_acc=v["robust_acc"],
+                         val_at_chance=at_chance(v["clean_acc"], y_va, data.num_classes))
             is_best = v["robust_acc"] > meta["best_val"]
         else:
             is_best = True
@@ -475,8 +633,9 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
     n_syn = batches.n_synthetic_total
     results = {"epochs_done": int(meta["epoch"]), "epochs": cfg.epochs, "best_epoch": meta["best_epoch"],
                "model": r["model"], "data": data.name, "eps": r["eps"], "step_size": r["step_size"],
-               "attack_steps": r["attack_steps"], "beta": r["beta"], "lr": r["lr"], "precision": prec,
-               "ema": cfg.ema, "n_train": int(x_tr.shape[0]), "n_val": int(val_size),
+               "attack_steps": r["attack_steps"], "beta": r["beta"], "optimizer": r["optimizer"], "lr": r["lr"],
+               "schedule": r["schedule"], "precision": prec, "eval_precision": eval_prec,
+               "ema": r["ema"], "n_train": int(x_tr.shape[0]), "n_val": int(val_size),
                "n_synthetic": int(n_syn), "world_size": d.world_size,
                "train_seconds": sum(m["train_seconds"] for m in metrics)}
     if meta["epoch"] < cfg.epochs:  # stopped early (--stop-after): no final evaluation yet
@@ -489,10 +648,19 @@ def _train(cfg: TrainRobustConfig, data, synthetic, dev: torch.device, d: Dist, 
     if cfg.limit_test is not None:
         x_te, y_te = x_te[:cfg.limit_test], y_te[:cfg.limit_test]
     ev = evaluate(best, x_te, y_te, eps=r["eps"], attack="pgd", steps=cfg.eval_attack_steps,
-                  batch_size=cfg.eval_batch_size, device=dev, seed=cfg.seed, precision=prec,
+                  batch_size=cfg.eval_batch_size, device=dev, seed=cfg.seed, precision=eval_prec,
                   show_progress=show_progress)
     results.update(clean_acc=ev["clean_acc"], robust_acc=ev["robust_acc"], attack="pgd",
-                   eval_attack_steps=cfg.eval_attack_steps, n_test=ev["n"])
+                   eval_attack_steps=cfg.eval_attack_steps, n_test=ev["n"],
+                   chance_acc=chance_level(y_te, data.num_classes),
+                   at_chance=at_chance(ev["clean_acc"], y_te, data.num_classes))
+    if results["at_chance"]:
+        results["warning"] = (
+            f"the final model is at chance: clean accuracy {ev['clean_acc']:.3f} on {ev['n']} test images, "
+            f"a constant prediction gets {results['chance_acc']:.3f}. It learned nothing: try more epochs, "
+            f"a smaller --eps, or another --lr / --optimizer (settings: eps {r['eps']:g}, {r['optimizer']} "
+            f"lr {r['lr']:g}, {r['attack_steps']} attack steps, beta {r['beta']:g})")
+        print(f"[train-robust] WARNING: {results['warning']}", file=sys.stderr, flush=True)
     write_json(out / "results.json", results)
     return results
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = [
-    "PRECISIONS", "resolve_precision", "autocast", "lr_at", "ema_decay_at", "ema_update", "param_groups",
+    "PRECISIONS", "resolve_precision", "resolve_eval_precision", "autocast", "lr_at", "ema_decay_at", "ema_update", "param_groups",
     "make_optimizer", "optimizer_step", "SEED_STREAMS", "derive_seed", "unwrap", "Dist", "init_distributed",
 ]
 
@@ -37,6 +37,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
     return precision
+
+
+def resolve_eval_precision(precision: str, device: torch.device) -> str:
+    """Precision of attacks and evaluation: "auto" -> fp32 on every device.
+
+    Robustness is reported against fp32 attacks in the field; bf16/fp16 input gradients can
+    weaken an attack (and so overstate robust accuracy). Training may use bf16 (``resolve_precision``);
+    an explicit "bf16" / "fp16" is honoured here too.
+    """
+    if precision == "auto":
+        return "fp32"
+    return resolve_precision(precision, device)
 
 
 def autocast(device: torch.device | str, precision: str):

@@ -115,9 +115,9 @@ def test_eps_accepts_fractions_and_refuses_above_one(tmp_path, capsys):
     for name in ("pipeline", "train-robust", "eval"):
         eps_help = next(a.help for a in _parser(name)._actions if a.dest == "eps")
         assert "default" in eps_help and "8/255" in eps_help
-    # the digits default differs between train-robust (0.3) and the pipeline (0.1): both say so
-    assert "0.1 on digits" in next(a.help for a in _parser("train-robust")._actions if a.dest == "eps")
-    assert "not train-robust's 0.3" in next(a.help for a in _parser("pipeline")._actions if a.dest == "eps")
+    # one digits default for every command (issue 21: train-robust used 0.3, the pipeline 0.1)
+    for name in ("pipeline", "train-robust", "eval"):
+        assert "digits 0.1" in next(a.help for a in _parser(name)._actions if a.dest == "eps"), name
 
 
 def _parser(name):

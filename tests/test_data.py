@@ -65,7 +65,7 @@ def test_dataset_defaults():
         d = D.dataset_defaults(name)
         assert {"eps", "step_size", "attack_steps", "beta", "model"} <= set(d)
     assert D.dataset_defaults("mnist")["eps"] == 0.3
-    assert D.dataset_defaults("digits")["eps"] == 0.3
+    assert D.dataset_defaults("digits")["eps"] == 0.1  # not MNIST's 0.3: an 8x8 small-cnn ends at chance there
     assert D.dataset_defaults("fashion-mnist")["eps"] == 0.1
     assert D.dataset_defaults("CIFAR-10")["eps"] == pytest.approx(8 / 255)
     assert D.dataset_defaults("gtsrb")["eps"] == pytest.approx(8 / 255)

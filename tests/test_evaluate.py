@@ -59,7 +59,7 @@ def test_run_writes_json(tmp_path):
     res = run(EvalConfig(checkpoint=str(tmp_path / "ckpt"), data="digits", attack="pgd", steps=2, limit=17,
                          json=str(out), device="cpu"))
     saved = json.loads(out.read_text())
-    assert saved["n"] == 17 and saved["eps"] == pytest.approx(0.3) and saved["attack"] == "pgd"
+    assert saved["n"] == 17 and saved["eps"] == pytest.approx(0.1) and saved["attack"] == "pgd"
     for k in ("clean_acc", "robust_acc"):
         assert 0.0 <= saved[k] <= 1.0 and saved[k] == res[k]
     other = models.build("small-cnn", num_classes=7, in_channels=1, image_size=8)

@@ -102,17 +102,44 @@ def test_no_weight_decay_on_bias_and_bn():
     assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 4
 
 
-@pytest.mark.parametrize("name,eps,steps,beta", [
-    ("digits", 0.3, 10, 1.0), ("mnist", 0.3, 40, 1.0), ("fashion-mnist", 0.1, 40, 1.0),
-    ("cifar10", 8 / 255, 10, 6.0), ("gtsrb", 8 / 255, 10, 6.0)])
-def test_per_dataset_defaults(name, eps, steps, beta):
-    from cdp_fast.data import dataset_defaults
+@pytest.mark.parametrize("name,eps,steps,beta,opt", [
+    ("digits", 0.1, 10, 1.0, "adamw"), ("mnist", 0.3, 40, 1.0, "adamw"), ("fashion-mnist", 0.1, 10, 1.0, "adamw"),
+    ("cifar10", 8 / 255, 10, 6.0, "sgd"), ("gtsrb", 8 / 255, 10, 6.0, "sgd")])
+def test_per_dataset_defaults(name, eps, steps, beta, opt):
+    from cdp_fast.data import defaults_for
 
-    r = trades._resolve(TrainRobustConfig(data=name), dataset_defaults(name), name)
+    r = trades.resolve_settings(TrainRobustConfig(data=name))
     assert r["eps"] == pytest.approx(eps) and r["attack_steps"] == steps and r["beta"] == beta
-    r = trades._resolve(TrainRobustConfig(data=name, eps=0.05, beta=2.0, attack_steps=3, lr=0.01),
-                        dataset_defaults(name), name)
+    assert r["optimizer"] == opt and r["lr"] == defaults_for(name).lr
+    assert r["step_size"] == pytest.approx(defaults_for(name).step_size)
+    r = trades.resolve_settings(TrainRobustConfig(data=name, eps=0.05, beta=2.0, attack_steps=3, lr=0.01))
     assert (r["eps"], r["beta"], r["attack_steps"], r["lr"]) == (0.05, 2.0, 3, 0.01)
+    # another eps / step count keeps the dataset's step * steps / eps (a fixed step could exceed eps)
+    d = defaults_for(name)
+    assert r["step_size"] * 3 / 0.05 == pytest.approx(d.step_size * d.attack_steps / d.eps)
+    # the other optimiser gets its own learning rate, not this dataset's
+    other = "sgd" if opt == "adamw" else "adamw"
+    assert trades.resolve_settings(TrainRobustConfig(data=name, optimizer=other))["lr"] == \
+        trades.OTHER_OPTIMIZER_LR[other]
+
+
+def test_every_command_reads_the_one_table_of_defaults():
+    """train-robust, the pipeline's TRADES arms and eval's default eps: the same values (the
+    pipeline once used eps 0.1 + AdamW on digits while train-robust used eps 0.3 + SGD 0.3)."""
+    from cdp_fast import evaluate as ev
+    from cdp_fast import pipeline
+    from cdp_fast.data import DATASETS, defaults_for
+
+    for name in ("digits",):
+        plan = pipeline._plan(pipeline.PipelineConfig(data=name, out="unused-never-written"))
+        tr = trades.resolve(TrainRobustConfig(data=name, out="unused-never-written"))
+        for k in ("eps", "attack_steps", "lr"):
+            assert getattr(plan.cfg, k) == getattr(tr, k) == getattr(defaults_for(name), k), k
+        assert plan.cfg.robust_optimizer == tr.optimizer == defaults_for(name).optimizer
+        assert plan.rcfgs["real", 0].step_size == tr.step_size
+    for name in DATASETS:
+        assert f"{name} " in ev._eps_defaults()
+    assert "digits 0.1" in ev._eps_defaults()
 
 
 def test_trades_step_decreases_robust_loss():
@@ -197,7 +224,7 @@ def test_resume_continues_exactly(tmp_path):
     for k in ("clean_acc", "robust_acc"):
         assert 0.0 <= full[k] <= 1.0
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
-    assert saved["robust_acc"] == full["robust_acc"] and saved["eps"] == 0.3 and saved["n_test"] == 24
+    assert saved["robust_acc"] == full["robust_acc"] and saved["eps"] == 0.1 and saved["n_test"] == 24
     from cdp_fast import models
 
     m = models.load(tmp_path / "full" / "best")

@@ -4,11 +4,14 @@ loader that augments and mixes them (:mod:`.loader`). Every public name is re-ex
 """
 from .datasets import (
     DATASETS,
+    DEFAULTS,
+    DatasetDefaults,
     ImageData,
     as_float01,
     balanced_subset,
     canonical_name,
     dataset_defaults,
+    defaults_for,
     load_dataset,
     read_cifar_batch,
     read_idx,
@@ -28,7 +31,8 @@ from .synthetic import (
 )
 
 __all__ = [
-    "DATASETS", "ImageData", "load_dataset", "dataset_defaults", "canonical_name", "balanced_subset",
+    "DATASETS", "DEFAULTS", "DatasetDefaults", "defaults_for", "ImageData", "load_dataset", "dataset_defaults",
+    "canonical_name", "balanced_subset",
     "read_idx", "write_idx", "read_cifar_batch", "load_synthetic", "save_synthetic",
     "to_float", "as_float01", "to_uint8", "random_crop", "random_flip", "augment_batch", "DeviceLoader",
     "SyntheticStore", "consolidate_synthetic", "default_cache_dir", "shard_files", "CONSOLIDATED_DIR",
