@@ -10,6 +10,8 @@ _LAZY = {
     "NoiseSchedule": ".schedules",
     "DDIMSampler": ".sampler",
     "DDIMScheduler": ".diffusers_compat",
+    "DPMSolverMultistepScheduler": ".diffusers_compat",
+    "EDMSampler": ".solvers",
     "ContrastiveGuidance": ".guidance",
     "DDIMPipeline": ".ddim_pipeline",
     "load_diffusion": ".diffusion_train",
