@@ -12,6 +12,7 @@ _LAZY = {
     "DDIMScheduler": ".diffusers_compat",
     "DPMSolverMultistepScheduler": ".diffusers_compat",
     "EDMSampler": ".solvers",
+    "EDMPipeline": ".edm_pipeline",
     "ContrastiveGuidance": ".guidance",
     "DDIMPipeline": ".ddim_pipeline",
     "load_diffusion": ".diffusion_train",

@@ -411,3 +411,18 @@ def test_generate_refuses_bad_sampler_settings(tmp_path):
     assert cli_main(["generate", "--checkpoint", str(ck), "--out", str(out), "--device", "cpu", "--n", "8",
                      "--class-labels", "2"]) != 0   # 2 x 3 classes != 8
     assert not out.exists()
+
+
+def test_edm_pipeline_runs_the_sampler_from_diffusers_noise(tmp_path):
+    from cdp_fast.ddim_pipeline import randn_tensor
+    from cdp_fast.edm_pipeline import EDMPipeline
+    den = GMMDenoiser()
+    pipe = EDMPipeline(den)
+    out = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=6,
+               sampler="dpm-solver++", output_type="pt").images
+    z = randn_tensor((4,) + SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    want = EDMSampler(den, sampler="dpm-solver++", steps=6).sample(4, SHAPE, x_T=z, dtype=torch.float32)
+    assert torch.equal(out, (want / 2 + 0.5).clamp(0, 1))
+    m, sch = _eps_model()
+    pil = EDMPipeline(m, sch, image_shape=SHAPE)(batch_size=2, num_inference_steps=3).images
+    assert len(pil) == 2 and pil[0].size == (4, 4)
