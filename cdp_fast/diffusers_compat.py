@@ -347,7 +347,7 @@ class DPMSolverMultistepScheduler:
     0.42, hence the same numbers (tested). Other options (SDE variants, order 3, Karras / Lu /
     exponential / beta sigmas, thresholding, learned variance, flow sigmas) raise
     NotImplementedError; :class:`cdp_fast.solvers.EDMSampler` ``sampler="dpm-solver++"`` is the
-    engine's graph-safe sampler with the same steps (METHOD.md, "Samplers").
+    engine's graph-safe sampler with the same steps (METHOD.md §14).
     """
 
     order = 1

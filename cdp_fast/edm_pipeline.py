@@ -8,7 +8,7 @@
 its ``schedule`` (wrapped by :class:`cdp_fast.solvers.EpsDenoiser`). The initial noise is drawn
 as diffusers' ``randn_tensor`` draws it (from ``generator``), the steps are
 :class:`cdp_fast.solvers.EDMSampler`'s; ``guidance=ContrastiveGuidance(...)`` adds Contrastive-DP
-(METHOD.md, "Samplers"). ``class_labels``: integer labels [batch_size] for a conditional model
+(METHOD.md §14). ``class_labels``: integer labels [batch_size] for a conditional model
 (None: classes in turn).
 """
 from __future__ import annotations

@@ -71,7 +71,7 @@ from .manifest import (
 )
 from .pseudolabel import pseudo_label
 from .sampler import METHODS, SKIPS, DDIMSampler
-from .solvers import SAMPLERS, EDMSampler
+from .solvers import SAMPLERS, SIGMA_SCHEDULES, EDMSampler
 from .utils import progress, resolve_device, settings_fingerprint, write_json
 
 GUIDANCE = ("none", *LOSSES)
@@ -118,6 +118,10 @@ class GenerateConfig:
                                 "(None: --method for eps-models, heun for EDM models). --steps is EDM's N "
                                 "for euler/heun/edm-stochastic (NFE N, 2N-1, 2N-1), the model "
                                 "evaluations for dpm-solver++", choices=SAMPLER_NAMES)
+    sigma_schedule: str | None = field(None, help="sigma grid of the continuous samplers: karras (EDM, "
+                                       "rho 7, 0.002..80) or timesteps (diffusers' DPM-Solver grid, eps-models); "
+                                       "None: timesteps for dpm-solver++ on an eps-model, else karras",
+                                       choices=SIGMA_SCHEDULES)
     s_churn: float = field(0.0, help="edm-stochastic: S_churn (EDM Algorithm 2)")
     s_min: float = field(0.0, help="edm-stochastic: S_min")
     s_max: float | None = field(None, help="edm-stochastic: S_max (None: infinity)")
@@ -221,6 +225,7 @@ def make_sampler(cfg: GenerateConfig, model, schedule, meta: dict, guidance, *, 
                            method=name, bf16=cfg.bf16, cuda_graphs=cfg.cuda_graphs, reuse_runs=reuse_runs)
     label_dim = int(meta.get("num_classes") or 0) if meta.get("class_conditional") else 0
     return EDMSampler(model, None if edm else schedule, sampler=name, steps=cfg.steps, guidance=guidance,
+                      sigma_schedule=cfg.sigma_schedule,
                       S_churn=cfg.s_churn, S_min=cfg.s_min,
                       S_max=float("inf") if cfg.s_max is None else cfg.s_max, S_noise=cfg.s_noise,
                       bf16=cfg.bf16, label_dim=None if edm else label_dim)
@@ -297,7 +302,7 @@ _NOT_FINGERPRINTED = ("out", "device", "n", "bf16", "cuda_graphs", "checkpoint",
 
 
 # issue 20's settings at their defaults stay out of the fingerprint: folders made before them resume
-_NEW_DEFAULTS = {"sampler": None, "s_churn": 0.0, "s_min": 0.0, "s_max": None, "s_noise": 1.0,
+_NEW_DEFAULTS = {"sampler": None, "sigma_schedule": None, "s_churn": 0.0, "s_min": 0.0, "s_max": None, "s_noise": 1.0,
                  "class_labels": "uniform"}
 
 

@@ -30,8 +30,9 @@ from .sweep import _features_probs, set_metrics
 from .utils import resolve_device, write_json
 
 # the issue's grid: DDIM 100/50/20 (the authors' loop is DDIM 100), Heun 18/10, DPM-Solver++ 20/10
+# ("dpm-solver++", N) uses diffusers' grid; "dpm-solver++/karras" the EDM grid (sigma_max 80)
 CONFIGS = (("ddim", 100), ("ddim", 50), ("ddim", 20), ("heun", 18), ("heun", 10),
-           ("dpm-solver++", 20), ("dpm-solver++", 10))
+           ("dpm-solver++", 20), ("dpm-solver++", 10), ("dpm-solver++/karras", 20), ("dpm-solver++/karras", 10))
 
 
 def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_size: int = 500,
@@ -51,7 +52,9 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
     rows = []
     for g_on in guided:
         for name, steps in configs:
-            cfg = GenerateConfig(checkpoint=diffusion, n=n, batch_size=batch_size, steps=steps, sampler=name,
+            base, _, grid = name.partition("/")
+            cfg = GenerateConfig(checkpoint=diffusion, n=n, batch_size=batch_size, steps=steps, sampler=base,
+                                 sigma_schedule=grid or None,
                                  guidance="hnm" if g_on else "none", scale=scale if g_on else None,
                                  seed=seed, device=str(dev))
             g = make_guidance(cfg, dev, clf.features, image_shape=shape) if g_on else None
@@ -66,7 +69,7 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
             imgs = torch.cat(imgs)[:n]
             f, p = _features_probs(clf, imgs, dev)
             m = set_metrics(f, p, ref_f, seed=seed)
-            row = {"sampler": name, "steps": steps, "nfe": nfe(name, steps), "guided": g_on,
+            row = {"sampler": name, "steps": steps, "nfe": nfe(base, steps), "guided": g_on,
                    "scale": float(g.scale) if g is not None else 0.0,
                    "guided_steps": sum(sampler.guided_steps()) if g is not None else 0,
                    "fid_features": m["fidelity"], **{k: m[k] for k in ("separability", "diversity", "confidence")},

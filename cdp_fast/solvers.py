@@ -1,5 +1,5 @@
 """Continuous-sigma samplers: EDM's Euler / Heun / stochastic sampler and DPM-Solver++(2M), with
-contrastive guidance (issue 20; METHOD.md, "Samplers").
+contrastive guidance (issue 20; METHOD.md §14).
 
     sampler = EDMSampler(denoiser, sampler="heun", steps=18)                  # any Denoiser
     sampler = EDMSampler(unet, schedule, sampler="dpm-solver++", steps=20)    # an eps-model
@@ -42,7 +42,7 @@ schedule for an eps-model, ``NoiseSchedule.linear()`` for an EDM denoiser).
 Device: per-step sigmas / coefficients live in a device table indexed by a device step counter,
 the multistep history in a static buffer, the NaN flag on the device (checked once at the end on
 CUDA, every step on the CPU); no host sync inside the loop. CUDA graphs: not captured yet (see
-METHOD.md, "Samplers": what is left for a GPU).
+METHOD.md §14: what is left for a GPU).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def _check_steps(steps) -> int:
 # the eps-model adapter
 # ------------------------------------------------------------------------------------------------
 class EpsDenoiser(nn.Module):
-    """An epsilon-prediction model on a discrete schedule as a :class:`Denoiser` (METHOD.md, "Samplers").
+    """An epsilon-prediction model on a discrete schedule as a :class:`Denoiser` (METHOD.md §14).
 
     D(x; sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma)), t(sigma) the training timestep
     whose sigma_t is nearest to sigma (EDM's iDDPMPrecond rounding); ``round_sigma`` returns that
@@ -417,7 +417,7 @@ class _Run:
             if s.sampler != "euler" and not last:    # Heun's 2nd-order correction
                 denoised = self.D(x_next, t_next)
                 if g is not None:
-                    denoised = denoised - (t_next * self.scale) * g   # same g: METHOD.md, "Samplers"
+                    denoised = denoised - (t_next * self.scale) * g   # same g: METHOD.md §14
                 d_prime = (x_next - denoised) / t_next
                 x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         x.copy_(x_next)

@@ -73,7 +73,7 @@ def edm_sampler_literal(net, latents, class_labels=None, randn_like=torch.randn_
                         sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float("inf"),
                         S_noise=1, init_scale=None, guide=None):
     """EDM (Karras et al. 2022) generate.py's edm_sampler, float64; ``guide(x_vp) -> (lambda, g)``
-    optionally adds D' = D - sigma lambda g at both evaluations of a step (METHOD.md, "Samplers")."""
+    optionally adds D' = D - sigma lambda g at both evaluations of a step (METHOD.md §14)."""
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     step_indices = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
