@@ -426,3 +426,27 @@ def test_edm_pipeline_runs_the_sampler_from_diffusers_noise(tmp_path):
     m, sch = _eps_model()
     pil = EDMPipeline(m, sch, image_shape=SHAPE)(batch_size=2, num_inference_steps=3).images
     assert len(pil) == 2 and pil[0].size == (4, 4)
+
+
+@pytest.mark.parametrize("kw", [dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+                                dict(final_sigmas_type="sigma_min", lower_order_final=False,
+                                     beta_schedule="squaredcos_cap_v2"),
+                                dict(solver_order=1, timestep_spacing="leading", steps_offset=1)])
+def test_dpm_scheduler_options_equal_diffusers(kw):
+    diffusers = pytest.importorskip("diffusers")
+    from cdp_fast.diffusers_compat import DPMSolverMultistepScheduler
+    kw = {"beta_schedule": "linear", **kw}
+    ours, theirs = DPMSolverMultistepScheduler(**kw), diffusers.DPMSolverMultistepScheduler(**kw)
+    assert DPMSolverMultistepScheduler.from_config(theirs.config).config == ours.config
+    m, _ = _eps_model()
+    for s in (ours, theirs):
+        s.set_timesteps(7)
+    assert torch.equal(ours.timesteps, theirs.timesteps) and torch.equal(ours.sigmas, theirs.sigmas)
+    x = y = _latents(4).float()
+    for t in ours.timesteps:
+        out = m(x, torch.full((4,), int(t)))
+        x = ours.step(out, t, x).prev_sample
+        y = theirs.step(out, t, y).prev_sample
+        assert torch.equal(x, y)
+    with pytest.raises(NotImplementedError):
+        DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
