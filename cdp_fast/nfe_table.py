@@ -75,6 +75,9 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
                    "fid_features": m["fidelity"], **{k: m[k] for k in ("separability", "diversity", "confidence")},
                    "wall_s": round(wall, 2), "ms_per_image": round(1e3 * wall / (batch_size * len(range(-(-n // batch_size)))), 3)}
             rows.append(row)
+            outp = Path(out)
+            outp.mkdir(parents=True, exist_ok=True)
+            write_json(outp / "nfe_table.partial.json", {"rows": rows})  # an interrupted run keeps its rows
             print(f"[nfe-table] {name:>13} {steps:>3} steps NFE {row['nfe']:>3} guided={g_on}: "
                   f"FD {row['fid_features']:.3f}, {row['ms_per_image']:.2f} ms/img", flush=True)
     res = {"rows": rows, "n": n, "batch_size": batch_size, "seed": seed, "device": str(dev),
@@ -83,6 +86,7 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     write_json(outp / "nfe_table.json", res)
+    (outp / "nfe_table.partial.json").unlink(missing_ok=True)
     (outp / "nfe_table.md").write_text(table_markdown(res) + "\n")
     plot(res, outp / "nfe_table.png")
     return res
