@@ -450,3 +450,25 @@ def test_dpm_scheduler_options_equal_diffusers(kw):
         assert torch.equal(x, y)
     with pytest.raises(NotImplementedError):
         DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+
+
+def test_nfe_table_writes_json_markdown_png(tmp_path):
+    from cdp_fast import models
+    from cdp_fast.diffusion_train import save_diffusion
+    from cdp_fast.models.unet import UNet
+    from cdp_fast.nfe_table import run_table
+    torch.manual_seed(0)
+    unet = UNet(in_channels=1, base_ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), image_size=8,
+                dropout=0.0, num_classes=None).eval()
+    ck = save_diffusion(tmp_path / "dm", unet, {"schedule": {"name": "cosine", "num_train_timesteps": 1000,
+                                                             "params": {}}})
+    clf = models.save(models.build("small-cnn", num_classes=10, in_channels=1, image_size=8), tmp_path / "clf")
+    res = run_table(str(ck), str(clf), str(tmp_path / "t"), n=8, batch_size=8, scale=1.0,
+                    configs=(("ddim", 3), ("heun", 2), ("dpm-solver++/karras", 2)), guided=(False, True))
+    assert [(r["sampler"], r["nfe"], r["guided"]) for r in res["rows"]] == [
+        ("ddim", 3, False), ("heun", 3, False), ("dpm-solver++/karras", 2, False),
+        ("ddim", 3, True), ("heun", 3, True), ("dpm-solver++/karras", 2, True)]
+    assert all(math.isfinite(r["fid_features"]) and r["ms_per_image"] > 0 for r in res["rows"])
+    for f in ("nfe_table.json", "nfe_table.md", "nfe_table.png"):
+        assert (tmp_path / "t" / f).is_file()
+    assert "| heun | 2 | 3 |" in (tmp_path / "t" / "nfe_table.md").read_text()
