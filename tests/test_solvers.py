@@ -472,3 +472,19 @@ def test_nfe_table_writes_json_markdown_png(tmp_path):
     for f in ("nfe_table.json", "nfe_table.md", "nfe_table.png"):
         assert (tmp_path / "t" / f).is_file()
     assert "| heun | 2 | 3 |" in (tmp_path / "t" / "nfe_table.md").read_text()
+
+
+def test_generate_dispatches_edm_models(tmp_path):
+    """meta["kind"] == "edm" (load_diffusion of an EDM model): the Denoiser runs through EDMSampler,
+    heun by default; ddim is refused before anything is written."""
+    from cdp_fast import generate as gen
+    den = GMMDenoiser(label_dim=3)
+    cfg = gen.GenerateConfig(out=str(tmp_path / "e"), n=6, batch_size=3, steps=4, device="cpu")
+    summary = gen.generate(cfg, model=den, schedule=None, meta={"kind": "edm"})
+    assert summary["images_made"] == 6 and summary["label_counts"][:3] == [2, 2, 2]
+    doc = json.loads((tmp_path / "e" / "generate.json").read_text())
+    assert "sampler" not in doc["settings"]   # defaults stay out of the fingerprint
+    bad = gen.GenerateConfig(out=str(tmp_path / "bad"), n=6, batch_size=3, steps=4, device="cpu", sampler="ddim")
+    with pytest.raises(ValueError, match="eps-model"):
+        gen.generate(bad, model=den, schedule=None, meta={"kind": "edm"})
+    assert not (tmp_path / "bad").exists()
