@@ -113,7 +113,7 @@ class GenerateConfig:
     device: str = field("auto", help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
     bf16: bool | None = field(None, help="bf16 autocast for the networks (None: on CUDA)")
     cuda_graphs: bool | None = field(None, help="capture the sampling steps as CUDA graphs (None: on CUDA)")
-    # issue 20: continuous-sigma samplers and class-conditional labels (solvers.py, METHOD.md "Samplers")
+    # issue 20: continuous-sigma samplers and class-conditional labels (solvers.py, METHOD.md §14)
     sampler: str | None = field(None, help="ddim | ddpm | euler | heun | edm-stochastic | dpm-solver++ "
                                 "(None: --method for eps-models, heun for EDM models). --steps is EDM's N "
                                 "for euler/heun/edm-stochastic (NFE N, 2N-1, 2N-1), the model "
@@ -506,6 +506,9 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     guidance = make_guidance(cfg, device, features, image_shape=meta["image_shape"])
     if conditional:
         class_label_sequence(cfg, int(meta.get("num_classes") or 10))  # checked before anything is written
+    elif cfg.class_labels != "uniform":
+        raise ValueError("--class-labels applies to class-conditional models; this model is unconditional "
+                         "(its labels come from --labeler)")
     # validates steps against the schedule, eta, method/skip: before anything is written
     sampler = make_sampler(cfg, model, schedule, meta, guidance, reuse_runs=True)  # DDIM: captured once per process
     doc = settings_doc(cfg, model=model, model_source=model_source, features=features,
