@@ -50,8 +50,8 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
             scale = float(json.loads(sw.read_text())["guidance_scale"])
     shape = tuple(meta["image_shape"])
     rows = []
-    for g_on in guided:
-        for name, steps in configs:
+    for name, steps in configs:       # a config's unguided and guided runs together (partial results)
+        for g_on in guided:
             base, _, grid = name.partition("/")
             cfg = GenerateConfig(checkpoint=diffusion, n=n, batch_size=batch_size, steps=steps, sampler=base,
                                  sigma_schedule=grid or None,
