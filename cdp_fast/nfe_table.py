@@ -108,7 +108,7 @@ def table_markdown(res: dict) -> str:
 
 def plot(res: dict, path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["sampler"] for r in res["rows"]):
         for g, ls in ((False, "-"), (True, "--")):
             pts = sorted((r["nfe"], r["fid_features"]) for r in res["rows"] if r["sampler"] == name and r["guided"] == g)
@@ -117,6 +117,7 @@ def plot(res: dict, path) -> Path:
     ax.set_xlabel("network evaluations per image (NFE)")
     ax.set_ylabel("classifier-feature Frechet distance")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # the failed rows would flatten the rest
     ax.legend(fontsize=7)
     ax.set_title(f"{res['data']}: quality vs NFE (n={res['n']})", fontsize=9)
     return _save(fig, path)
