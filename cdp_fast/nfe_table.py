@@ -5,7 +5,9 @@ same initial noise, with and without contrastive guidance.
 
 Quality is the guidance sweep's classifier-feature Frechet distance to the real test set
 (``cdp_fast.sweep.set_metrics``: "fidelity", lower is better; also its separability, diversity
-and confidence). Guidance: Contrastive-DP as the pipeline's arm (HNM on the classifier features
+and confidence; for a guided row, ``pixel_change``: its mean |difference| to the same sampler's
+unguided images in [0, 1] units, the sweep's measure of how much the guidance changed them).
+Guidance: Contrastive-DP as the pipeline's arm (HNM on the classifier features
 through the online head, t >= 400 mapped to sigma for the continuous samplers, never the first
 step) at the scale the pipeline's sweep chose (``<diffusion>/../sweep/sweep.json``) or
 ``--scale``. Wall time per image: the sampling call alone (no labelling or writing), on the
@@ -51,6 +53,7 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
     shape = tuple(meta["image_shape"])
     rows = []
     for name, steps in configs:       # a config's unguided and guided runs together (partial results)
+        plain = None                  # the config's unguided images: the guided row's pixel change
         for g_on in guided:
             base, _, grid = name.partition("/")
             cfg = GenerateConfig(checkpoint=diffusion, n=n, batch_size=batch_size, steps=steps, sampler=base,
@@ -67,11 +70,15 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
                 imgs.append(to_uint8((x0.float().clamp(-1, 1) + 1) / 2).cpu())
             sampler.close()
             imgs = torch.cat(imgs)[:n]
+            change = None if plain is None else float((imgs.float() - plain.float()).abs().mean() / 255.0)
+            if not g_on:
+                plain = imgs
             f, p = _features_probs(clf, imgs, dev)
             m = set_metrics(f, p, ref_f, seed=seed)
             row = {"sampler": name, "steps": steps, "nfe": nfe(base, steps), "guided": g_on,
                    "scale": float(g.scale) if g is not None else 0.0,
                    "guided_steps": sum(sampler.guided_steps()) if g is not None else 0,
+                   "pixel_change": change,   # mean |guided - unguided| in [0, 1] units, same noise
                    "fid_features": m["fidelity"], **{k: m[k] for k in ("separability", "diversity", "confidence")},
                    "wall_s": round(wall, 2), "ms_per_image": round(1e3 * wall / (batch_size * len(range(-(-n // batch_size)))), 3)}
             rows.append(row)

@@ -469,6 +469,8 @@ def test_nfe_table_writes_json_markdown_png(tmp_path):
         ("ddim", 3, False), ("ddim", 3, True), ("heun", 3, False), ("heun", 3, True),
         ("dpm-solver++/karras", 2, False), ("dpm-solver++/karras", 2, True)]
     assert all(math.isfinite(r["fid_features"]) and r["ms_per_image"] > 0 for r in res["rows"])
+    assert [r["pixel_change"] is None for r in res["rows"]] == [True, False] * 3
+    assert all(r["pixel_change"] >= 0 for r in res["rows"][1::2])
     for f in ("nfe_table.json", "nfe_table.md", "nfe_table.png"):
         assert (tmp_path / "t" / f).is_file()
     assert "| heun | 2 | 3 |" in (tmp_path / "t" / "nfe_table.md").read_text()
