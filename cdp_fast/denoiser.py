@@ -7,7 +7,7 @@ and DPM-Solver++ step through sigma with that D. Two kinds of model satisfy this
 * EDM's own preconditioned networks (``cdp_fast.models.edm``: ``EDMPrecond`` / ``VPPrecond`` /
   ``VEPrecond`` around ``SongUNet`` or ``DhariwalUNet``), which compute D directly;
 * the engine's epsilon-prediction (DDPM-type, discrete t) networks, through an adapter in
-  ``cdp_fast.solvers`` that maps sigma to the network's timestep (METHOD.md §14).
+  ``cdp_fast.solvers`` that maps sigma to the network's timestep (METHOD.md, "Samplers").
 
 ``class_labels`` follows EDM: one-hot float rows [N, label_dim], or None for an unconditional
 model (``label_dim == 0``).
