@@ -371,3 +371,63 @@ def sampling_case(ctx: Ctx, *, batch: int, variant: str, guided: bool) -> dict:
     dtype = "bf16-autocast" if VARIANTS[variant][0] else "fp32"
     return make_result(name, params, dtype, reference_ms=reference_ms, fused_ms=ours_ms,
                        peak_mem_mb_reference=ref_mem, peak_mem_mb_fused=mem, metric=metric)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 20: NFE/img and images/s per sampler (``solver_nfe``), against the authors' 100-step DDIM
+# ------------------------------------------------------------------------------------------------
+SOLVER_MODULES = SAMPLING_MODULES + ("cdp_fast.solvers",)
+# the points of the README's quality-vs-NFE table (DDIM's 100 steps is the reference itself)
+SOLVER_POINTS = (("heun", 18), ("heun", 10), ("dpm-solver++", 20), ("dpm-solver++", 10), ("euler", 20))
+
+
+def _solver_runner(ctx: Ctx, m: _Models, batch: int, sampler: str, steps: int, guided: bool):
+    from cdp_fast.solvers import EDMSampler
+
+    shape = (3, m.sz.image_size, m.sz.image_size)
+
+    def run():
+        m.reset_layout()
+        # the authors' window, t >= 400, mapped to sigma (solvers module doc)
+        g = _guidance(ctx, m, backend="auto", fused=False, all_steps=False) if guided else None
+        s = EDMSampler(m.unet, m.schedule, sampler=sampler, steps=steps, guidance=g, bf16=ctx.is_cuda)
+        with torch.no_grad():
+            s.sample(batch, shape, seed=0, device=ctx.device)
+        return s
+    return run
+
+
+def solver_case(ctx: Ctx, *, batch: int, sampler: str, steps: int, guided: bool) -> dict:
+    """One full run of ``sampler`` with ``steps`` (after one warm-up run), timed end to end; the
+    reference is the authors' 100-step DDIM loop (projected as in ``sampling_case``). Eager
+    steps: EDMSampler does not capture CUDA graphs yet."""
+    from cdp_fast.solvers import nfe
+
+    m = models_for(ctx)
+    run = _solver_runner(ctx, m, batch, sampler, steps, guided)
+    warm, _ = _timed(ctx, run)
+    box = {}
+    ms, mem = _timed(ctx, lambda: box.setdefault("s", run()))
+    ms *= 1e3
+    n_guided = sum(box["s"].guided_steps()) if guided else 0
+    n_g = authors_guided_count()
+    a_batch = min(batch, m.sz.authors_batch)
+    a_u = _cached(("authors", a_batch, False), lambda: _measure(ctx, _authors_runner(ctx, m, a_batch, False)),
+                  baseline=True)
+    a_g = None
+    if guided:
+        a_g = _cached(("authors", a_batch, True), lambda: _measure(ctx, _authors_runner(ctx, m, a_batch, True)),
+                      baseline=True)
+    ref = None
+    if "failed" not in a_u and (a_g is None or "failed" not in a_g):
+        ref = _project(a_u, a_g, n_g) * batch / a_batch
+    k = nfe(sampler, steps)
+    metric = {"sampler": sampler, "steps": steps, "nfe_per_image": k, "reference_nfe_per_image": STEPS,
+              "reference_kind": "authors_loop DDIM 100 steps", "guided_steps": n_guided,
+              "reference_guided_steps": n_g if guided else 0, "warmup_s": warm,
+              "images_per_s": _images(batch, ms), "reference_images_per_s": _images(batch, ref),
+              "unet": m.sz.unet_preset, "cuda_graphs": False, "bf16": ctx.is_cuda}
+    params = {"batch": batch, "sampler": sampler, "steps": steps, "guided": guided,
+              "image_size": m.sz.image_size, "unet": m.sz.unet_preset}
+    return make_result("solver_nfe", params, "bf16-autocast" if ctx.is_cuda else "fp32", reference_ms=ref,
+                       fused_ms=ms, peak_mem_mb_reference=None, peak_mem_mb_fused=mem, metric=metric)

@@ -25,7 +25,7 @@ from .device import telemetry_delta
 from .timing import BenchTimeout, Ctx, error_entry, free_memory, import_status, is_oom, time_limit
 
 BENCH_NAMES = ("hnm_fwd_bwd", "infonce_fwd_bwd", "ddim_update", "sample_guided", "sample_unguided",
-               "trades_step")
+               "trades_step", "solver_nfe")
 
 
 @dataclass
@@ -71,6 +71,15 @@ def _sample(batch, variant, guided, prio, est=5.0):
     p = {"batch": batch, "variant": variant}
     return Case(name, p, prio, lambda ctx: sampling_case(ctx, batch=batch, variant=variant, guided=guided),
                 SAMPLING_MODULES, est)
+
+
+def _solver(batch, sampler, steps, guided, prio, est=10.0):
+    from .bench_sampling import SOLVER_MODULES, solver_case
+
+    p = {"batch": batch, "sampler": sampler, "steps": steps, "guided": guided}
+    return Case("solver_nfe", p, prio,
+                lambda ctx: solver_case(ctx, batch=batch, sampler=sampler, steps=steps, guided=guided),
+                SOLVER_MODULES, est)
 
 
 def _trades(model, variant, prio, est):
@@ -122,6 +131,10 @@ def gpu_cases() -> list[Case]:
     c += [_sample(2048, v, g, 4, est=30) for v in ("bf16-cl", "bf16-cl-graphs") for g in (True, False)]
     c += [_sample(4096, "bf16-cl-graphs-fused", g, 4, est=60) for g in (True, False)]
     c += [_infonce(65536, 128, b16, 4), _infonce(1024, 128, f32, 4), _trades("small-cnn", "bf16-cl-compile", 4, est=60)]
+    # issue 20: NFE/img and images/s per sampler at batch 512 (heun 18 guided first)
+    from .bench_sampling import SOLVER_POINTS
+    c += [_solver(512, s, k, g, 2 if (s, k) == ("heun", 18) else 3, est=20)
+          for s, k in SOLVER_POINTS for g in (True, False)]
     return c
 
 
@@ -133,6 +146,7 @@ def cpu_cases() -> list[Case]:
     c += [_sample(2, v, g, 2, est=60) for g in (True, False) for v in ("eager-fp32", "fused")]
     c += [_trades("wrn-28-10", "bf16-cl", 2, est=60), _trades("small-cnn", "bf16-cl", 2, est=30)]
     c += [_hnm(1024, 128, f32, 3, compile_=True, est=120)]
+    c += [_solver(2, "heun", 18, False, 2, est=60), _solver(2, "dpm-solver++", 20, False, 2, est=40)]
     return c
 
 
@@ -144,6 +158,7 @@ def quick_cases() -> list[Case]:
         _sample(8, "eager-fp32", True, 1), _sample(8, "fused", True, 1),
         _sample(8, "eager-fp32", False, 1), _sample(8, "fused", False, 1),
         _trades("wrn-28-10", "bf16-cl", 1, est=5), _trades("small-cnn", "bf16-cl", 1, est=5),
+        _solver(8, "heun", 3, True, 1), _solver(8, "dpm-solver++", 4, False, 1),
     ]
 
 

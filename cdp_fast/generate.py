@@ -72,9 +72,11 @@ from .manifest import (
 )
 from .pseudolabel import pseudo_label
 from .sampler import METHODS, SKIPS, DDIMSampler
+from .solvers import SAMPLERS, SIGMA_SCHEDULES, EDMSampler
 from .utils import check_output, note, progress, replace_output, resolve_device, settings_fingerprint, write_json
 
 GUIDANCE = ("none", *LOSSES)
+SAMPLER_NAMES = (*METHODS, *SAMPLERS)  # --sampler: ddim | ddpm (DDIMSampler), the rest EDMSampler
 
 
 @dataclass
@@ -116,6 +118,22 @@ class GenerateConfig:
     force: bool = field(False, help="replace what --out holds: another settings' set is deleted first, and "
                                     "a set of these settings is cut down to --n (finished shards beyond it "
                                     "are deleted); without it both are refused")
+    # issue 20: continuous-sigma samplers and class-conditional labels (solvers.py, METHOD.md §16)
+    sampler: str | None = field(None, help="ddim | ddpm | euler | heun | edm-stochastic | dpm-solver++ "
+                                "(None: --method for eps-models, heun for EDM models). --steps is EDM's N "
+                                "for euler/heun/edm-stochastic (NFE N, 2N-1, 2N-1), the model "
+                                "evaluations for dpm-solver++", choices=SAMPLER_NAMES)
+    sigma_schedule: str | None = field(None, help="sigma grid of the continuous samplers: karras (EDM, "
+                                       "rho 7, 0.002..80) or timesteps (diffusers' DPM-Solver grid, eps-models); "
+                                       "None: timesteps for dpm-solver++ on an eps-model, else karras",
+                                       choices=SIGMA_SCHEDULES)
+    s_churn: float = field(0.0, help="edm-stochastic: S_churn (EDM Algorithm 2)")
+    s_min: float = field(0.0, help="edm-stochastic: S_min")
+    s_max: float | None = field(None, help="edm-stochastic: S_max (None: infinity)")
+    s_noise: float = field(1.0, help="edm-stochastic: S_noise")
+    class_labels: str = field("uniform", help="labels of a class-conditional model: 'uniform' (classes "
+                              "in turn), K (K images per class, --n = K x classes) or a comma list of "
+                              "per-class counts summing to --n")
 
     def __post_init__(self):
         # checked at construction, so a bad flag fails before anything is written
@@ -132,6 +150,13 @@ class GenerateConfig:
             _check_int("group_size", self.group_size, 2)
         _check_int("seed", self.seed, None)
         _check_number("eta", self.eta)
+        for name in ("s_churn", "s_min", "s_noise") + (("s_max",) if self.s_max is not None else ()):
+            _check_number(name, getattr(self, name))
+        if self.s_churn and self.sampler != "edm-stochastic":
+            raise ValueError("--s-churn applies to --sampler edm-stochastic only")
+        counts = parse_class_labels(self.class_labels)
+        if isinstance(counts, list) and sum(counts) != self.n:
+            raise ValueError(f"--class-labels counts sum to {sum(counts)}, not --n {self.n}")
         if self.scale is not None:
             _check_number("scale", self.scale, lo=None)
             if self.scale < 0:
@@ -151,6 +176,68 @@ def _check_number(name, v, lo=0.0):
         raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v!r}")
     if lo is not None and v < lo:
         raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v!r}")
+
+
+def parse_class_labels(spec: str):
+    """'uniform' -> None; 'K' -> K (per class); 'a,b,c' -> [a, b, c] (per-class counts)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"--class-labels must be a string, got {spec!r}")
+    if spec == "uniform":
+        return None
+    try:
+        vals = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--class-labels must be 'uniform', an int K or a comma list of counts, got {spec!r}") from None
+    if any(v < 0 for v in vals) or sum(vals) < 1:
+        raise ValueError(f"--class-labels counts must be >= 0 with a positive sum, got {spec!r}")
+    return vals[0] if len(vals) == 1 and "," not in spec else vals
+
+
+def class_label_sequence(cfg: GenerateConfig, num_classes: int) -> torch.Tensor | None:
+    """The labels of the whole set in order (None: uniform, classes in turn); checked against --n."""
+    counts = parse_class_labels(cfg.class_labels)
+    if counts is None:
+        return None
+    if isinstance(counts, int):
+        counts = [counts] * num_classes
+        if sum(counts) != cfg.n:
+            raise ValueError(f"--class-labels {cfg.class_labels} x {num_classes} classes = {sum(counts)} images, "
+                             f"not --n {cfg.n}")
+    if len(counts) != num_classes:
+        raise ValueError(f"--class-labels gives {len(counts)} counts for a model of {num_classes} classes")
+    return torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
+
+
+def model_info(model, meta: dict) -> dict:
+    """meta with image_shape / class_conditional / num_classes filled in for an EDM denoiser."""
+    if meta.get("kind") != "edm":
+        return meta
+    meta = dict(meta)
+    C, R = int(model.img_channels), int(model.img_resolution)
+    meta.setdefault("image_shape", [C, R, R])
+    meta.setdefault("class_conditional", int(model.label_dim) > 0)
+    if int(model.label_dim) > 0:
+        meta.setdefault("num_classes", int(model.label_dim))
+    return meta
+
+
+def make_sampler(cfg: GenerateConfig, model, schedule, meta: dict, guidance, *, reuse_runs: bool = False):
+    """The sampler of cfg.sampler (or cfg.method): DDIMSampler for ddim / ddpm, else EDMSampler
+    (``reuse_runs``: DDIMSampler's; EDMSampler keeps no run)."""
+    edm = meta.get("kind") == "edm"
+    name = cfg.sampler or ("heun" if edm else cfg.method)
+    if name in METHODS:
+        if edm:
+            raise ValueError(f"--sampler {name} needs an eps-model; an EDM model takes "
+                             f"{' | '.join(SAMPLERS)}")
+        return DDIMSampler(model, schedule, steps=cfg.steps, eta=cfg.eta, skip=cfg.skip, guidance=guidance,
+                           method=name, bf16=cfg.bf16, cuda_graphs=cfg.cuda_graphs, reuse_runs=reuse_runs)
+    label_dim = int(meta.get("num_classes") or 0) if meta.get("class_conditional") else 0
+    return EDMSampler(model, None if edm else schedule, sampler=name, steps=cfg.steps, guidance=guidance,
+                      sigma_schedule=cfg.sigma_schedule,
+                      S_churn=cfg.s_churn, S_min=cfg.s_min,
+                      S_max=float("inf") if cfg.s_max is None else cfg.s_max, S_noise=cfg.s_noise,
+                      bf16=cfg.bf16, label_dim=None if edm else label_dim)
 
 
 def shard_seed(seed: int, i: int) -> int:
@@ -223,10 +310,16 @@ _NOT_FINGERPRINTED = ("out", "device", "n", "bf16", "cuda_graphs", "checkpoint",
                       "features_arch", "labeler_arch", "force")
 
 
+# issue 20's settings at their defaults stay out of the fingerprint: folders made before them resume
+_NEW_DEFAULTS = {"sampler": None, "sigma_schedule": None, "s_churn": 0.0, "s_min": 0.0, "s_max": None, "s_noise": 1.0,
+                 "class_labels": "uniform"}
+
+
 def settings_doc(cfg: GenerateConfig, *, model, model_source, features, features_source, labeler,
                  labeler_source, guidance, conditional) -> dict:
     """The content of ``generate.json``: what determines the images, and what was used."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_FINGERPRINTED
+                and not (k in _NEW_DEFAULTS and v == _NEW_DEFAULTS[k])}
     used = {
         "model": provenance(model, model_source),
         "features": None if guidance is None else (
@@ -419,7 +512,12 @@ def sample_shard(sampler: DDIMSampler, cfg: GenerateConfig, meta: dict, i: int, 
     n, bs = shard_images(i, cfg.n, cfg.batch_size), cfg.batch_size
     y = None
     if conditional:
-        y = (torch.arange(bs, device=device) + i * bs) % num_classes
+        seq = class_label_sequence(cfg, num_classes)
+        if seq is None:
+            y = (torch.arange(bs, device=device) + i * bs) % num_classes
+        else:  # the set's labels in order; a short last shard is padded with classes in turn
+            y = seq[i * bs:(i + 1) * bs].to(device)
+            y = torch.cat([y, torch.arange(bs - len(y), device=device) % num_classes])
     try:
         # always a full batch (then trimmed): a short last shard keeps whole contrastive groups
         x0 = sampler.sample(bs, (C, H, W), seed=shard_seed(cfg.seed, i), labels=y, device=device,
@@ -459,8 +557,9 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
     if model is None:
         model, schedule, meta = load_diffusion(cfg.checkpoint, device=device)
         model_source = cfg.checkpoint
-    elif schedule is None or meta is None:
+    elif meta is None or (schedule is None and meta.get("kind") != "edm"):
         raise ValueError("generate(model=...) also needs schedule= and meta= (see load_diffusion)")
+    meta = model_info(model, meta)
     conditional = bool(meta.get("class_conditional"))
     labeler_source = None
     if labeler is None and cfg.labeler and not conditional:
@@ -474,10 +573,13 @@ def generate(cfg: GenerateConfig, *, model=None, schedule=None, meta=None, featu
         features = models.load(cfg.features, device=device, arch=cfg.features_arch).features
         features_source = cfg.features
     guidance = make_guidance(cfg, device, features, image_shape=meta["image_shape"])
+    if conditional:
+        class_label_sequence(cfg, int(meta.get("num_classes") or 10))  # checked before anything is written
+    elif cfg.class_labels != "uniform":
+        raise ValueError("--class-labels applies to class-conditional models; this model is unconditional "
+                         "(its labels come from --labeler)")
     # validates steps against the schedule, eta, method/skip: before anything is written
-    sampler = DDIMSampler(model, schedule, steps=cfg.steps, eta=cfg.eta, skip=cfg.skip,
-                          guidance=guidance, method=cfg.method, bf16=cfg.bf16,
-                          cuda_graphs=cfg.cuda_graphs, reuse_runs=True)  # steps captured once per process
+    sampler = make_sampler(cfg, model, schedule, meta, guidance, reuse_runs=True)  # DDIM: captured once per process
     check_guidance_window(cfg, sampler, schedule)
     doc = settings_doc(cfg, model=model, model_source=model_source, features=features,
                        features_source=features_source, labeler=labeler, labeler_source=labeler_source,
@@ -598,7 +700,7 @@ def _generate(cfg, out, doc, claimed, ranks, sampler, meta, labeler, device) -> 
         while sum(len(x) for x in first) < 100 and k < n_shards:
             first.append(load_synthetic(out / shard_name(k))[0])
             k += 1
-        sample_grids({f"{cfg.guidance if cfg.guidance != 'none' else cfg.method}": torch.cat(first)[:100].numpy()},
+        sample_grids({f"{cfg.guidance if cfg.guidance != 'none' else (cfg.sampler or cfg.method)}": torch.cat(first)[:100].numpy()},
                      out / "grid.png")
         counts = np.zeros(num_classes, dtype=np.int64)
         for r in manifest["shards"]:
