@@ -661,12 +661,14 @@ def _generate(cfg, out, doc, claimed, ranks, sampler, meta, labeler, device) -> 
     start_images = global_images() if rank0 else 0
     bar = progress(total=n, initial=start_images, desc=f"generate ({cfg.guidance}, {ranks.world} proc)",
                    unit="img", disable=None if rank0 else True)
-    last_manifest, made = 0.0, 0
+    last_manifest, made, warned = 0.0, 0, False
     try:
         for i in todo:
             imgs, labels, conf = sample_shard(sampler, cfg, meta, i, labeler=labeler, device=device,
                                               show=rank0 and not bar.disable)
             counts = np.bincount(labels.numpy(), minlength=num_classes)
+            if labeler is not None and not warned:
+                warned = _warn_degenerate_labels(counts, f"shard {i}")
             try:
                 if not claimed:
                     _claim(out, doc, ranks.rank, ranks.world)
@@ -711,10 +713,38 @@ def _generate(cfg, out, doc, claimed, ranks, sampler, meta, labeler, device) -> 
                    "images_per_s": round(images_made / wall, 2) if wall > 0 and images_made > 0 else None,
                    "label_counts": counts.tolist(), "device": str(device), "world_size": ranks.world,
                    "fingerprint": fp}
+        if labeler is not None:
+            why = degenerate_labels(counts)
+            if why:
+                summary["warning"] = f"pseudo-labels: {why}"
+                if not warned:
+                    _warn_degenerate_labels(counts, "the set")
         write_json(out / "summary.json", summary)
     except OSError as e:
         raise _write_failed(out, "manifest.json / grid.png / summary.json", e) from e
     return summary
+
+
+def degenerate_labels(counts, share: float = 0.9, min_images: int = 20) -> str | None:
+    """Why pseudo-label counts look like a labeler at chance (None: they do not): 90% or more of at
+    least ``min_images`` images in one class of several (issue 21: an intermediate classifier at
+    chance labelled every image class 0 and generate carried on silently)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if len(counts) < 2 or total < min_images:
+        return None
+    top = int(counts.argmax())
+    if counts[top] >= share * total:
+        return f"{int(counts[top])} of {total} images ({counts[top] / total:.0%}) are labelled class {top}"
+    return None
+
+
+def _warn_degenerate_labels(counts, where: str) -> bool:
+    why = degenerate_labels(counts)
+    if why:
+        note(f"cdp-fast generate: WARNING: {where}: {why}; the --labeler looks untrained or at chance, so "
+             f"these labels carry no class information (check its accuracy, or retrain it)")
+    return bool(why)
 
 
 def run(cfg: GenerateConfig) -> dict:

@@ -437,3 +437,25 @@ def test_absurd_n_starts_sampling_at_once(ckpt, tmp_path, monkeypatch, capsys):
                                         batch_size=3, steps=2, device="cpu"))
     assert e.value.args == (0,)
     assert "1000000000000 images in 333333333334 shard(s)" in capsys.readouterr().err
+
+
+def test_labeler_at_chance_is_reported(tmp_path, capsys):
+    """Issue 21: a labeler that puts every image in one class (an untrained or collapsed intermediate
+    classifier) must not pass silently: a warning while sampling and in summary.json."""
+    from cdp_fast import models
+    from cdp_fast.schedules import NoiseSchedule
+
+    model = _unet(None)
+    clf = models.build("small-cnn", num_classes=10, in_channels=1, image_size=8).eval()
+    last = [m for m in clf.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # every logit equal but class 3's: every image is labelled 3
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[3] = 1.0
+    cfg = gen.GenerateConfig(out=str(tmp_path / "p"), n=24, batch_size=24, steps=2, device="cpu")
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    meta = {"image_shape": [1, 8, 8], "num_classes": 10, "class_conditional": False}
+    summary = gen.generate(cfg, model=model, schedule=sched, meta=meta, labeler=clf)
+    assert "24 of 24 images (100%) are labelled class 3" in summary["warning"]
+    assert "WARNING" in capsys.readouterr().err
+    assert gen.degenerate_labels([5, 5, 5, 5]) is None and gen.degenerate_labels([19, 1]) is not None
