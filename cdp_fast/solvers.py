@@ -41,8 +41,11 @@ schedule for an eps-model, ``NoiseSchedule.linear()`` for an EDM denoiser).
 
 Device: per-step sigmas / coefficients live in a device table indexed by a device step counter,
 the multistep history in a static buffer, the NaN flag on the device (checked once at the end on
-CUDA, every step on the CPU); no host sync inside the loop. CUDA graphs: not captured yet (see
-METHOD.md §16: what is left for a GPU).
+CUDA, every step on the CPU); no host sync inside the loop. ``fused_kernels`` (None = on CUDA):
+pixel-space HNM guidance (``GuidanceRun.fused_ok``) fuses the gradient into the update
+(``GuidanceRun.fused_affine`` -> ``kernels.hnm_guided_affine_update``). ``cuda_graphs`` (None =
+on CUDA): each step kind is captured once as a CUDA graph (DDIMSampler's recipe) and replayed;
+not for edm-stochastic (host-seeded churn noise) or fp64 states (METHOD.md §16).
 """
 from __future__ import annotations
 
@@ -198,6 +201,7 @@ class EDMSampler:
     ``S_churn``, ``S_min``, ``S_max``, ``S_noise``: Algorithm 2 (edm-stochastic only).
     ``guidance``: contrastive guidance (Guidance protocol). ``class_conditional``: None = the
     denoiser gets one-hot labels whenever ``sample`` gets labels and ``label_dim`` > 0.
+    ``fused_kernels`` / ``cuda_graphs``: the fast path (module doc; None = on for CUDA).
     """
 
     def __init__(self, model, schedule: Optional[NoiseSchedule] = None, *, sampler: str = "heun",

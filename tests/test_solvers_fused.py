@@ -120,7 +120,10 @@ def test_fused_lambda_zero_is_unguided(name):
     args = _model("vp")
     plain = _sample(args, name, None, True)
     guided = _sample(args, name, _guidance(0.0), True)
-    torch.testing.assert_close(guided, plain, rtol=1e-6, atol=1e-6)
+    if name == "dpm-solver++":   # D' = -t (-D / t) and the regrouped update round differently
+        torch.testing.assert_close(guided, plain, rtol=1e-6, atol=1e-6)
+    else:                        # out = x_hat + (t_next - t_hat)(d + 0 g): the unfused arithmetic
+        assert torch.equal(guided, plain)
 
 
 @cuda_only
