@@ -3,7 +3,8 @@ pixel-space HNM guidance with the gradient fused into each solver's update
 (``GuidanceRun.fused_affine`` -> ``kernels.hnm_guided_affine_update``) equals the unfused
 gradient() path for Euler / Heun / edm-stochastic / DPM-Solver++(2M), with labels, groups and a
 real-image bank; lambda = 0 stays unguided. Kernels run under TRITON_INTERPRET=1 (fp32) or on
-CUDA. GPU only: CUDA-graph replay equals eager."""
+CUDA. The CUDA-graph bookkeeping (one graph per step kind) with stand-ins for the CUDA API on
+the CPU; GPU only: real CUDA-graph replay equals eager."""
 from __future__ import annotations
 
 import pytest
@@ -124,6 +125,70 @@ def test_fused_lambda_zero_is_unguided(name):
         torch.testing.assert_close(guided, plain, rtol=1e-6, atol=1e-6)
     else:                        # out = x_hat + (t_next - t_hat)(d + 0 g): the unfused arithmetic
         assert torch.equal(guided, plain)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm-solver++"])
+def test_graph_bookkeeping_replays_the_right_step_kind(name, monkeypatch):
+    """The CUDA-graph path's logic on the CPU, with stand-ins for the CUDA API: a "captured" step
+    records its arguments and a replay runs that step again. One graph per (kind, first, last)
+    key: replaying a graph at a step of another variant (e.g. Heun's last Euler step) would change
+    the result, so graph mode must equal eager exactly."""
+    import contextlib
+
+    from cdp_fast import solvers
+
+    class FakeStream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    cap = {"graph": None}
+
+    class FakeGraph:
+        def replay(self):
+            orig_step(self.run, *self.args)
+
+    @contextlib.contextmanager
+    def fake_capture(graph):
+        cap["graph"] = graph
+        try:
+            yield
+        finally:
+            cap["graph"] = None
+
+    orig_step, orig_init = solvers._Run.step, solvers._Run.__init__
+    runs, captured = [], []
+
+    def step(self, *args):
+        if cap["graph"] is not None:          # recorded, not run (as under a real capture)
+            cap["graph"].run, cap["graph"].args = self, args
+            captured.append(args)
+            return
+        orig_step(self, *args)
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self.graphs = True
+        runs.append(self)
+
+    args = _model("vp")
+    g = ContrastiveGuidance("hnm", None, scale=0.5, t_min=0, group_size=4, normalize=True, backend="reference")
+    smp = EDMSampler(*args, sampler=name, steps=9, guidance=g, bf16=False)
+    eager = smp.sample(N, SHAPE, seed=2)
+    for attr, fake in (("Stream", FakeStream), ("stream", lambda s: contextlib.nullcontext()),
+                       ("current_stream", lambda device=None: FakeStream()), ("CUDAGraph", FakeGraph),
+                       ("graph", fake_capture)):
+        monkeypatch.setattr(torch.cuda, attr, fake)
+    monkeypatch.setattr(solvers._Run, "step", step)
+    monkeypatch.setattr(solvers._Run, "__init__", init)
+    graphed = smp.sample(N, SHAPE, seed=2)
+    assert torch.equal(graphed, eager)
+    run = runs[-1]
+    # step 0 primes, steps 1-7 are the middle guided kind (2 warm-ups, a capture, replays), the
+    # last step is its own kind (seen once: eager warm-up only)
+    assert captured == [("guided", False, False)] and run.seen == {"prime:1:0": 1, "guided:0:0": 7, "guided:0:1": 1}
 
 
 @cuda_only
