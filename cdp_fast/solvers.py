@@ -45,7 +45,10 @@ CUDA, every step on the CPU); no host sync inside the loop. ``fused_kernels`` (N
 pixel-space HNM guidance (``GuidanceRun.fused_ok``) fuses the gradient into the update
 (``GuidanceRun.fused_affine`` -> ``kernels.hnm_guided_affine_update``). ``cuda_graphs`` (None =
 on CUDA): each step kind is captured once as a CUDA graph (DDIMSampler's recipe) and replayed;
-not for edm-stochastic (host-seeded churn noise) or fp64 states (METHOD.md §16).
+not for fp64 states, nor for edm-stochastic with ``churn_noise="generator"`` (METHOD.md §16).
+``churn_noise`` (edm-stochastic): "generator" (torch.Generator(seed + 0x5EED), EDM's randn_like)
+or "philox" (kernels/ddim.py's Philox stream from a device [seed, offset], graph-safe); None =
+"philox" on CUDA, "generator" elsewhere.
 """
 from __future__ import annotations
 
@@ -60,11 +63,13 @@ import torch.nn as nn
 
 from .denoiser import Denoiser
 from .guidance import Guidance, GuidanceRun, GuidanceStart
+from .kernels.ddim import advance_rng, make_rng_state
+from .kernels.ddim_ref import philox_normal_ref
 from .sampler import _CAPTURABLE_WARNING, _WARMUP
 from .schedules import NoiseSchedule
 from .utils import progress
 
-__all__ = ["SAMPLERS", "SIGMA_SCHEDULES", "EDMSampler", "EpsDenoiser", "edm_sigmas", "vp_sigmas",
+__all__ = ["SAMPLERS", "SIGMA_SCHEDULES", "CHURN_NOISE", "philox_seed", "EDMSampler", "EpsDenoiser", "edm_sigmas", "vp_sigmas",
            "timestep_sigmas", "nfe"]
 
 SAMPLERS = ("euler", "heun", "edm-stochastic", "dpm-solver++")
@@ -72,6 +77,9 @@ SIGMA_SCHEDULES = ("karras", "timesteps")
 # EDM's defaults (Karras et al. 2022, Table 1 / generate.py)
 EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
 NOISE_SEED_OFFSET = 0x5EED  # Algorithm 2's churn noise: Generator(seed + offset), as DDIMSampler's z
+# churn noise source (edm-stochastic): None = "philox" on CUDA (device-side, CUDA-graph safe),
+# "generator" elsewhere
+CHURN_NOISE = (None, "generator", "philox")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,6 +130,12 @@ def nfe(sampler: str, steps: int) -> int:
     if sampler in ("euler", "dpm-solver++", "ddim", "ddpm"):
         return steps
     raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def philox_seed(seed: int) -> int:
+    """The Philox seed of edm-stochastic's churn noise for a run's ``seed`` (DDIMSampler's
+    rng_state mixing, applied to seed + NOISE_SEED_OFFSET)."""
+    return ((int(seed) + NOISE_SEED_OFFSET) * 2654435761 + 12345) % (2 ** 62)
 
 
 def _check_steps(steps) -> int:
@@ -210,7 +224,8 @@ class EDMSampler:
                  S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
                  guidance: Optional[Guidance] = None, class_conditional: Optional[bool] = None,
                  bf16: Optional[bool] = None, label_dim: Optional[int] = None,
-                 fused_kernels: Optional[bool] = None, cuda_graphs: Optional[bool] = None):
+                 fused_kernels: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
+                 churn_noise: Optional[str] = None):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if schedule is not None:
@@ -231,6 +246,9 @@ class EDMSampler:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if sampler != "edm-stochastic" and S_churn != 0:
             raise ValueError("S_churn applies to sampler='edm-stochastic' only")
+        if churn_noise not in CHURN_NOISE:
+            raise ValueError(f"churn_noise must be one of {CHURN_NOISE}, got {churn_noise!r}")
+        self.churn_noise = churn_noise
         self.sigma_schedule, self.guidance = sigma_schedule, guidance
         self.S_churn, self.S_min, self.S_max, self.S_noise = float(S_churn), float(S_min), float(S_max), float(S_noise)
         self.class_conditional, self.bf16 = class_conditional, bf16
@@ -332,10 +350,14 @@ class _Run:
         self.s, self.n, self.shape, self.device, self.dtype = s, n, shape, device, dtype
         self.cuda = device.type == "cuda"
         self.bf16 = bool(self.cuda if s.bf16 is None else s.bf16)
+        # Algorithm 2's churn noise: the Philox stream of kernels/ddim.py from a device
+        # [seed, offset] (graph-safe), or a host-seeded torch.Generator (not capturable)
+        self.philox = s.sampler == "edm-stochastic" and (
+            s.churn_noise == "philox" or (s.churn_noise is None and self.cuda))
         # CUDA graphs: one per step kind (METHOD.md §16); not for fp64 (the pure-PyTorch kernel
-        # references) nor for edm-stochastic (its churn noise comes from a host-seeded Generator)
+        # references) nor for Generator churn noise
         self.graphs = bool(self.cuda and (s.cuda_graphs is None or s.cuda_graphs)
-                           and dtype != torch.float64 and s.sampler != "edm-stochastic")
+                           and dtype != torch.float64 and (s.sampler != "edm-stochastic" or self.philox))
         den = s.denoiser
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != (n,):
@@ -363,6 +385,7 @@ class _Run:
         self.x = (z * init).contiguous()                            # static state
         self.d_prev = torch.zeros_like(self.x) if s.sampler == "dpm-solver++" else None  # multistep history
         self.noise_gen = torch.Generator(device=device).manual_seed(seed + NOISE_SEED_OFFSET)
+        self.rng_state = make_rng_state(philox_seed(seed), device) if self.philox else None
         self.coef = s.coefficient_table().to(device=device, dtype=dtype)   # [N, 7]
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.bad_step = torch.full((1,), -1, dtype=torch.long, device=device)
@@ -410,7 +433,11 @@ class _Run:
         s, x = self.s, self.x
         row = self.coef.index_select(0, self.counter).view(-1)
         if s.sampler == "edm-stochastic":  # Algorithm 2 lines 4-6 (EDM draws at every step)
-            noise = torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=x.dtype)
+            if self.philox:   # device ops only: [seed, offset] read and advanced on the device
+                noise = philox_normal_ref(self.rng_state, x.numel(), x.dtype).view(x.shape)
+                advance_rng(self.rng_state, x.numel())
+            else:
+                noise = torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=x.dtype)
             x_hat = x + row[2] * noise
         else:
             x_hat = x

@@ -127,7 +127,7 @@ def test_fused_lambda_zero_is_unguided(name):
         assert torch.equal(guided, plain)
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpm-solver++"])
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_graph_bookkeeping_replays_the_right_step_kind(name, monkeypatch):
     """The CUDA-graph path's logic on the CPU, with stand-ins for the CUDA API: a "captured" step
     records its arguments and a replay runs that step again. One graph per (kind, first, last)
@@ -175,7 +175,8 @@ def test_graph_bookkeeping_replays_the_right_step_kind(name, monkeypatch):
 
     args = _model("vp")
     g = ContrastiveGuidance("hnm", None, scale=0.5, t_min=0, group_size=4, normalize=True, backend="reference")
-    smp = EDMSampler(*args, sampler=name, steps=9, guidance=g, bf16=False)
+    kw = dict(S_churn=20.0, churn_noise="philox") if name == "edm-stochastic" else {}
+    smp = EDMSampler(*args, sampler=name, steps=9, guidance=g, bf16=False, **kw)
     eager = smp.sample(N, SHAPE, seed=2)
     for attr, fake in (("Stream", FakeStream), ("stream", lambda s: contextlib.nullcontext()),
                        ("current_stream", lambda device=None: FakeStream()), ("CUDAGraph", FakeGraph),
@@ -194,12 +195,13 @@ def test_graph_bookkeeping_replays_the_right_step_kind(name, monkeypatch):
 @cuda_only
 @pytest.mark.gpu
 @pytest.mark.parametrize("guided", [False, True])
-@pytest.mark.parametrize("name", ["euler", "heun", "dpm-solver++"])
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_graph_replay_equals_eager(name, guided):
     args = _model("vp")
     out = []
+    kw = dict(S_churn=20.0) if name == "edm-stochastic" else {}   # Philox churn noise on CUDA
     for graphs in (True, False):
         g = _guidance(1.0) if guided else None
-        smp = EDMSampler(*args, sampler=name, steps=8, guidance=g, cuda_graphs=graphs, bf16=False)
+        smp = EDMSampler(*args, sampler=name, steps=8, guidance=g, cuda_graphs=graphs, bf16=False, **kw)
         out.append(smp.sample(N, SHAPE, seed=3, device="cuda", dtype=torch.float32))
     torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
