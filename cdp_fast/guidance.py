@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import hnm_guided_ddim_update, hnm_loss, infonce_loss
+from .kernels import hnm_guided_affine_update, hnm_guided_ddim_update, hnm_loss, infonce_loss
 from .kernels.hnm_ref import check_label_negatives
 
 __all__ = ["ContrastiveGuidance", "EmbeddingHead", "Guidance", "GuidanceRun", "GuidanceStart", "LOSSES",
@@ -116,6 +116,9 @@ class GuidanceRun(Protocol):
     def finish(self) -> None:
         """End of the run (also on error): restore what ``start`` changed."""
 
+    # optional: ``fused_affine(x, eps, c_x, c_e, h=None, c_h=0.0, write_eps=False)`` (when
+    # ``fused_ok``): out = c_x x + c_e (eps + scale grad_x L) + c_h h, the continuous-sigma
+    # samplers' fused guided step (METHOD.md §16)
     # optional: ``restart(seed, labels) -> bool`` starts the run again IN PLACE (after ``finish``)
     # for a new seed and labels of the same shape, keeping every tensor the sampler's CUDA graphs
     # captured; False = cannot, the sampler then calls ``start`` again (see DDIMSampler reuse_runs)
@@ -594,6 +597,20 @@ class _GuidanceRun:
             group_size=self.G if self.G < self.n else None, eta=0.0, clip_x0=clip_x0,
             backend=self.backend, check=False)   # checked once per run (_check_once)
         self.cache.copy_(x.flatten(1))  # x_t is the next step's positive
+        return out
+
+    def fused_affine(self, x, eps, c_x, c_e, h=None, c_h=0.0, write_eps=False):
+        """Pixel-space HNM gradient fused into an affine solver update (when ``fused_ok``):
+        out = c_x x + c_e (eps + scale grad_x L) + c_h h (kernels.hnm_guided_affine_update; the
+        continuous-sigma samplers' steps, METHOD.md §16); (out, e) with ``write_eps``."""
+        g = self.g
+        out = hnm_guided_affine_update(
+            x, eps, self.cache.view(x.shape), c_x=c_x, c_e=c_e, h=h, c_h=c_h, scale=g.scale * self.ngroups,
+            temperature=g.temperature, tau_plus=g.tau_plus, beta=g.beta,
+            estimator="hard" if g.loss == "hnm" else "easy", labels=self.labels, bank=self.bank,
+            bank_labels=self.bank_labels, group_size=self.G if self.G < self.n else None,
+            write_eps=write_eps, backend=self.backend, check=False)   # checked once per run (_check_once)
+        self.cache.copy_(x.flatten(1))  # x is the next step's positive
         return out
 
     def finish(self) -> None:

@@ -41,13 +41,20 @@ schedule for an eps-model, ``NoiseSchedule.linear()`` for an EDM denoiser).
 
 Device: per-step sigmas / coefficients live in a device table indexed by a device step counter,
 the multistep history in a static buffer, the NaN flag on the device (checked once at the end on
-CUDA, every step on the CPU); no host sync inside the loop. CUDA graphs: not captured yet (see
-METHOD.md §16: what is left for a GPU).
+CUDA, every step on the CPU); no host sync inside the loop. ``fused_kernels`` (None = on CUDA):
+pixel-space HNM guidance (``GuidanceRun.fused_ok``) fuses the gradient into the update
+(``GuidanceRun.fused_affine`` -> ``kernels.hnm_guided_affine_update``). ``cuda_graphs`` (None =
+on CUDA): each step kind is captured once as a CUDA graph (DDIMSampler's recipe) and replayed;
+not for fp64 states, nor for edm-stochastic with ``churn_noise="generator"`` (METHOD.md §16).
+``churn_noise`` (edm-stochastic): "generator" (torch.Generator(seed + 0x5EED), EDM's randn_like)
+or "philox" (kernels/ddim.py's Philox stream from a device [seed, offset], graph-safe); None =
+"philox" on CUDA, "generator" elsewhere.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -56,10 +63,13 @@ import torch.nn as nn
 
 from .denoiser import Denoiser
 from .guidance import Guidance, GuidanceRun, GuidanceStart
+from .kernels.ddim import advance_rng, make_rng_state
+from .kernels.ddim_ref import philox_normal_ref
+from .sampler import _CAPTURABLE_WARNING, _WARMUP
 from .schedules import NoiseSchedule
 from .utils import progress
 
-__all__ = ["SAMPLERS", "SIGMA_SCHEDULES", "EDMSampler", "EpsDenoiser", "edm_sigmas", "vp_sigmas",
+__all__ = ["SAMPLERS", "SIGMA_SCHEDULES", "CHURN_NOISE", "philox_seed", "EDMSampler", "EpsDenoiser", "edm_sigmas", "vp_sigmas",
            "timestep_sigmas", "nfe"]
 
 SAMPLERS = ("euler", "heun", "edm-stochastic", "dpm-solver++")
@@ -67,6 +77,9 @@ SIGMA_SCHEDULES = ("karras", "timesteps")
 # EDM's defaults (Karras et al. 2022, Table 1 / generate.py)
 EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
 NOISE_SEED_OFFSET = 0x5EED  # Algorithm 2's churn noise: Generator(seed + offset), as DDIMSampler's z
+# churn noise source (edm-stochastic): None = "philox" on CUDA (device-side, CUDA-graph safe),
+# "generator" elsewhere
+CHURN_NOISE = (None, "generator", "philox")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,6 +130,12 @@ def nfe(sampler: str, steps: int) -> int:
     if sampler in ("euler", "dpm-solver++", "ddim", "ddpm"):
         return steps
     raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def philox_seed(seed: int) -> int:
+    """The Philox seed of edm-stochastic's churn noise for a run's ``seed`` (DDIMSampler's
+    rng_state mixing, applied to seed + NOISE_SEED_OFFSET)."""
+    return ((int(seed) + NOISE_SEED_OFFSET) * 2654435761 + 12345) % (2 ** 62)
 
 
 def _check_steps(steps) -> int:
@@ -196,6 +215,7 @@ class EDMSampler:
     ``S_churn``, ``S_min``, ``S_max``, ``S_noise``: Algorithm 2 (edm-stochastic only).
     ``guidance``: contrastive guidance (Guidance protocol). ``class_conditional``: None = the
     denoiser gets one-hot labels whenever ``sample`` gets labels and ``label_dim`` > 0.
+    ``fused_kernels`` / ``cuda_graphs``: the fast path (module doc; None = on for CUDA).
     """
 
     def __init__(self, model, schedule: Optional[NoiseSchedule] = None, *, sampler: str = "heun",
@@ -203,7 +223,9 @@ class EDMSampler:
                  sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX, rho: float = EDM_RHO,
                  S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
                  guidance: Optional[Guidance] = None, class_conditional: Optional[bool] = None,
-                 bf16: Optional[bool] = None, label_dim: Optional[int] = None):
+                 bf16: Optional[bool] = None, label_dim: Optional[int] = None,
+                 fused_kernels: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
+                 churn_noise: Optional[str] = None):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if schedule is not None:
@@ -224,9 +246,14 @@ class EDMSampler:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if sampler != "edm-stochastic" and S_churn != 0:
             raise ValueError("S_churn applies to sampler='edm-stochastic' only")
+        if churn_noise not in CHURN_NOISE:
+            raise ValueError(f"churn_noise must be one of {CHURN_NOISE}, got {churn_noise!r}")
+        self.churn_noise = churn_noise
         self.sigma_schedule, self.guidance = sigma_schedule, guidance
         self.S_churn, self.S_min, self.S_max, self.S_noise = float(S_churn), float(S_min), float(S_max), float(S_noise)
         self.class_conditional, self.bf16 = class_conditional, bf16
+        # None = on for CUDA (METHOD.md §16: the fused guided step, per-step CUDA graphs)
+        self.fused_kernels, self.cuda_graphs = fused_kernels, cuda_graphs
 
         if sigma_schedule == "timesteps":
             _, sig = timestep_sigmas(model.schedule.alphas_cumprod, self.steps)
@@ -323,6 +350,14 @@ class _Run:
         self.s, self.n, self.shape, self.device, self.dtype = s, n, shape, device, dtype
         self.cuda = device.type == "cuda"
         self.bf16 = bool(self.cuda if s.bf16 is None else s.bf16)
+        # Algorithm 2's churn noise: the Philox stream of kernels/ddim.py from a device
+        # [seed, offset] (graph-safe), or a host-seeded torch.Generator (not capturable)
+        self.philox = s.sampler == "edm-stochastic" and (
+            s.churn_noise == "philox" or (s.churn_noise is None and self.cuda))
+        # CUDA graphs: one per step kind (METHOD.md §16); not for fp64 (the pure-PyTorch kernel
+        # references) nor for Generator churn noise
+        self.graphs = bool(self.cuda and (s.cuda_graphs is None or s.cuda_graphs)
+                           and dtype != torch.float64 and (s.sampler != "edm-stochastic" or self.philox))
         den = s.denoiser
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != (n,):
@@ -350,6 +385,7 @@ class _Run:
         self.x = (z * init).contiguous()                            # static state
         self.d_prev = torch.zeros_like(self.x) if s.sampler == "dpm-solver++" else None  # multistep history
         self.noise_gen = torch.Generator(device=device).manual_seed(seed + NOISE_SEED_OFFSET)
+        self.rng_state = make_rng_state(philox_seed(seed), device) if self.philox else None
         self.coef = s.coefficient_table().to(device=device, dtype=dtype)   # [N, 7]
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.bad_step = torch.full((1,), -1, dtype=torch.long, device=device)
@@ -357,9 +393,17 @@ class _Run:
         self.grun: Optional[GuidanceRun] = None
         if s.guidance is not None and any(k != "plain" for k in self.kinds):
             self.grun = s.guidance.start(GuidanceStart(
-                n=n, shape=shape, labels=labels, device=device, dtype=dtype, seed=seed, bf16=self.bf16))
-            # the fused DDIM step does not apply: the gradient() path is used in every sampler
+                n=n, shape=shape, labels=labels, device=device, dtype=dtype, seed=seed, bf16=self.bf16,
+                capturable=self.graphs))
         self.scale = float(s.guidance.scale) if s.guidance is not None else 0.0
+        # pixel-space HNM: the gradient fused into the solver's update (fused_affine, §16)
+        self.fused = bool((self.cuda if s.fused_kernels is None else s.fused_kernels)
+                          and self.grun is not None and getattr(self.grun, "fused_ok", False)
+                          and callable(getattr(self.grun, "fused_affine", None)))
+        self.graph: dict = {}
+        self.seen: dict = {}
+        self.eager_keys: set = set()
+        self.side = None
 
     def _kinds(self) -> list[str]:
         guided = self.s.guided_steps()
@@ -384,16 +428,31 @@ class _Run:
             out = self.s.denoiser(x, sigma, self.onehot)
         return out.to(self.dtype)
 
-    # one step (eager; static buffers and device tables only) ---------------------------------------
-    def step(self, i: int, kind: str) -> None:
+    # one step (eager; static buffers and device tables only; also what CUDA graphs capture) ------
+    def step(self, kind: str, first: bool, last: bool) -> None:
         s, x = self.s, self.x
         row = self.coef.index_select(0, self.counter).view(-1)
-        t_hat, t_next = row[0], row[1]
         if s.sampler == "edm-stochastic":  # Algorithm 2 lines 4-6 (EDM draws at every step)
-            noise = torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=x.dtype)
+            if self.philox:   # device ops only: [seed, offset] read and advanced on the device
+                noise = philox_normal_ref(self.rng_state, x.numel(), x.dtype).view(x.shape)
+                advance_rng(self.rng_state, x.numel())
+            else:
+                noise = torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=x.dtype)
             x_hat = x + row[2] * noise
         else:
             x_hat = x
+        if kind == "guided" and self.fused:
+            x_next = self._fused_guided(x, x_hat, row, last)
+        else:
+            x_next = self._step(x, x_hat, row, kind, first, last)
+        x.copy_(x_next)
+        bad = ~torch.isfinite(x).all()
+        self.bad_step.copy_(torch.where((self.bad_step < 0) & bad, self.counter, self.bad_step))
+        self.counter.add_(1)
+
+    def _step(self, x, x_hat, row, kind, first, last):
+        s = self.s
+        t_hat, t_next = row[0], row[1]
         g = None
         if kind == "prime":
             self.grun.prime(x_hat * row[3])
@@ -403,10 +462,9 @@ class _Run:
         denoised = self.D(x_hat, t_hat)
         if g is not None:
             denoised = denoised - (t_hat * self.scale) * g       # D' = D - sigma lambda grad L
-        last = i == s.steps - 1
         if s.sampler == "dpm-solver++":
             ratio = row[4]
-            if i == 0 or last:   # first order (DDIM in sigma): x_t = r x + (1 - r) D
+            if first or last:    # first order (DDIM in sigma): x_t = r x + (1 - r) D
                 x_next = ratio * x + (1 - ratio) * denoised
             else:                # 2M, midpoint: D + 0.5 / r0 (D - D_prev)
                 x_next = ratio * x + (1 - ratio) * (denoised + row[5] * (denoised - self.d_prev))
@@ -420,21 +478,83 @@ class _Run:
                     denoised = denoised - (t_next * self.scale) * g   # same g: METHOD.md §16
                 d_prime = (x_next - denoised) / t_next
                 x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-        x.copy_(x_next)
-        bad = ~torch.isfinite(x).all()
-        self.bad_step.copy_(torch.where((self.bad_step < 0) & bad, self.counter, self.bad_step))
-        self.counter.add_(1)
+        return x_next
+
+    def _fused_guided(self, x, x_hat, row, last):
+        """A guided step with the pixel-space HNM gradient fused into the update (METHOD.md §16).
+        The op gets x_vp (its gradient is w.r.t. x_vp) and writes out = c_e (eps + lambda g) + h
+        (its c_x = 0: the state itself comes in through h, so lambda = 0 rounds like the unfused
+        step instead of through x_vp * sqrt(1 + sigma^2))."""
+        s = self.s
+        t_hat, t_next = row[0], row[1]
+        x_vp = (x_hat * row[3]).contiguous()
+        D = self.D(x_hat, t_hat)
+        if s.sampler == "dpm-solver++":
+            # e = -D / t + lambda g = -D' / t; out = r x + (1 - r)((1 + c2) D' - c2 D_prev)
+            r, c2 = row[4], row[5]
+            h = (r * x - (1 - r) * c2 * self.d_prev).contiguous()
+            c_e = -(1 - r) * (1 + c2) * t_hat     # c2 = 0 at the first-order steps
+            x_next, e = self.grun.fused_affine(x_vp, (D / -t_hat).contiguous(), 0.0, c_e, h=h, c_h=1.0,
+                                               write_eps=True)
+            self.d_prev.copy_(e * -t_hat)   # the guided D' goes into the history
+            return x_next
+        d = ((x_hat - D) / t_hat).contiguous()       # e = d + lambda g = (x_hat - D') / t_hat
+        c_e = t_next - t_hat                          # device values, as the unfused step's
+        if s.sampler == "euler" or last:
+            return self.grun.fused_affine(x_vp, d, 0.0, c_e, h=x_hat.contiguous(), c_h=1.0)
+        x_next, e = self.grun.fused_affine(x_vp, d, 0.0, c_e, h=x_hat.contiguous(), c_h=1.0, write_eps=True)
+        # Heun's corrector with the same g: lambda g = e - d (no second gradient)
+        d_prime = (x_next - self.D(x_next, t_next)) / t_next + (e - d)
+        return x_hat + (t_next - t_hat) * (0.5 * e + 0.5 * d_prime)
 
     def loop(self, show_progress: bool) -> torch.Tensor:
         s = self.s
         rng = progress(range(s.steps), total=s.steps, desc=s.sampler) if show_progress else range(s.steps)
         with torch.no_grad():
             for i in rng:
-                self.step(i, self.kinds[i])
+                args = (self.kinds[i], i == 0, i == s.steps - 1)
+                key = "{}:{:d}:{:d}".format(*args)
+                if self.graphs and key not in self.eager_keys:
+                    self._graph_step(key, args)
+                else:
+                    self.step(*args)
                 if not self.cuda:
                     self._check_finite()
         self._check_finite()
         return self.x
+
+    def _graph_step(self, key: str, args) -> None:
+        """DDIMSampler's recipe (sampler.py): two eager warm-ups of a step kind on one side
+        stream, then one capture, replayed at every later step of that kind; a failed capture
+        warns once and runs that kind eagerly."""
+        count = self.seen.get(key, 0)
+        self.seen[key] = count + 1
+        if key in self.graph:
+            self.graph[key].replay()
+            return
+        if count < _WARMUP:
+            if self.side is None:
+                self.side = torch.cuda.Stream(device=self.device)
+            side = self.side
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_CAPTURABLE_WARNING, category=UserWarning)
+                self.step(*args)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.step(*args)  # recorded, not run: the state is untouched if capture fails
+        except Exception as err:  # noqa: BLE001 - e.g. a host sync in the denoiser
+            warnings.warn(f"CUDA graph capture of the {key!r} step failed ({type(err).__name__}: {err}); "
+                          "running that step eagerly", RuntimeWarning, stacklevel=3)
+            self.eager_keys.add(key)
+            torch.cuda.synchronize(self.device)
+            self.step(*args)
+            return
+        self.graph[key] = graph
+        graph.replay()
 
     def _check_finite(self) -> None:
         bad = int(self.bad_step.item())
@@ -446,3 +566,4 @@ class _Run:
         if self.grun is not None:
             self.grun.finish()
             self.grun = None
+        self.graph.clear()

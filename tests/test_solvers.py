@@ -191,6 +191,33 @@ def test_stochastic_equals_edm_algorithm_2(churn, smin, smax):
     assert torch.equal(a, b)
 
 
+def test_stochastic_philox_churn_noise_equals_algorithm_2():
+    """churn_noise="philox" (the CUDA default, graph-safe): Algorithm 2 with z from kernels/ddim.py's
+    Philox stream, element e of step k's draw = philox_normal_ref([seed', offset k * 4 ceil(n/4)])."""
+    from cdp_fast.kernels.ddim_ref import philox_normal_ref
+    from cdp_fast.solvers import philox_seed
+
+    den = GMMDenoiser()
+    z = _latents()
+    state = torch.tensor([philox_seed(3), 0], dtype=torch.int64)
+
+    def randn_like(x):
+        out = philox_normal_ref(state, x.numel(), x.dtype).view(x.shape)
+        state[1] += 4 * ((x.numel() + 3) // 4)
+        return out
+
+    want = edm_sampler_literal(den, z, num_steps=8, S_churn=40.0, randn_like=randn_like)
+    got = EDMSampler(den, sampler="edm-stochastic", steps=8, S_churn=40.0, churn_noise="philox").sample(
+        8, SHAPE, seed=3, x_T=z, dtype=torch.float64)
+    assert _rel(got, want) < 1e-12
+    gen = EDMSampler(den, sampler="edm-stochastic", steps=8, S_churn=40.0, churn_noise="generator").sample(
+        8, SHAPE, seed=3, x_T=z, dtype=torch.float64)
+    assert _rel(gen, want) > 1e-3   # another stream
+    assert philox_seed(3) != philox_seed(4)
+    with pytest.raises(ValueError, match="churn_noise"):
+        EDMSampler(den, sampler="edm-stochastic", churn_noise="cuda")
+
+
 def test_samplers_reach_the_mixture():
     """End to end on the exact GMM: sample means land on the components (a coarse sanity check)."""
     den = GMMDenoiser()
