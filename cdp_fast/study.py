@@ -74,7 +74,10 @@ class StudyConfig:
     real_counts: tuple[int, ...] | None = field(None, help="real counts (overrides --fractions)")
     val_fraction: float = field(0.2, help="fraction of the k real images held out (class-balanced) "
                                 "as the validation split that chooses the guidance")
-    classifier_epochs: int = field(15, help="intermediate classifier epochs")
+    classifier_epochs: int = field(15, help="intermediate classifier epochs (at least; see --classifier-steps)")
+    classifier_steps: int = field(300, help="at least this many optimiser steps (batch 64) for every "
+                                  "classifier: 15 epochs of 100 images are 30 steps, which left the k = 100 "
+                                  "classifier labelling every image one class")
     diffusion_iters: int = field(400, help="diffusion training iterations per real count "
                                  "(trimmed from the pipeline's 1000 for the budget)")
     sample_steps: int = field(20, help="DDIM steps (trimmed from the pipeline's 50)")
@@ -83,12 +86,15 @@ class StudyConfig:
     grid: tuple[str, ...] = field(DEFAULT_GRID, help="guidance candidates: none (DDIM, always "
                                   "added) or LOSS[-conditional][-real-positive|-real-negative]@FACTOR, "
                                   "FACTOR x the loss's default scale (head space, this group size)")
-    robust_steps: int = field(150, help="optimiser steps of every final TRADES run (rounded up to "
+    robust_steps: int = field(200, help="optimiser steps of every final TRADES run (rounded up to "
                               "whole epochs of the total-image set)")
-    select_steps: int = field(60, help="optimiser steps of each selection TRADES run")
+    select_steps: int = field(100, help="optimiser steps of each selection TRADES run")
     batch_size: int = field(64, help="TRADES batch size")
     robust_model: str | None = field(None, help="robust classifier (default: the dataset's)")
     lr: float = field(3e-3, help="TRADES AdamW peak learning rate (the pipeline's)")
+    schedule: str = field("constant", help="TRADES learning-rate schedule (digits' default, data.DEFAULTS: "
+                          "cosine-to-zero left every 60-step selection run at chance)",
+                          choices=("constant", "cosine", "onecycle"))
     eps: float | None = field(None, help="Linf radius (default: 0.1 on digits as in the pipeline, "
                               "else the dataset's)")
     attack_steps: int = field(5, help="TRADES attack steps (step size 2.5 eps / steps)")
@@ -153,6 +159,7 @@ def _checks(cfg: StudyConfig) -> list[tuple[bool, str]]:
         (c.seeds >= 1, f"--seeds must be >= 1, got {c.seeds}"),
         (0 < c.val_fraction < 1, f"--val-fraction must be in (0, 1), got {c.val_fraction}"),
         (c.classifier_epochs >= 1, f"--classifier-epochs must be >= 1, got {c.classifier_epochs}"),
+        (c.classifier_steps >= 0, f"--classifier-steps must be >= 0, got {c.classifier_steps}"),
         (c.diffusion_iters >= 1, f"--diffusion-iters must be >= 1, got {c.diffusion_iters}"),
         (c.sample_steps >= 1, f"--sample-steps must be >= 1, got {c.sample_steps}"),
         (c.sample_batch >= 2, f"--sample-batch must be >= 2, got {c.sample_batch}"),
@@ -280,6 +287,12 @@ def _tile(idx: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.resize(perm, n)
 
 
+def _clf_epochs(cfg, n: int, batch: int = 64) -> int:
+    """Epochs of a classifier on n images: --classifier-epochs, or more to reach --classifier-steps."""
+    per = max(1, -(-n // batch))
+    return max(cfg.classifier_epochs, -(-cfg.classifier_steps // per))
+
+
 def _steps_epochs(n: int, batch: int, steps: int) -> tuple[int, int]:
     """(epochs, optimiser steps) for >= steps steps on a set of n images (drop_last batches)."""
     per = max(1, n // batch)
@@ -294,7 +307,7 @@ def _trades_cfg(cfg: StudyConfig, out: Path, n: int, steps: int, seed: int) -> t
     epochs, _ = _steps_epochs(n, bs, steps)
     return trades.TrainRobustConfig(
         data=cfg.data, data_dir=cfg.data_dir, model=cfg.robust_model, epochs=epochs, batch_size=bs,
-        lr=cfg.lr, optimizer="adamw", eps=cfg.eps, step_size=2.5 * cfg.eps / cfg.attack_steps,
+        lr=cfg.lr, optimizer="adamw", schedule=cfg.schedule, eps=cfg.eps, step_size=2.5 * cfg.eps / cfg.attack_steps,
         attack_steps=cfg.attack_steps, beta=cfg.beta, eval_attack_steps=cfg.eval_attack_steps,
         val_size=0, synthetic_fraction=0.0, out=str(out), seed=seed, device=cfg.device)
 
@@ -383,10 +396,10 @@ def run(cfg: StudyConfig) -> dict:
         kbase = {**base, "k": k, "real_idx": _key({"i": s["real"].tolist()})}
         d_k = _image_data(name, x_tr[real], y_tr[real], xv, yv, nc)  # x_test = V, never the test split
         t0 = time.perf_counter()
-        st = _Stage(kdir, "classifier", {**kbase, "epochs": cfg.classifier_epochs}, cfg.force)
+        st = _Stage(kdir, "classifier", {**kbase, "epochs": _clf_epochs(cfg, k)}, cfg.force)
         log(f"k={k}: intermediate classifier on the {k} real images", st)
         if not st.fresh:
-            clf = pseudolabel.train_classifier(d_k, None, epochs=cfg.classifier_epochs, seed=cfg.seed,
+            clf = pseudolabel.train_classifier(d_k, None, epochs=_clf_epochs(cfg, k), seed=cfg.seed,
                                                device=device, show_progress=False)
             models.save(clf, st.dir, name=_clf_name(name), data=name,
                         role="intermediate classifier")
@@ -461,12 +474,12 @@ def run(cfg: StudyConfig) -> dict:
 
     # --- phase 2: diagnostics (oracle classifier: all real training images; no test split) ------
     t0 = time.perf_counter()
-    st = _Stage(out, "oracle", {**base, "epochs": cfg.classifier_epochs}, cfg.force)
+    st = _Stage(out, "oracle", {**base, "epochs": _clf_epochs(cfg, int(x_tr.shape[0]))}, cfg.force)
     log("oracle classifier on all real training images (diagnostics only)", st)
     n_all = int(x_tr.shape[0])
     if not st.fresh:
         d_all = _image_data(name, x_tr, y_tr, x_tr[:0], y_tr[:0], nc)
-        o = pseudolabel.train_classifier(d_all, None, epochs=cfg.classifier_epochs, seed=cfg.seed,
+        o = pseudolabel.train_classifier(d_all, None, epochs=_clf_epochs(cfg, len(d_all.y_train)), seed=cfg.seed,
                                          device=device, show_progress=False)
         models.save(o, st.dir, name=_clf_name(name), data=name, role="oracle (diagnostics)")
     finish("oracle", st, t0)

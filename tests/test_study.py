@@ -15,7 +15,7 @@ from cdp_fast.cli import main as cli_main
 from cdp_fast.sampler import DDIMSampler
 
 TOTAL = 40
-TINY = dict(total=TOTAL, real_counts=(20, 40), seeds=1, classifier_epochs=1, diffusion_iters=2,
+TINY = dict(total=TOTAL, real_counts=(20, 40), seeds=1, classifier_epochs=1, classifier_steps=0, diffusion_iters=2,
             sample_steps=2, sample_batch=20, robust_steps=1, select_steps=1, batch_size=16,
             attack_steps=1, eval_attack_steps=1, grid=("none", "hnm@1", "hnm-conditional@1"),
             device="cpu")
@@ -219,3 +219,12 @@ def _flags_to_kw(flags):
     conv = {"total": lambda v: int(v[0]), "real_counts": lambda v: tuple(int(x) for x in v),
             "fractions": lambda v: tuple(float(x) for x in v), "grid": tuple}
     return {k: conv[k](v) for k, v in kw.items()}
+
+
+def test_classifiers_get_a_fixed_step_budget_at_every_real_count():
+    """15 epochs of 100 images are 30 optimiser steps: the k = 100 classifier labelled every image one
+    class. Every classifier gets at least --classifier-steps steps (batch 64), whatever k."""
+    cfg = study.StudyConfig()
+    assert study._clf_epochs(cfg, 100) == 150          # 2 batches per epoch
+    assert study._clf_epochs(cfg, 1437) == 15          # 23 batches x 15 epochs = 345 >= 300
+    assert study._clf_epochs(study.StudyConfig(classifier_steps=0), 100) == cfg.classifier_epochs
