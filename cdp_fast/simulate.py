@@ -52,7 +52,7 @@ from .guidance import ContrastiveGuidance
 from .kernels._backend import BACKENDS
 from .sampler import DDIMSampler
 from .schedules import NoiseSchedule
-from .utils import progress, resolve_device, write_json
+from .utils import check_output, progress, replace_output, resolve_device, write_json
 
 __all__ = ["SimulateConfig", "run", "sample_figure1", "figure1_stats"]
 
@@ -60,6 +60,7 @@ __all__ = ["SimulateConfig", "run", "sample_figure1", "figure1_stats"]
 @dataclass
 class SimulateConfig:
     out: str = field("runs/simulate", help="output folder (results.json, figure1.png, lemma3_errors.png)")
+    force: bool = field(False, help="replace an existing --out (its files are deleted first; refused without it)")
     seed: int = field(0, help="random seed (every Monte-Carlo draw and the sampler's noise)")
     device: str = field("auto", help="device for the Figure-1 sampler: auto | cpu | cuda[:i]")
     quick: bool = field(False, help="tiny sizes for every size left at its default (seconds; smoke tests)")
@@ -392,8 +393,11 @@ def run(cfg: SimulateConfig) -> dict:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in _QUICK.items()
                                           if getattr(cfg, k) == getattr(defaults, k)})
     _check(cfg)
+    replace = check_output(cfg.out, force=cfg.force, what="an earlier simulate run")  # before any work
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    if replace:
+        replace_output(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)

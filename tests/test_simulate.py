@@ -58,6 +58,11 @@ def test_simulate_cli_end_to_end_tiny(tmp_path, capsys):
                 "standard_error_se", "robust_error_se", "pseudo_label_acc"} <= set(r)
         assert 0 <= r["standard_error"] <= r["robust_error"] <= 1
     assert {"c*mu_beats_orthogonal_standard", "larger_c_better_standard_c*mu"} <= set(lem["checks"])
+    # the no-overwrite rule (issue 21): a second run into the same folder is refused, files untouched
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    rc = main(["simulate", "--out", str(out), "--quick", "--device", "cpu"])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # Theorem: bound, preconditions, simulated errors
     thm = res["theorem"]
     assert thm["n_syn_bound"] == pytest.approx(288 * thm["n"] / (thm["c"] * thm["eps"] ** 2)
