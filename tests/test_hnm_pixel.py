@@ -37,7 +37,9 @@ def launches(monkeypatch):
         def run(*args, _orig=kernel.run, _name=name, **kwargs):
             counts[_name] += 1
             return _orig(*args, **kwargs)
-        monkeypatch.setattr(kernel, "run", run)
+        # setitem on the instance dict: its undo deletes the entry (setattr's undo would pin the bound
+        # class method on the instance, and a later count_launches, which patches the class, would miss it)
+        monkeypatch.setitem(kernel.__dict__, "run", run)
     return counts
 
 
