@@ -397,7 +397,9 @@ class _Run:
                 capturable=self.graphs))
         self.scale = float(s.guidance.scale) if s.guidance is not None else 0.0
         # pixel-space HNM: the gradient fused into the solver's update (fused_affine, §16)
-        self.fused = bool((self.cuda if s.fused_kernels is None else s.fused_kernels)
+        # lambda = 0 takes the unfused step: D - 0 g is D exactly, so it equals the unguided sampler
+        # bit for bit (the fused DPM-Solver++ form regroups the update and rounds differently)
+        self.fused = bool(self.scale != 0.0 and (self.cuda if s.fused_kernels is None else s.fused_kernels)
                           and self.grun is not None and getattr(self.grun, "fused_ok", False)
                           and callable(getattr(self.grun, "fused_affine", None)))
         self.graph: dict = {}
