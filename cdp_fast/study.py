@@ -86,7 +86,7 @@ class StudyConfig:
     grid: tuple[str, ...] = field(DEFAULT_GRID, help="guidance candidates: none (DDIM, always "
                                   "added) or LOSS[-conditional][-real-positive|-real-negative]@FACTOR, "
                                   "FACTOR x the loss's default scale (head space, this group size)")
-    robust_steps: int = field(200, help="optimiser steps of every final TRADES run (rounded up to "
+    robust_steps: int = field(100, help="optimiser steps of every final TRADES run (rounded up to "
                               "whole epochs of the total-image set)")
     select_steps: int = field(100, help="optimiser steps of each selection TRADES run")
     batch_size: int = field(64, help="TRADES batch size")
