@@ -410,6 +410,9 @@ def run(cfg: StudyConfig) -> dict:
         t0 = time.perf_counter()
         dcfg = diffusion_train.TrainDiffusionConfig(data=name, data_dir=cfg.data_dir, iters=cfg.diffusion_iters,
                                                     seed=cfg.seed, device=cfg.device)
+        dbatch = diffusion_train.resolve_settings(dcfg, name)["batch_size"]
+        if dbatch > k:  # train-diffusion refuses a batch larger than its set (tiny real counts)
+            dcfg = dataclasses.replace(dcfg, batch_size=k)
         st = _Stage(kdir, "diffusion", {**kbase, "iters": cfg.diffusion_iters}, cfg.force)
         log(f"k={k}: diffusion model on the {k} real images ({cfg.diffusion_iters} iterations)", st)
         if not st.fresh:
