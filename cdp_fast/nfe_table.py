@@ -91,9 +91,11 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
                                        str(Path(classifier).resolve())]).encode()).hexdigest()[:10]
     rows = []
     real_row = None
+    # the real-only arm's epochs: the same optimiser steps (pipeline._arm_epochs' rule)
+    real_epochs = max(1, round(downstream_epochs / (1.0 - SYNTHETIC_FRACTION)))
     if downstream:  # the real-only arm first: the baseline every synthetic row is read against
         real_row = {"sampler": "real only", "steps": 0, "nfe": 0, "guided": False,
-                    **_downstream(outp, f"real-{ident}", real, None, 2 * downstream_epochs, seed, dev,
+                    **_downstream(outp, f"real-{ident}", real, None, real_epochs, seed, dev,
                                   real_limit, limit_test, data)}
         _write_partial(outp, rows, real_row)
     for name, steps in configs:       # a config's unguided and guided runs together (partial results)
@@ -125,7 +127,7 @@ def run_table(diffusion: str, classifier: str, out: str, *, n: int = 500, batch_
            "scale": scale, "data": data}
     if downstream:
         res["real_only"] = real_row
-        res["downstream"] = {"epochs_synthetic_arms": downstream_epochs, "epochs_real_only": 2 * downstream_epochs,
+        res["downstream"] = {"epochs_synthetic_arms": downstream_epochs, "epochs_real_only": real_epochs,
                              "synthetic_fraction": SYNTHETIC_FRACTION, "batch_size": BATCH_SIZE,
                              "training_seeds": 1, "eval": "PGD-20 on the test split",
                              "n_test": real_row["n_test"]}
