@@ -517,3 +517,39 @@ def test_generate_dispatches_edm_models(tmp_path):
     with pytest.raises(ValueError, match="eps-model"):
         gen.generate(bad, model=den, schedule=None, meta={"kind": "edm"})
     assert not (tmp_path / "bad").exists()
+
+
+def test_nfe_table_downstream_columns_and_cache(tmp_path, capsys):
+    """--downstream: every row gets TRADES clean / robust test accuracy in [0, 1], the real-only
+    baseline is there (JSON and markdown); a rerun reads the cached rows instead of sampling."""
+    from cdp_fast import models
+    from cdp_fast.diffusion_train import save_diffusion
+    from cdp_fast.models.unet import UNet
+    from cdp_fast.nfe_table import main, run_table
+    torch.manual_seed(0)
+    unet = UNet(in_channels=1, base_ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), image_size=8,
+                dropout=0.0, num_classes=None).eval()
+    ck = save_diffusion(tmp_path / "dm", unet, {"schedule": {"name": "cosine", "num_train_timesteps": 1000,
+                                                             "params": {}}})
+    clf = models.save(models.build("small-cnn", num_classes=10, in_channels=1, image_size=8), tmp_path / "clf")
+    kw = dict(n=8, batch_size=8, scale=1.0, configs=(("ddim", 2),), guided=(False, True), downstream=True,
+              downstream_epochs=1, real_limit=150, limit_test=20)
+    res = run_table(str(ck), str(clf), str(tmp_path / "t"), **kw)
+    ro = res["real_only"]
+    assert ro["sampler"] == "real only" and ro["trades_epochs"] == 2 and ro["n_test"] == 20
+    assert len(res["rows"]) == 2 and res["downstream"]["epochs_synthetic_arms"] == 1
+    for r in res["rows"] + [ro]:
+        assert 0.0 <= r["robust_acc"] <= r["clean_acc"] <= 1.0
+    md = (tmp_path / "t" / "nfe_table.md").read_text()
+    assert "robust acc (guided)" in md and "| real only (no synthetic) |" in md
+    saved = json.loads((tmp_path / "t" / "nfe_table.json").read_text())
+    assert saved["real_only"]["robust_acc"] == ro["robust_acc"] and "robust_acc" in saved["rows"][1]
+    capsys.readouterr()
+    again = run_table(str(ck), str(clf), str(tmp_path / "t"), **kw)   # everything cached: same numbers
+    assert "cached" in capsys.readouterr().out
+    assert again["rows"] == res["rows"] and again["real_only"] == ro
+    with pytest.raises(SystemExit):
+        main(["--configs", "ddim", "--out", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="--downstream-epochs"):
+        run_table(str(ck), str(clf), str(tmp_path / "bad"), downstream=True, downstream_epochs=0)
+    assert not (tmp_path / "bad").exists()
