@@ -49,7 +49,7 @@ from .figures import markdown_table, study_curves
 from .guidance import LOSSES, ContrastiveGuidance, default_group_size, default_scale
 from .pipeline import _comparisons, _key, _load_note, _Stage
 from .sampler import DDIMSampler
-from .sweep import set_metrics
+from .sweep import _features_probs, set_metrics
 from .utils import atomic_write_bytes, resolve_device, write_json
 
 ARMS = ("real", "ddim", "contrastive-dp")
@@ -607,16 +607,6 @@ def _safe(c: str) -> str:
 def _tkey(rcfg) -> dict:
     return {k: v for k, v in to_dict(rcfg).items() if k not in ("out", "device", "resume")}
 
-
-def _features_probs(clf, images_uint8: torch.Tensor, device, batch: int = 1024):
-    fs, ps = [], []
-    with torch.no_grad():
-        for i in range(0, len(images_uint8), batch):
-            x = data_mod.to_float(images_uint8[i:i + batch].to(device))
-            f = clf.features(x).float()
-            fs.append(f.cpu())
-            ps.append(torch.softmax(clf.head(f).float(), 1).cpu())
-    return torch.cat(fs), torch.cat(ps)
 
 
 # ---------------------------------------------------------------------------------------------
