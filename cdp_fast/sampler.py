@@ -115,6 +115,14 @@ def ddpm_timesteps(T: int, steps: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 # the sampler
 # ------------------------------------------------------------------------------------------------
+def step_kinds(guided: Sequence[bool], guidance) -> list[str]:
+    """Each step's kind: "guided", "prime" (the step before a guided one when the positive is the
+    previous state: cache this state's features) or "plain". Shared by every sampler."""
+    need_prev = guidance is not None and guidance.needs_previous
+    return ["guided" if g else "prime" if need_prev and i + 1 < len(guided) and guided[i + 1] else "plain"
+            for i, g in enumerate(guided)]
+
+
 class DDIMSampler:
     """DDIM (eta >= 0) or DDPM-ancestral sampler for an eps-prediction model; see the module doc.
 
@@ -386,17 +394,7 @@ class _Run:
         return True
 
     def _kinds(self) -> list[str]:
-        guided = self.s.guided_steps()
-        need_prev = self.s.guidance is not None and self.s.guidance.needs_previous
-        kinds = []
-        for i, g in enumerate(guided):
-            if g:
-                kinds.append("guided")
-            elif need_prev and i + 1 < len(guided) and guided[i + 1]:
-                kinds.append("prime")  # cache this state's features: it is the next step's positive
-            else:
-                kinds.append("plain")
-        return kinds
+        return step_kinds(self.s.guided_steps(), self.s.guidance)
 
     # the model ------------------------------------------------------------------------------------
     def _autocast(self):

@@ -65,7 +65,7 @@ from .denoiser import Denoiser
 from .guidance import Guidance, GuidanceRun, GuidanceStart
 from .kernels.ddim import advance_rng, make_rng_state
 from .kernels.ddim_ref import philox_normal_ref
-from .sampler import _CAPTURABLE_WARNING, _WARMUP
+from .sampler import _CAPTURABLE_WARNING, _WARMUP, step_kinds
 from .schedules import NoiseSchedule
 from .utils import progress
 
@@ -408,17 +408,7 @@ class _Run:
         self.side = None
 
     def _kinds(self) -> list[str]:
-        guided = self.s.guided_steps()
-        need_prev = self.s.guidance is not None and self.s.guidance.needs_previous
-        out = []
-        for i, g in enumerate(guided):
-            if g:
-                out.append("guided")
-            elif need_prev and i + 1 < len(guided) and guided[i + 1]:
-                out.append("prime")
-            else:
-                out.append("plain")
-        return out
+        return step_kinds(self.s.guided_steps(), self.s.guidance)
 
     def _autocast(self):
         if not self.bf16:
